@@ -1,0 +1,14 @@
+//! lidar_ptq: CenterPoint lidar 3D detection in INT8 with LiDAR-PTQ calibration.
+//!
+//! Data flows one way: scan -> points -> voxels/pillars -> network -> boxes -> messages.
+//! Each module owns one concept; ROS types stay at the edge.
+
+pub mod bag;
+pub mod boxes;
+pub mod cdr;
+pub mod cloud;
+pub mod dataset;
+pub mod msgs;
+pub mod ops;
+pub mod render;
+pub mod sim;
