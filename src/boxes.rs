@@ -61,6 +61,17 @@ pub struct Object {
     pub num_points: Option<u32>,
 }
 
+/// A detection: a box with its class and confidence, as a detector outputs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub bbox: Box3d,
+    pub class: String,
+    /// Confidence in [0, 1].
+    pub score: f32,
+    /// BEV velocity (vx, vy) in m/s, when the model predicts it.
+    pub velocity: Option<[f32; 2]>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,8 +99,16 @@ mod tests {
         };
         for [x, y] in b.bev_corners() {
             // Slightly inside each corner (towards the centre) is inside, slightly outside is not.
-            let inside = [x + (b.center[0] - x) * 0.01, y + (b.center[1] - y) * 0.01, 0.0];
-            let outside = [x - (b.center[0] - x) * 0.01, y - (b.center[1] - y) * 0.01, 0.0];
+            let inside = [
+                x + (b.center[0] - x) * 0.01,
+                y + (b.center[1] - y) * 0.01,
+                0.0,
+            ];
+            let outside = [
+                x - (b.center[0] - x) * 0.01,
+                y - (b.center[1] - y) * 0.01,
+                0.0,
+            ];
             assert!(b.contains(inside));
             assert!(!b.contains(outside));
         }
