@@ -1,0 +1,6 @@
+//! The CenterPoint model: its YAML description and (growing) the network graph built from
+//! it, voxelisation, training targets and decoding.
+
+pub mod config;
+
+pub use config::{ConfigError, ModelConfig};
