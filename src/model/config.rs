@@ -349,7 +349,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let r = &self.input.point_range;
-        if (0..3).any(|i| !(r[i] < r[i + 3]) || !r[i].is_finite() || !r[i + 3].is_finite()) {
+        if (0..3).any(|i| r[i] >= r[i + 3] || !r[i].is_finite() || !r[i + 3].is_finite()) {
             return bad(format!(
                 "input.point_range {r:?} must have min < max on every axis"
             ));
@@ -359,7 +359,7 @@ impl ModelConfig {
             return bad("input.point_features must start with x, y, z".into());
         }
         let v = &self.voxelization;
-        if v.cell_size.iter().any(|&c| !(c > 0.0) || !c.is_finite()) {
+        if v.cell_size.iter().any(|&c| c <= 0.0 || !c.is_finite()) {
             return bad(format!(
                 "voxelization.cell_size {:?} must be positive",
                 v.cell_size
@@ -381,7 +381,7 @@ impl ModelConfig {
         }
         match (v.encoder, &self.pillar_features, &self.backbone_3d) {
             (Encoder::Pillar, Some(p), None) => {
-                if p.widths.is_empty() || p.widths.iter().any(|&w| w == 0) {
+                if p.widths.is_empty() || p.widths.contains(&0) {
                     return bad("pillar_features.widths must be non-empty and positive".into());
                 }
                 if p.widths[..p.widths.len() - 1].iter().any(|w| w % 2 != 0) {
@@ -424,7 +424,7 @@ impl ModelConfig {
         let mut out_stride = None;
         for (i, (l, u)) in b.levels.iter().zip(&b.upsample).enumerate() {
             total *= l.stride;
-            if !(u.stride > 0.0) || u.channels == 0 {
+            if u.stride <= 0.0 || !u.stride.is_finite() || u.channels == 0 {
                 return bad(format!(
                     "backbone_2d.upsample[{i}]: stride and channels must be > 0"
                 ));

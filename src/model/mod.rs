@@ -2,5 +2,7 @@
 //! it, voxelisation, training targets and decoding.
 
 pub mod config;
+pub mod decode;
+pub mod targets;
 
 pub use config::{ConfigError, ModelConfig};
