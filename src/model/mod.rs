@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod graph;
 pub mod targets;
 
 pub use config::{ConfigError, ModelConfig};
