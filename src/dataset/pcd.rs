@@ -374,6 +374,8 @@ pub fn parse_header(bytes: &[u8]) -> Result<PcdHeader, PcdError> {
     let mut counts: Option<Vec<usize>> = None;
     let (mut width, mut height, mut points) = (None, None, None);
     let mut viewpoint = [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+    // Where SIZE, TYPE and COUNT were, to name them in errors found at DATA.
+    let mut key_line = [0usize; 3];
     loop {
         if pos >= bytes.len() {
             return Err(PcdError::MissingData);
@@ -393,6 +395,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<PcdHeader, PcdError> {
         let mut toks = line.split_whitespace();
         let key = toks.next().unwrap_or_default().to_ascii_uppercase();
         let rest: Vec<&str> = toks.collect();
+        if let Some(k) = ["SIZE", "TYPE", "COUNT"].iter().position(|k| *k == key) {
+            key_line[k] = line_no;
+        }
         match key.as_str() {
             "VERSION" => version = rest.first().map(|s| s.to_string()),
             "FIELDS" | "COLUMNS" => names = Some(rest.iter().map(|s| s.to_string()).collect()),
@@ -456,14 +461,17 @@ pub fn parse_header(bytes: &[u8]) -> Result<PcdHeader, PcdError> {
                 let sizes = sizes.ok_or(PcdError::MissingHeaderField("SIZE"))?;
                 let types = types.ok_or(PcdError::MissingHeaderField("TYPE"))?;
                 let counts = counts.unwrap_or_else(|| vec![1; names.len()]);
-                for (key, len) in [
+                for (k, (key, len)) in [
                     ("SIZE", sizes.len()),
                     ("TYPE", types.len()),
                     ("COUNT", counts.len()),
-                ] {
+                ]
+                .into_iter()
+                .enumerate()
+                {
                     if len != names.len() {
                         return Err(bad(
-                            line_no,
+                            key_line[k],
                             key,
                             format!("{len} entries but FIELDS has {}", names.len()),
                         ));
@@ -476,7 +484,11 @@ pub fn parse_header(bytes: &[u8]) -> Result<PcdHeader, PcdError> {
                 {
                     let ty = ScalarType::from_type_size(&name, ty, size)?;
                     if count == 0 {
-                        return Err(bad(line_no, "COUNT", format!("field {name} has COUNT 0")));
+                        return Err(bad(
+                            key_line[2],
+                            "COUNT",
+                            format!("field {name} has COUNT 0"),
+                        ));
                     }
                     fields.push(PcdField {
                         name,
