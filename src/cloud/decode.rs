@@ -255,7 +255,9 @@ fn run(
 /// The point bytes of each row (row padding excluded).
 fn rows(cloud: &PointCloud2, g: Geometry) -> impl Iterator<Item = &[u8]> {
     let len = g.width * g.point_step;
-    (0..g.height).filter_map(move |r| {
+    // Empty rows are skipped wholesale: a 0-width cloud may declare 2^32 rows.
+    let height = if len == 0 { 0 } else { g.height };
+    (0..height).filter_map(move |r| {
         let start = r * g.row_step;
         cloud.data.get(start..start + len)
     })
