@@ -337,7 +337,10 @@ mod tests {
 
     /// Independent reference: a hash map keyed by cell, features built in f64 per
     /// pillar from the list of its points.
-    fn naive(points: &Points, cfg: &PillarConfig) -> (Vec<(u32, u32)>, Vec<Vec<Vec<f64>>>) {
+    /// Per pillar, per kept point, the feature vector.
+    type PillarFeatures = Vec<Vec<Vec<f64>>>;
+
+    fn naive(points: &Points, cfg: &PillarConfig) -> (Vec<(u32, u32)>, PillarFeatures) {
         let (nx, ny) = (
             ((cfg.range_max[0] - cfg.range_min[0]) as f64 / cfg.cell_xy[0] as f64).round() as i64,
             ((cfg.range_max[1] - cfg.range_min[1]) as f64 / cfg.cell_xy[1] as f64).round() as i64,
