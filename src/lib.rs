@@ -9,6 +9,7 @@ pub mod cdr;
 pub mod cloud;
 pub mod dataset;
 pub mod eval;
+pub mod fsutil;
 pub mod model;
 pub mod msgs;
 pub mod ops;

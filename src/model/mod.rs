@@ -6,5 +6,6 @@ pub mod decode;
 pub mod graph;
 pub mod targets;
 pub mod voxelize;
+pub mod weights;
 
 pub use config::{ConfigError, ModelConfig};
