@@ -1,0 +1,468 @@
+//! FP32 inference on the CPU: the graph executed with BatchNorm folded into the layers.
+
+use super::{EngineError, HeadOutputs, NetInput, TaskMaps};
+use crate::model::graph::{Graph, LayerKind, Op};
+use crate::model::weights::Weights;
+use crate::ops::batchnorm::{self, BatchNorm};
+use crate::ops::conv_transpose2d::ConvTranspose2dParams;
+use crate::ops::conv2d::Conv2dParams;
+use crate::ops::scatter::Cell;
+use crate::ops::{self, Tensor};
+
+/// A layer's weight and bias after folding its BatchNorm.
+#[derive(Debug, Clone)]
+pub struct FoldedLayer {
+    pub weight: Tensor,
+    pub bias: Vec<f32>,
+}
+
+/// Folds every layer's BatchNorm (inference statistics) into its weight and bias. Layers
+/// without BN keep their weight, with a zero bias when they have none.
+pub fn fold_layers(
+    graph: &Graph,
+    weights: &Weights,
+) -> Result<Vec<Option<FoldedLayer>>, EngineError> {
+    weights.validate(graph)?;
+    graph
+        .nodes
+        .iter()
+        .map(|n| {
+            let Op::Layer(l) = &n.op else { return Ok(None) };
+            let w = weights.get(&format!("{}.weight", l.param))?;
+            let b = if l.bias {
+                Some(weights.get(&format!("{}.bias", l.param))?.data.clone())
+            } else {
+                None
+            };
+            let folded = match &l.bn {
+                Some((bn, eps)) => {
+                    let get = |s: &str| -> Result<Vec<f32>, EngineError> {
+                        Ok(weights.get(&format!("{bn}.{s}"))?.data.clone())
+                    };
+                    let bn = BatchNorm {
+                        gamma: get("weight")?,
+                        beta: get("bias")?,
+                        running_mean: get("running_mean")?,
+                        running_var: get("running_var")?,
+                        eps: *eps,
+                        momentum: 0.1,
+                    };
+                    let out_axis = match l.kind {
+                        LayerKind::ConvTranspose2d { .. } => 1,
+                        _ => 0,
+                    };
+                    let (weight, bias) = batchnorm::fold(&bn, w, b.as_deref(), out_axis)
+                        .map_err(|e| EngineError::op(&n.name, e))?;
+                    FoldedLayer { weight, bias }
+                }
+                None => FoldedLayer {
+                    weight: w.clone(),
+                    bias: b.unwrap_or_else(|| vec![0.0; l.out_channels]),
+                },
+            };
+            Ok(Some(folded))
+        })
+        .collect()
+}
+
+/// Runs one layer on its input with folded parameters.
+pub fn run_layer(kind: LayerKind, x: &Tensor, f: &FoldedLayer, relu: bool) -> ops::Result<Tensor> {
+    let mut y = match kind {
+        LayerKind::Linear => ops::linear::forward(x, &f.weight, Some(&f.bias))?,
+        LayerKind::Conv2d {
+            stride, padding, ..
+        } => ops::conv2d::forward(
+            x,
+            &f.weight,
+            Some(&f.bias),
+            Conv2dParams::new(stride, padding),
+        )?,
+        LayerKind::ConvTranspose2d { stride, .. } => ops::conv_transpose2d::forward(
+            x,
+            &f.weight,
+            Some(&f.bias),
+            ConvTranspose2dParams::new(stride, 0),
+        )?,
+    };
+    if relu {
+        ops::relu::forward_inplace(&mut y);
+    }
+    Ok(y)
+}
+
+/// `[P, N, C]` points and their pillar max `[P, C]` -> `[P, N, 2C]`: each point's features
+/// followed by its pillar's max (PFN layers before the last).
+pub fn concat_pillar_max(x: &Tensor, max: &Tensor) -> Tensor {
+    let (p, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
+    let mut out = Tensor::zeros(&[p, n, 2 * c]);
+    for pi in 0..p {
+        let m = &max.data[pi * c..(pi + 1) * c];
+        for ni in 0..n {
+            let row = (pi * n + ni) * 2 * c;
+            out.data[row..row + c]
+                .copy_from_slice(&x.data[(pi * n + ni) * c..(pi * n + ni + 1) * c]);
+            out.data[row + c..row + 2 * c].copy_from_slice(m);
+        }
+    }
+    out
+}
+
+/// Pillar cells for the scatter, (z, y, x) -> (y, x).
+pub fn cells(coords: &[[u32; 3]]) -> Vec<Cell> {
+    coords.iter().map(|c| Cell { y: c[1], x: c[2] }).collect()
+}
+
+/// The FP32 CPU engine.
+pub struct Fp32Engine {
+    graph: Graph,
+    layers: Vec<Option<FoldedLayer>>,
+    /// For each value, the index of the last node that reads it (to free it early).
+    last_use: Vec<usize>,
+}
+
+impl Fp32Engine {
+    pub fn new(graph: &Graph, weights: &Weights) -> Result<Self, EngineError> {
+        let layers = fold_layers(graph, weights)?;
+        let mut last_use = vec![0; graph.nodes.len() + 1];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            for &v in &n.inputs {
+                last_use[v] = i;
+            }
+        }
+        // Head outputs are read after the last node.
+        for t in &graph.tasks {
+            for &v in std::iter::once(&t.heatmap).chain(&t.regression) {
+                last_use[v] = usize::MAX;
+            }
+        }
+        Ok(Self {
+            graph: graph.clone(),
+            layers,
+            last_use,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the network on one frame's decorated pillars.
+    pub fn run(&self, input: &NetInput<'_>) -> Result<HeadOutputs, EngineError> {
+        let (p, n, f) = (input.counts.len(), input.max_points, input.width);
+        let x0 = Tensor::new(vec![p, n, f], input.decorated.to_vec())
+            .map_err(|e| EngineError::op("input", e))?;
+        let mut values: Vec<Option<Tensor>> = vec![None; self.graph.nodes.len() + 1];
+        values[0] = Some(x0);
+        let (ny, nx) = self.graph.bev;
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            let arg = |k: usize| -> Result<&Tensor, EngineError> {
+                values[node.inputs[k]].as_ref().ok_or_else(|| {
+                    EngineError::Internal(format!("{} reads a freed value", node.name))
+                })
+            };
+            let out = match &node.op {
+                Op::Layer(l) => {
+                    let folded = self.layers[i].as_ref().expect("layer folded");
+                    run_layer(l.kind, arg(0)?, folded, l.relu)
+                }
+                Op::PillarMax {
+                    concat_back,
+                    include_padding,
+                } => {
+                    let x = arg(0)?;
+                    let counts: Vec<u32> = if *include_padding {
+                        vec![n as u32; p]
+                    } else {
+                        input.counts.to_vec()
+                    };
+                    ops::pillar_max::forward(x, &counts).map(|(m, _)| {
+                        if *concat_back {
+                            concat_pillar_max(x, &m)
+                        } else {
+                            m
+                        }
+                    })
+                }
+                Op::Scatter { .. } => ops::scatter::forward(arg(0)?, &cells(input.coords), ny, nx)
+                    .and_then(|img| {
+                        let s = img.shape.clone();
+                        img.reshape(vec![1, s[0], s[1], s[2]])
+                    }),
+                Op::Concat => {
+                    let ins: Vec<&Tensor> = node
+                        .inputs
+                        .iter()
+                        .map(|&v| values[v].as_ref().expect("computed"))
+                        .collect();
+                    ops::concat::forward(&ins, 1)
+                }
+            }
+            .map_err(|e| EngineError::op(&node.name, e))?;
+            values[i + 1] = Some(out);
+            for &v in &node.inputs {
+                if self.last_use[v] == i {
+                    values[v] = None;
+                }
+            }
+        }
+        collect_heads(&self.graph, &mut values)
+    }
+}
+
+/// Gathers the head maps of every task from the computed values.
+pub fn collect_heads(
+    graph: &Graph,
+    values: &mut [Option<Tensor>],
+) -> Result<HeadOutputs, EngineError> {
+    let mut tasks = Vec::new();
+    let (mut h, mut w) = (0, 0);
+    for t in &graph.tasks {
+        let hm = values[t.heatmap]
+            .take()
+            .ok_or_else(|| EngineError::Internal("heatmap not computed".into()))?;
+        (h, w) = (hm.shape[2], hm.shape[3]);
+        let mut regression = Vec::new();
+        for &v in &t.regression {
+            let r = values[v]
+                .take()
+                .ok_or_else(|| EngineError::Internal("regression not computed".into()))?;
+            regression.extend_from_slice(&r.data);
+        }
+        tasks.push(TaskMaps {
+            heatmap: hm.data,
+            regression,
+        });
+    }
+    Ok(HeadOutputs { tasks, h, w })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use crate::model::graph::Graph;
+    use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+    use crate::ops::batchnorm::Layout;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// A small pillar model exercising every node kind (two PFN layers, strided conv,
+    /// conv and transposed-conv upsampling, concat, two tasks).
+    pub(crate) const TINY: &str = r#"
+name: tiny
+input:
+  point_range: [-12.8, -12.8, -3.0, 12.8, 12.8, 3.0]
+  point_features: [x, y, z, intensity, time_lag]
+voxelization:
+  encoder: pillar
+  cell_size: [0.8, 0.8, 6.0]
+  max_points_per_cell: 8
+  max_cells: {train: 1024, test: 1024}
+pillar_features:
+  widths: [8, 8]
+backbone_2d:
+  levels:
+    - {layers: 1, stride: 2, channels: 8}
+    - {layers: 1, stride: 2, channels: 16}
+  upsample:
+    - {stride: 0.5, channels: 8}
+    - {stride: 1, channels: 8}
+head:
+  shared_channels: 8
+  tasks: [[car], [pedestrian, cyclist]]
+  sub_heads:
+    - {name: center, out: 2}
+    - {name: center_z, out: 1}
+    - {name: dim, out: 3}
+    - {name: rot, out: 2}
+target: {}
+loss:
+  loc_weight: 0.25
+  code_weights: [1, 1, 1, 1, 1, 1, 1, 1]
+decode:
+  score_threshold: 0.1
+  post_center_range: [-20, -20, -10, 20, 20, 10]
+  top_k: 50
+  nms: {kind: rotated_iou, threshold: 0.2, pre_max: 100, post_max: 20}
+"#;
+
+    /// Random weights with non-trivial BatchNorm statistics.
+    pub(crate) fn random_weights(graph: &Graph, seed: u64) -> Weights {
+        let mut w = Weights::init(graph, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+        for (name, t) in w.tensors.iter_mut() {
+            if name.ends_with("running_var") {
+                t.data
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(0.5..2.0));
+            } else if name.ends_with("running_mean")
+                || name.contains("norm.bias")
+                || name.ends_with(".2.bias")
+            {
+                t.data
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(-0.3..0.3));
+            } else if name.contains("norm.weight") {
+                t.data
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(0.5..1.5));
+            }
+        }
+        w
+    }
+
+    pub(crate) fn scan(seed: u64, n: usize) -> crate::cloud::Points {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut p = crate::cloud::Points::default();
+        for _ in 0..n {
+            p.push(
+                rng.random_range(-13.0..13.0),
+                rng.random_range(-13.0..13.0),
+                rng.random_range(-2.0..1.0),
+                rng.random_range(0.0..1.0),
+            );
+        }
+        p
+    }
+
+    /// Reference interpreter: BatchNorm applied as its own op (not folded).
+    fn reference(graph: &Graph, w: &Weights, input: &NetInput<'_>) -> HeadOutputs {
+        let (p, n, f) = (input.counts.len(), input.max_points, input.width);
+        let mut values: Vec<Option<Tensor>> = vec![None; graph.nodes.len() + 1];
+        values[0] = Some(Tensor::new(vec![p, n, f], input.decorated.to_vec()).unwrap());
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let x = values[node.inputs[0]].clone().unwrap();
+            let out = match &node.op {
+                Op::Layer(l) => {
+                    let wt = w.get(&format!("{}.weight", l.param)).unwrap();
+                    let b = l
+                        .bias
+                        .then(|| w.get(&format!("{}.bias", l.param)).unwrap().data.clone());
+                    let mut y = match l.kind {
+                        LayerKind::Linear => ops::linear::forward(&x, wt, b.as_deref()).unwrap(),
+                        LayerKind::Conv2d {
+                            stride, padding, ..
+                        } => ops::conv2d::forward(
+                            &x,
+                            wt,
+                            b.as_deref(),
+                            Conv2dParams::new(stride, padding),
+                        )
+                        .unwrap(),
+                        LayerKind::ConvTranspose2d { stride, .. } => {
+                            ops::conv_transpose2d::forward(
+                                &x,
+                                wt,
+                                b.as_deref(),
+                                ConvTranspose2dParams::new(stride, 0),
+                            )
+                            .unwrap()
+                        }
+                    };
+                    if let Some((bn, eps)) = &l.bn {
+                        let g = |s: &str| w.get(&format!("{bn}.{s}")).unwrap().data.clone();
+                        let bn = BatchNorm {
+                            gamma: g("weight"),
+                            beta: g("bias"),
+                            running_mean: g("running_mean"),
+                            running_var: g("running_var"),
+                            eps: *eps,
+                            momentum: 0.1,
+                        };
+                        let layout = if l.kind == LayerKind::Linear {
+                            Layout::ChannelsLast
+                        } else {
+                            Layout::ChannelsFirst
+                        };
+                        y = batchnorm::forward_eval(&bn, &y, layout).unwrap();
+                    }
+                    if l.relu {
+                        y = ops::relu::forward(&y);
+                    }
+                    y
+                }
+                Op::PillarMax { concat_back, .. } => {
+                    let (m, _) = ops::pillar_max::forward(&x, input.counts).unwrap();
+                    if *concat_back {
+                        concat_pillar_max(&x, &m)
+                    } else {
+                        m
+                    }
+                }
+                Op::Scatter { .. } => {
+                    let img =
+                        ops::scatter::forward(&x, &cells(input.coords), graph.bev.0, graph.bev.1)
+                            .unwrap();
+                    let s = img.shape.clone();
+                    img.reshape(vec![1, s[0], s[1], s[2]]).unwrap()
+                }
+                Op::Concat => {
+                    let ins: Vec<Tensor> = node
+                        .inputs
+                        .iter()
+                        .map(|&v| values[v].clone().unwrap())
+                        .collect();
+                    ops::concat::forward(&ins.iter().collect::<Vec<_>>(), 1).unwrap()
+                }
+            };
+            values[i + 1] = Some(out);
+        }
+        collect_heads(graph, &mut values).unwrap()
+    }
+
+    #[test]
+    fn folded_engine_matches_the_unfolded_reference() {
+        let cfg = ModelConfig::from_yaml(TINY).unwrap();
+        let graph = Graph::build(&cfg).unwrap();
+        let w = random_weights(&graph, 3);
+        let engine = Fp32Engine::new(&graph, &w).unwrap();
+        let pts = scan(5, 3000);
+        let mut vox = Voxelizer::new(&cfg, Mode::Test);
+        let mut pil = Pillars::default();
+        vox.voxelize(&pts, None, &mut pil);
+        let mut dec = Vec::new();
+        let width = decorate(&cfg, &pil, &mut dec);
+        let input = NetInput {
+            decorated: &dec,
+            max_points: pil.max_points,
+            width,
+            counts: &pil.counts,
+            coords: &pil.coords,
+        };
+        let got = engine.run(&input).unwrap();
+        let want = reference(&graph, &w, &input);
+        assert_eq!((got.h, got.w), (8, 8));
+        assert_eq!(got.tasks.len(), 2);
+        for (g, r) in got.tasks.iter().zip(&want.tasks) {
+            assert_eq!(g.heatmap.len(), r.heatmap.len());
+            assert_eq!(g.regression.len(), r.regression.len());
+            for (a, b) in g
+                .heatmap
+                .iter()
+                .chain(&g.regression)
+                .zip(r.heatmap.iter().chain(&r.regression))
+            {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+        // The outputs depend on the input: an empty scan gives different maps.
+        let empty = NetInput {
+            decorated: &[],
+            max_points: pil.max_points,
+            width,
+            counts: &[],
+            coords: &[],
+        };
+        assert_ne!(engine.run(&empty).unwrap(), got);
+    }
+
+    #[test]
+    fn mismatched_weights_are_refused() {
+        let cfg = ModelConfig::from_yaml(TINY).unwrap();
+        let graph = Graph::build(&cfg).unwrap();
+        let mut w = Weights::init(&graph, 1);
+        w.tensors.remove("dense_head.shared_conv.0.weight");
+        let e = Fp32Engine::new(&graph, &w).err().unwrap().to_string();
+        assert!(e.contains("dense_head.shared_conv.0.weight"), "{e}");
+    }
+}

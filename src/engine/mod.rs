@@ -1,0 +1,70 @@
+//! Execution of the network graph. Every engine interprets the same `model::graph::Graph`
+//! and returns the same `HeadOutputs`; FP32 is the first, INT8 and CUDA follow.
+
+pub mod fp32;
+
+use crate::model::decode::TaskOutputs;
+use crate::model::weights::WeightsError;
+use crate::ops::OpsError;
+use thiserror::Error;
+
+pub use fp32::Fp32Engine;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("layer {node}: {source}")]
+    Op { node: String, source: OpsError },
+    #[error("engine: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn op(node: &str, source: OpsError) -> Self {
+        EngineError::Op {
+            node: node.to_owned(),
+            source,
+        }
+    }
+}
+
+/// One frame's network input: decorated pillar points `[P, N, width]` and the pillars'
+/// point counts and cells.
+pub struct NetInput<'a> {
+    pub decorated: &'a [f32],
+    pub max_points: usize,
+    pub width: usize,
+    pub counts: &'a [u32],
+    /// (z, y, x) per pillar.
+    pub coords: &'a [[u32; 3]],
+}
+
+/// Raw head maps of one task: heatmap logits `[classes, H, W]` and the regression
+/// sub-heads concatenated `[channels, H, W]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMaps {
+    pub heatmap: Vec<f32>,
+    pub regression: Vec<f32>,
+}
+
+/// Head outputs of every task, in config order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadOutputs {
+    pub tasks: Vec<TaskMaps>,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl HeadOutputs {
+    /// Borrowed views for `model::decode::decode`.
+    pub fn views(&self) -> Vec<TaskOutputs<'_>> {
+        self.tasks
+            .iter()
+            .map(|t| TaskOutputs {
+                heatmap: &t.heatmap,
+                regression: &t.regression,
+            })
+            .collect()
+    }
+}
