@@ -8,6 +8,7 @@ pub mod boxes;
 pub mod cdr;
 pub mod cloud;
 pub mod dataset;
+pub mod detector;
 pub mod engine;
 pub mod eval;
 pub mod fsutil;
