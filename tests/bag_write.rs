@@ -327,3 +327,33 @@ fn reference_python_readers_accept_our_bag() {
         serde_json::json!([T0, "message 0 xx"])
     );
 }
+
+/// rosbag2 leaves uncompressed chunks without a CRC, but ours carry one, and with no codec
+/// to notice damage the reader must check it.
+#[test]
+fn flipped_bit_in_uncompressed_chunk_is_caught_by_its_crc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("crc_bag");
+    write_bag(&dir, 20, ChunkCompression::None);
+    let file = dir.join("crc_bag_0.mcap");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let summary = mcap::Summary::read(&bytes).unwrap().unwrap();
+    let chunk = &summary.chunk_indexes[0];
+    assert_eq!(chunk.compression, "");
+    // Last byte of the chunk's data: message payload, not record framing.
+    let at = (chunk.compressed_data_offset().unwrap() + chunk.compressed_size - 1) as usize;
+    bytes[at] ^= 0x01;
+    std::fs::write(&file, bytes).unwrap();
+    let bag = Bag::open(&dir).unwrap();
+    let e = bag
+        .messages(&[])
+        .unwrap()
+        .find_map(|r| r.err())
+        .expect("a flipped bit must be an error");
+    assert!(matches!(e, BagError::Corrupt { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("crc_bag_0.mcap") && text.contains("CRC"),
+        "{text}"
+    );
+}
