@@ -493,3 +493,58 @@ fn whole_file_zstd_bags_read_like_the_originals() {
         assert!(e.to_string().contains(&shown), "{e}");
     }
 }
+
+#[test]
+fn bag_opens_from_metadata_path_and_from_a_directory_without_metadata() {
+    let src = data_dir().join("rosbag2/rosbag2_py/test/resources/mcap/wbag");
+    let reference = all(&Bag::open(&src).unwrap());
+    let via_yaml = Bag::open(src.join("metadata.yaml")).unwrap();
+    assert_eq!(all(&via_yaml), reference);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("wbag");
+    copy_dir(&src, &dir);
+    std::fs::remove_file(dir.join("metadata.yaml")).unwrap();
+    let bare = Bag::open(&dir).unwrap();
+    assert!(bare.metadata().is_none());
+    assert_eq!(bare.files().len(), 5);
+    assert_eq!(bare.message_count(), 6074);
+    assert_eq!(bare.topics().len(), 8);
+    assert_eq!(bare.topic("AAA").unwrap().message_count, 804);
+    assert_eq!(all(&bare), reference);
+}
+
+/// `compression_mode: MESSAGE` (older rosbag2): each message's data zstd-compressed.
+#[test]
+fn per_message_zstd_bag_reads_like_the_original() {
+    let src = data_dir().join("rosbag2/rosbag2_tests/resources/sqlite3/cdr_test");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cdr_test");
+    copy_dir(&src, &dir);
+    {
+        let conn = rusqlite::Connection::open(dir.join("cdr_test_0.db3")).unwrap();
+        let rows: Vec<(i64, Vec<u8>)> = conn
+            .prepare("SELECT id, data FROM messages")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (id, data) in rows {
+            let packed = zstd::encode_all(data.as_slice(), 3).unwrap();
+            conn.execute(
+                "UPDATE messages SET data = ?1 WHERE id = ?2",
+                rusqlite::params![packed, id],
+            )
+            .unwrap();
+        }
+    }
+    let md = std::fs::read_to_string(dir.join("metadata.yaml"))
+        .unwrap()
+        .replace("compression_format: \"\"", "compression_format: zstd")
+        .replace("compression_mode: \"\"", "compression_mode: MESSAGE");
+    std::fs::write(dir.join("metadata.yaml"), md).unwrap();
+    let original = all(&Bag::open(&src).unwrap());
+    assert_eq!(original.len(), 7);
+    assert_eq!(all(&Bag::open(&dir).unwrap()), original);
+}

@@ -85,7 +85,15 @@ pub fn format_info(bag: &Bag) -> String {
         let _ = writeln!(
             out,
             "  {:<w_name$}  {:<w_type$}  {:>8}  {}",
-            t.name, t.type_name, t.message_count, t.serialization_format
+            t.name,
+            t.type_name,
+            t.message_count,
+            // Some recorders (e.g. this project's vls128 sample) store it empty.
+            if t.serialization_format.is_empty() {
+                "-"
+            } else {
+                &t.serialization_format
+            }
         );
     }
     out

@@ -211,11 +211,19 @@ impl McapFile {
                     .iter()
                     .map(|(id, c)| (*id, c.topic.clone()))
                     .collect();
+                // Uncompressed chunks have no codec to notice damage: check their CRC.
+                let crc_checked = summary
+                    .chunk_indexes
+                    .iter()
+                    .filter(|c| c.compression.is_empty())
+                    .filter_map(|c| Some((c.compressed_data_offset().ok()?, c.chunk_start_offset)))
+                    .collect();
                 Ok(Box::new(IndexedMessages {
                     path: self.path.clone(),
                     file,
                     reader,
                     names,
+                    crc_checked,
                     buf: Vec::new(),
                     failed: false,
                 }))
@@ -254,6 +262,8 @@ struct IndexedMessages {
     file: File,
     reader: IndexedReader,
     names: std::collections::HashMap<u16, String>,
+    /// Data offset -> record offset of each uncompressed chunk.
+    crc_checked: std::collections::HashMap<u64, u64>,
     buf: Vec<u8>,
     failed: bool,
 }
@@ -267,6 +277,25 @@ impl IndexedMessages {
         self.file
             .read_exact(&mut self.buf)
             .map_err(|e| io_err(&self.path, e))?;
+        if let Some(&record) = self.crc_checked.get(&offset) {
+            // Chunk record: opcode, length, start, end, uncompressed size, then the CRC.
+            let mut crc = [0u8; 4];
+            self.file
+                .seek(SeekFrom::Start(record + 33))
+                .and_then(|_| self.file.read_exact(&mut crc))
+                .map_err(|e| io_err(&self.path, e))?;
+            let want = u32::from_le_bytes(crc);
+            let got = crc32fast::hash(&self.buf);
+            // A CRC of 0 means the writer did not compute one.
+            if want != 0 && want != got {
+                return Err(BagError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!(
+                        "chunk at offset {record}: CRC {got:08x} does not match the stored {want:08x}"
+                    ),
+                });
+            }
+        }
         self.reader
             .insert_chunk_record_data(offset, &self.buf)
             .map_err(|e| mcap_err(&self.path, e))
