@@ -20,8 +20,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// rosbag2 bags (MCAP or sqlite3)
+    Bag {
+        #[command(subcommand)]
+        command: BagCommand,
+    },
     /// Draw a bird's-eye-view PNG of one scan with its labels (and detections).
     Render(RenderArgs),
+}
+
+#[derive(Subcommand)]
+enum BagCommand {
+    /// Print a bag's storage, time range and topics
+    Info {
+        /// Bag directory, its metadata.yaml, or a single .mcap/.db3 file
+        path: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,6 +82,13 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Bag {
+            command: BagCommand::Info { path },
+        } => {
+            let bag = lidar_ptq::bag::Bag::open(&path)?;
+            print!("{}", lidar_ptq::bag::info::format_info(&bag));
+            Ok(())
+        }
         Command::Render(args) => render_verb(&args),
     }
 }

@@ -1,6 +1,8 @@
 //! Bird's-eye-view rendering: boxes, headings and points land on the pixels the view
 //! mapping says, on a synthetic scene and on KITTI frame 000001.
 
+mod common;
+
 use std::path::PathBuf;
 
 use lidar_ptq::boxes::{Box3d, Object};
@@ -9,18 +11,8 @@ use lidar_ptq::dataset;
 use lidar_ptq::render::{self, BevOptions, BevView, ColorBy};
 use tiny_skia::Pixmap;
 
-/// The shared data folder: `$LIDAR_PTQ_DATA`, or `../shared/data` from the project root
-/// (one level further up from a worktree).
 fn data() -> PathBuf {
-    if let Some(d) = std::env::var_os("LIDAR_PTQ_DATA") {
-        return PathBuf::from(d);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    ["../shared/data", "../../shared/data"]
-        .iter()
-        .map(|r| root.join(r))
-        .find(|p| p.is_dir())
-        .expect("shared data folder (set LIDAR_PTQ_DATA)")
+    common::data_dir()
 }
 
 fn rgb(pm: &Pixmap, u: i64, v: i64) -> Option<[u8; 3]> {
