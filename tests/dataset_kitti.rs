@@ -1,24 +1,16 @@
 //! KITTI scans, labels and calibration: boxes converted into the lidar frame must sit on
 //! the lidar points and project back onto the labelled 2D image boxes.
 
+mod common;
+
 use std::path::PathBuf;
 
 use lidar_ptq::boxes::Box3d;
 use lidar_ptq::cloud::Points;
 use lidar_ptq::dataset::{self, kitti};
 
-/// The shared data folder: `$LIDAR_PTQ_DATA`, or `../shared/data` from the project root
-/// (one level further up from a worktree).
 fn data() -> PathBuf {
-    if let Some(d) = std::env::var_os("LIDAR_PTQ_DATA") {
-        return PathBuf::from(d);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    ["../shared/data", "../../shared/data"]
-        .iter()
-        .map(|r| root.join(r))
-        .find(|p| p.is_dir())
-        .expect("shared data folder (set LIDAR_PTQ_DATA)")
+    common::data_dir()
 }
 
 fn training() -> PathBuf {

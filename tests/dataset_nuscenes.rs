@@ -1,21 +1,13 @@
 //! nuScenes sweep and labels against the counts nuScenes itself stored.
 
+mod common;
+
 use std::path::PathBuf;
 
 use lidar_ptq::dataset::{self, nuscenes};
 
-/// The shared data folder: `$LIDAR_PTQ_DATA`, or `../shared/data` from the project root
-/// (one level further up from a worktree).
 fn data() -> PathBuf {
-    if let Some(d) = std::env::var_os("LIDAR_PTQ_DATA") {
-        return PathBuf::from(d);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    ["../shared/data", "../../shared/data"]
-        .iter()
-        .map(|r| root.join(r))
-        .find(|p| p.is_dir())
-        .expect("shared data folder (set LIDAR_PTQ_DATA)")
+    common::data_dir()
 }
 
 fn dir() -> PathBuf {

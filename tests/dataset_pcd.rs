@@ -1,23 +1,15 @@
 //! PCD reading: the real decoded Velodyne clouds (binary), and ascii / binary_compressed
 //! files built here from known values with an independent LZF encoding.
 
+mod common;
+
 use std::path::PathBuf;
 
 use lidar_ptq::dataset::pcd::{self, PcdDataKind, PcdError};
 use lidar_ptq::dataset::{self, LzfError};
 
-/// The shared data folder: `$LIDAR_PTQ_DATA`, or `../shared/data` from the project root
-/// (one level further up from a worktree).
 fn data() -> PathBuf {
-    if let Some(d) = std::env::var_os("LIDAR_PTQ_DATA") {
-        return PathBuf::from(d);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    ["../shared/data", "../../shared/data"]
-        .iter()
-        .map(|r| root.join(r))
-        .find(|p| p.is_dir())
-        .expect("shared data folder (set LIDAR_PTQ_DATA)")
+    common::data_dir()
 }
 
 fn velodyne_pcd(sensor: &str) -> PathBuf {

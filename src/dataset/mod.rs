@@ -33,6 +33,16 @@ pub enum DatasetError {
     UnknownLabelFormat(PathBuf),
     #[error("KITTI labels {labels} need a calib file (none given or found beside the scan)")]
     MissingCalib { labels: PathBuf },
+    #[error("cannot read objects file {path}: {source}")]
+    ObjectsIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("objects file {path} is not a JSON array of objects: {source}")]
+    ObjectsJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("labels {labels} belong to {expected}, not to the scan {scan}")]
     LabelsForOtherScan {
         labels: PathBuf,
@@ -169,5 +179,17 @@ pub fn load_scan(
         points,
         objects,
         labels: Some(labels),
+    })
+}
+
+/// Reads a JSON array of [`Object`]s (our own format, e.g. saved detections).
+pub fn read_objects_json(path: &Path) -> Result<Vec<Object>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::ObjectsIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| DatasetError::ObjectsJson {
+        path: path.to_path_buf(),
+        source,
     })
 }
