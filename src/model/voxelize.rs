@@ -40,7 +40,7 @@ pub enum CentreOffset {
 pub struct PillarConfig {
     pub range_min: [f32; 3],
     pub range_max: [f32; 3],
-    /// Cell size in x and y [m]; a pillar spans the whole z range.
+    /// Cell size in x and y, metres; a pillar spans the whole z range.
     pub cell_xy: [f32; 2],
     pub max_points_per_pillar: usize,
     pub max_pillars: usize,
