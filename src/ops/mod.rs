@@ -23,7 +23,7 @@
 //!   its input together.
 //!
 //! Ops: [`linear`], [`batchnorm`] (train/eval, BN folding), [`relu`], [`sigmoid`],
-//! [`pillar_max`], [`scatter`] (and gather), [`conv2d`], [`conv_transpose2d`], [`concat`](mod@concat)
+//! [`pillar_max`], [`repeat_points`], [`scatter`] (and gather), [`conv2d`], [`conv_transpose2d`], [`concat`](mod@concat)
 //! (and split), [`focal_loss`], [`reg_l1_loss`]. Convolutions and linear run on the `gemm`
 //! crate through a safe strided wrapper; parallelism comes from the global rayon pool.
 //!
@@ -41,6 +41,7 @@ mod matmul;
 pub mod pillar_max;
 pub mod reg_l1_loss;
 pub mod relu;
+pub mod repeat_points;
 pub mod scatter;
 pub mod sigmoid;
 
