@@ -19,6 +19,13 @@
 //!   gradients of every input and parameter. Backward functions take the forward's inputs by
 //!   reference instead of copying them into the cache, because the graph keeps activations
 //!   alive for the backward pass anyway.
+//! - Losses are scalar-valued, so `forward_backward` returns the loss and the gradient of
+//!   its input together.
+//!
+//! Ops: [`linear`], [`batchnorm`] (train/eval, BN folding), [`relu`], [`sigmoid`],
+//! [`pillar_max`], [`repeat_points`], [`scatter`] (and gather), [`conv2d`], [`conv_transpose2d`], [`concat`](mod@concat)
+//! (and split), [`focal_loss`], [`reg_l1_loss`]. Convolutions and linear run on the `gemm`
+//! crate through a safe strided wrapper; parallelism comes from the global rayon pool.
 //!
 //! Shapes are validated on every call; a mismatch is an [`OpsError`] naming the op and the
 //! offending argument, never a panic.
@@ -34,6 +41,7 @@ mod matmul;
 pub mod pillar_max;
 pub mod reg_l1_loss;
 pub mod relu;
+pub mod repeat_points;
 pub mod scatter;
 pub mod sigmoid;
 
