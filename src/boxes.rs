@@ -88,8 +88,16 @@ mod tests {
         };
         for [x, y] in b.bev_corners() {
             // Slightly inside each corner (towards the centre) is inside, slightly outside is not.
-            let inside = [x + (b.center[0] - x) * 0.01, y + (b.center[1] - y) * 0.01, 0.0];
-            let outside = [x - (b.center[0] - x) * 0.01, y - (b.center[1] - y) * 0.01, 0.0];
+            let inside = [
+                x + (b.center[0] - x) * 0.01,
+                y + (b.center[1] - y) * 0.01,
+                0.0,
+            ];
+            let outside = [
+                x - (b.center[0] - x) * 0.01,
+                y - (b.center[1] - y) * 0.01,
+                0.0,
+            ];
             assert!(b.contains(inside));
             assert!(!b.contains(outside));
         }

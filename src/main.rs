@@ -4,7 +4,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lidar_ptq", version, about = "CenterPoint lidar detection in INT8 with LiDAR-PTQ")]
+#[command(
+    name = "lidar_ptq",
+    version,
+    about = "CenterPoint lidar detection in INT8 with LiDAR-PTQ"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -4,4 +4,4 @@
 
 mod header;
 
-pub use header::{Header, HEADER_SCHEMA, TIME_SCHEMA};
+pub use header::{HEADER_SCHEMA, Header, TIME_SCHEMA};
