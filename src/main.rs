@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -15,10 +16,46 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Compare simulated scans with the real KITTI and nuScenes scans (markdown report).
+    SimReport {
+        /// Root of the shared real data (holding kitti/ and nuscenes/).
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        /// Simulated scenes per sensor.
+        #[arg(long, default_value_t = 6)]
+        scenes: usize,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::SimReport { data, scenes, out } => sim_report(&data, scenes, out),
+    }
+}
+
+fn sim_report(data: &std::path::Path, scenes: usize, out: Option<PathBuf>) -> Result<()> {
+    let text = lidar_ptq::sim::realism::report(data, scenes)?;
+    print!("{text}");
+    if let Some(path) = out {
+        write_atomic(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Writes via a temporary file in the same directory, then renames.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }

@@ -7,6 +7,7 @@
 
 mod classes;
 mod geometry;
+pub mod realism;
 mod scan;
 mod sensor;
 mod shapes;
