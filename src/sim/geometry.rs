@@ -33,7 +33,7 @@ impl Material {
     }
     // Typical 905 nm reflectivities (asphalt ~0.1-0.2, concrete ~0.3, vegetation ~0.5,
     // tyres ~0.05, retro-reflective sheeting > 1 relative to a Lambertian target).
-    pub const ASPHALT: Self = Self::solid(0.14);
+    pub const ASPHALT: Self = Self::solid(0.17);
     pub const LANE_PAINT: Self = Self::solid(0.55);
     pub const CONCRETE: Self = Self::solid(0.3);
     pub const TYRE: Self = Self::solid(0.05);

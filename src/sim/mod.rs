@@ -17,7 +17,7 @@ mod world;
 pub use classes::Class;
 pub use geometry::{Footprint, Material, NO_OWNER, Primitive, Surface};
 pub use scan::{Radiometry, Scan, SensorPose, column_azimuth};
-pub use sensor::{LidarModel, Mount, SensorSpec};
+pub use sensor::{EgoBody, LidarModel, Mount, SensorSpec};
 pub use shapes::{Part, PartShape, parts};
 pub use simulator::{Frame, Scene, SimConfig, Simulator};
 pub use world::{Agent, Ground, LANE_WIDTH, World, WorldConfig};

@@ -183,6 +183,8 @@ struct Side {
     range: Vec<f64>,
     intensity: Vec<f64>,
     ground: f64,
+    /// Points per scan in each elevation band of `ELEV_EDGES`.
+    elevation: Vec<f64>,
     /// (class, distance, points in box)
     objects: Vec<(String, f32, u32)>,
 }
@@ -190,7 +192,20 @@ struct Side {
 const RANGE_EDGES: [f32; 11] = [
     0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 130.0,
 ];
+const ELEV_EDGES: [f32; 10] = [-31.0, -20.0, -15.0, -10.0, -6.0, -4.0, -2.0, 0.0, 3.0, 11.0];
 const DIST_BINS: [(f32, f32); 3] = [(5.0, 15.0), (15.0, 25.0), (30.0, 50.0)];
+
+/// Drops placeholder returns closer than `min_range` (nuScenes sweeps keep every ray,
+/// no-returns at the origin: 8,220 of the 34,688 points).
+fn drop_near(p: &Points, min_range: f32) -> Points {
+    let mut out = Points::with_capacity(p.len());
+    for i in 0..p.len() {
+        if p.x[i].hypot(p.y[i]).hypot(p.z[i]) >= min_range {
+            out.push(p.x[i], p.y[i], p.z[i], p.intensity[i]);
+        }
+    }
+    out
+}
 
 fn collect(frames: &[(Points, Vec<Object>)], mount_height: f32, int_edges: &[f32]) -> Side {
     let mut ranges = Vec::new();
@@ -199,7 +214,15 @@ fn collect(frames: &[(Points, Vec<Object>)], mount_height: f32, int_edges: &[f32
     let mut total = 0usize;
     let mut objects = Vec::new();
     let mut points = Vec::new();
+    let mut elev = vec![0f64; ELEV_EDGES.len() - 1];
     for (p, objs) in frames {
+        for i in 0..p.len() {
+            let e = p.z[i].atan2(p.x[i].hypot(p.y[i])).to_degrees();
+            if let Some(b) = (0..elev.len()).find(|&b| e >= ELEV_EDGES[b] && e < ELEV_EDGES[b + 1])
+            {
+                elev[b] += 1.0 / frames.len() as f64;
+            }
+        }
         points.push(p.len() as f64);
         for i in 0..p.len() {
             ranges.push(p.x[i].hypot(p.y[i]));
@@ -222,6 +245,7 @@ fn collect(frames: &[(Points, Vec<Object>)], mount_height: f32, int_edges: &[f32
         range: histogram(ranges.into_iter(), &RANGE_EDGES),
         intensity: histogram(ints.into_iter(), int_edges),
         ground: ground as f64 / total.max(1) as f64,
+        elevation: elev,
         objects,
     }
 }
@@ -274,6 +298,18 @@ fn compare(out: &mut String, title: &str, real: &Side, sim: &Side, int_edges: &[
             sim.range[b]
         );
     }
+    let _ = writeln!(out, "\nPoints per scan by elevation band:\n");
+    let _ = writeln!(out, "| elevation [deg] | real | sim |\n|---|---|---|");
+    for b in 0..real.elevation.len() {
+        let _ = writeln!(
+            out,
+            "| {} .. {} | {:.0} | {:.0} |",
+            ELEV_EDGES[b],
+            ELEV_EDGES[b + 1],
+            real.elevation[b],
+            sim.elevation[b]
+        );
+    }
     let _ = writeln!(
         out,
         "\nIntensity histogram, TV distance {:.3}:\n",
@@ -292,7 +328,7 @@ fn compare(out: &mut String, title: &str, real: &Side, sim: &Side, int_edges: &[
     }
     let _ = writeln!(
         out,
-        "\nPoints in the box vs BEV distance (median, number of boxes):\n"
+        "\nPoints in the box vs BEV distance (median over boxes with >= 1 point, number of such boxes):\n"
     );
     let _ = writeln!(
         out,
@@ -303,7 +339,8 @@ fn compare(out: &mut String, title: &str, real: &Side, sim: &Side, int_edges: &[
             let pick = |s: &Side| -> Vec<u32> {
                 s.objects
                     .iter()
-                    .filter(|(c, d, _)| c == class && *d >= lo && *d < hi)
+                    // Boxes with at least one point: real labels exist for what was seen.
+                    .filter(|(c, d, n)| c == class && *d >= lo && *d < hi && *n > 0)
                     .map(|o| o.2)
                     .collect()
             };
@@ -339,13 +376,42 @@ fn simulate(model: LidarModel, scenes: usize, ridden: &str) -> Vec<(Points, Vec<
         .collect()
 }
 
+/// Points on a lone object (empty flat world) at BEV distance `d`, median over headings
+/// and bearings: the sensor's pure sampling density, free of occlusion.
+fn isolated(model: LidarModel, class: super::Class, d: f32) -> f64 {
+    let mut cfg = SimConfig::new(model);
+    cfg.motion_distortion = false;
+    let mut counts = Vec::new();
+    for (k, yaw) in [0.0f32, 0.8, 1.57, 2.4].into_iter().enumerate() {
+        for bearing in [0.3f32, 1.2] {
+            let mut w = super::World::empty();
+            let size = class.mean_size();
+            w.push_agent(
+                class,
+                size,
+                d * bearing.cos(),
+                d * bearing.sin(),
+                yaw,
+                0.0,
+                k as u64,
+            );
+            let f = Scene::from_world(cfg.clone(), w, 77 + k as u64).frame(0);
+            counts.push(f.objects[0].num_points.unwrap_or(0));
+        }
+    }
+    median(counts).unwrap_or(0.0)
+}
+
 /// The report as markdown. `data` is the shared data root (holding kitti/ and nuscenes/).
 pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
     let kitti = data.join("kitti/training");
     let mut real_k = Vec::new();
     for i in 0..6 {
         let id = format!("{i:06}");
-        let p = read_bin(&kitti.join("velodyne").join(format!("{id}.bin")), 4)?;
+        let p = drop_near(
+            &read_bin(&kitti.join("velodyne").join(format!("{id}.bin")), 4)?,
+            1.0,
+        );
         real_k.push((p, kitti_objects(&kitti, &id)?));
     }
     let nus = data.join("nuscenes");
@@ -359,7 +425,7 @@ pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
         .find(|p| p.to_string_lossy().ends_with(".pcd.bin"))
         .ok_or_else(|| bad(&nus, "no .pcd.bin sweep"))?;
     let real_n = vec![(
-        read_bin(&lidar_file, 5)?,
+        drop_near(&read_bin(&lidar_file, 5)?, 1.0),
         nuscenes_objects(&nus.join("labels.json"))?,
     )];
 
@@ -373,7 +439,9 @@ pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
         out,
         "Generated by `lidar_ptq sim-report` ({scenes} simulated scenes per sensor, frame 0 each, seeds 1000..). \
          Real data: the 6 KITTI HDL-64E scans and their Car/Pedestrian labels, the nuScenes HDL-32E sweep and its labels. \
-         KITTI labels only cover the front camera's view, so real box counts are smaller.\n"
+         KITTI labels only cover the front camera's view, so real box counts are smaller. \
+         Real points closer than 1 m are dropped first (the nuScenes sweep stores every ray, \
+         8,220 no-returns at the origin).\n"
     );
     compare(
         &mut out,
@@ -382,6 +450,30 @@ pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
         &collect(&sim_k, 1.73, &kitti_int),
         &kitti_int,
     );
+    let _ = writeln!(
+        out,
+        "## Lone objects (no occlusion): points on the object, median over 4 headings x 2 bearings\n"
+    );
+    let _ = writeln!(
+        out,
+        "| sensor | class | 10 m | 20 m | 40 m |\n|---|---|---|---|---|"
+    );
+    for model in [LidarModel::Hdl64, LidarModel::Hdl32] {
+        for class in [super::Class::Car, super::Class::Pedestrian] {
+            let v: Vec<String> = [10.0, 20.0, 40.0]
+                .iter()
+                .map(|&d| format!("{:.0}", isolated(model, class, d)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                model.name(),
+                class.name(),
+                v.join(" | ")
+            );
+        }
+    }
+    let _ = writeln!(out);
     compare(
         &mut out,
         "HDL-32E: simulated vs nuScenes",

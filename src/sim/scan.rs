@@ -10,7 +10,7 @@
 //! columns can run on rayon in any order and the output stays byte-identical.
 
 use super::geometry::{Footprint, NO_OWNER, Primitive, Span2, Surface, z_interval};
-use super::sensor::SensorSpec;
+use super::sensor::{LidarModel, Mount, SensorSpec};
 use super::world::World;
 use crate::cloud::Points;
 use rayon::prelude::*;
@@ -24,26 +24,49 @@ pub struct Radiometry {
     pub angle_exponent: f32,
     /// Log-normal speckle on the return strength (sigma of its log).
     pub speckle_sigma: f32,
-    /// Intensity = scale * clamp(gain * (reflectivity * cos^k)^gamma + noise, 0, 1).
+    /// Intensity = scale * clamp(gain * (reflectivity * cos^k * speckle)^gamma + noise, 0, 1).
     pub intensity_gain: f32,
     pub intensity_gamma: f32,
     pub intensity_noise: f32,
+    /// Intensity falls as (10 m / range)^e: drivers only partly compensate range.
+    pub intensity_range_exponent: f32,
     /// Share of rays through glass that pass without a return.
     pub glass_pass: f32,
     /// Mean penetration depth into foliage, metres.
     pub foliage_depth: f32,
 }
 
-impl Default for Radiometry {
-    fn default() -> Self {
-        Self {
-            angle_exponent: 0.35,
+impl Radiometry {
+    /// Settings tuned per sensor against the real scans (see docs/realism.md):
+    /// KITTI's HDL-64E reports a calibrated 0..1 reflectance that is bright and flat,
+    /// nuScenes' HDL-32E a raw 0..255 value that is mostly small.
+    pub fn for_model(model: LidarModel) -> Self {
+        let base = Self {
+            angle_exponent: 0.25,
             speckle_sigma: 0.4,
             intensity_gain: 1.0,
             intensity_gamma: 1.0,
-            intensity_noise: 0.03,
+            intensity_noise: 0.01,
+            intensity_range_exponent: 0.0,
             glass_pass: 0.6,
             foliage_depth: 0.6,
+        };
+        match model {
+            LidarModel::Hdl64 => Self {
+                intensity_gain: 0.68,
+                intensity_gamma: 0.45,
+                intensity_noise: 0.06,
+                intensity_range_exponent: 0.6,
+                ..base
+            },
+            LidarModel::Hdl32 => Self {
+                intensity_gain: 0.3,
+                ..base
+            },
+            LidarModel::Vlp16 | LidarModel::Os128 => Self {
+                intensity_gain: 0.5,
+                ..base
+            },
         }
     }
 }
@@ -127,9 +150,11 @@ pub fn column_azimuth(c: usize, columns: usize) -> f32 {
 }
 
 /// Casts one revolution.
+#[allow(clippy::too_many_arguments)]
 pub fn cast(
     spec: &SensorSpec,
     rad: &Radiometry,
+    mount: &Mount,
     pose: SensorPose,
     target: &Target<'_>,
     seed: u64,
@@ -158,7 +183,7 @@ pub fn cast(
         let mut out = Vec::with_capacity(spec.beams());
         let mut cands: Vec<Candidate> = Vec::with_capacity(64);
         cast_column(
-            spec, rad, pose, target, &bins, &beams, &firing, seed, c, &mut cands, &mut out,
+            spec, rad, mount, pose, target, &bins, &beams, &firing, seed, c, &mut cands, &mut out,
         );
         out
     };
@@ -187,6 +212,7 @@ pub fn cast(
 fn cast_column(
     spec: &SensorSpec,
     rad: &Radiometry,
+    mount: &Mount,
     pose: SensorPose,
     target: &Target<'_>,
     bins: &PolarBins,
@@ -220,8 +246,17 @@ fn cast_column(
     let g_here = ground.height(pose.x, pose.y);
     let (ys, xs) = (-pose.yaw).sin_cos();
 
+    // Per body level: how far below the sensor a beam may drop before leaving it.
+    let body: Vec<f32> = mount
+        .body
+        .iter()
+        .map(|b| -b.below / b.exit_distance(az_sensor + mount.yaw))
+        .collect();
     for &r in firing {
         let (tan_e, cos_e, sin_e, ring) = beams[r];
+        if body.iter().any(|&min_tan| tan_e < min_tan) {
+            continue; // the beam ends on the ego vehicle
+        }
         let mut rng = RayRng::new(seed, c as u32, r as u32);
         let t_max = spec.max_range * cos_e;
         // Terrain: Newton-like steps on t*tan = G(t) - z_sensor, linearised with slope k.
@@ -294,10 +329,10 @@ fn cast_column(
             continue;
         }
         // Detection: return strength relative to the threshold, with speckle.
-        let strength = rho * cos_i.max(1e-4).powf(rad.angle_exponent);
-        let snr = strength / 0.8
-            * (spec.range_at_80pct / range).powi(2)
+        let strength = rho
+            * cos_i.max(1e-4).powf(rad.angle_exponent)
             * (rad.speckle_sigma * rng.normal()).exp();
+        let snr = strength / 0.8 * (spec.range_at_80pct / range).powi(2);
         if snr < 1.0 || rng.uniform() < spec.base_dropout {
             continue;
         }
@@ -309,7 +344,8 @@ fn cast_column(
         let (wx, wy, wz) = (h * dx, h * dy, rr * sin_e);
         let x = xs * wx - ys * wy;
         let y = ys * wx + xs * wy;
-        let i = (rad.intensity_gain * strength.max(0.0).powf(rad.intensity_gamma)
+        let falloff = (10.0 / range.max(1.0)).powf(rad.intensity_range_exponent);
+        let i = (rad.intensity_gain * (strength * falloff).max(0.0).powf(rad.intensity_gamma)
             + rad.intensity_noise * rng.normal())
         .clamp(0.0, 1.0);
         out.push(Ret {

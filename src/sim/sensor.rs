@@ -175,30 +175,77 @@ fn slot_offsets(order: &[usize], dt: f32) -> Vec<f32> {
 }
 
 /// Where the sensor sits on the ego vehicle: height above the ground under the vehicle
-/// origin, forward/left offset and yaw. The scan is expressed in the sensor frame.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// origin, forward/left offset and yaw, and the vehicle body that hides the lowest beams
+/// near the car. The scan is expressed in the sensor frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mount {
     pub x: f32,
     pub y: f32,
     /// Height of the optical centre above the ground, metres (KITTI 1.73, nuScenes 1.84).
     pub height: f32,
     pub yaw: f32,
+    /// The ego vehicle as stacked levels (roof, then hood/trunk); empty: none.
+    pub body: Vec<EgoBody>,
+}
+
+/// One level of the ego vehicle seen from the sensor: a rectangle around it (vehicle
+/// axes) `below` metres under the optical centre. Rays that hit it are dropped, as
+/// drivers and dataset tools drop returns from the ego vehicle.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EgoBody {
+    pub front: f32,
+    pub rear: f32,
+    pub half_width: f32,
+    pub below: f32,
+}
+
+impl EgoBody {
+    /// Horizontal distance from the sensor to the body's edge along azimuth `az`
+    /// (vehicle frame).
+    pub fn exit_distance(&self, az: f32) -> f32 {
+        let (dy, dx) = az.sin_cos();
+        let tx = if dx > 1e-6 {
+            self.front / dx
+        } else if dx < -1e-6 {
+            -self.rear / dx
+        } else {
+            f32::INFINITY
+        };
+        let ty = if dy.abs() > 1e-6 {
+            self.half_width / dy.abs()
+        } else {
+            f32::INFINITY
+        };
+        tx.min(ty)
+    }
 }
 
 impl Mount {
-    /// The mount of the dataset each model comes from.
+    /// The mount of the dataset each model comes from: KITTI's HDL-64E 1.73 m up on a
+    /// VW Passat wagon (roof ~1.47 m), nuScenes' HDL-32E 1.84 m up on a Renault Zoe
+    /// (roof ~1.56 m).
     pub fn default_for(model: LidarModel) -> Self {
-        let height = match model {
-            LidarModel::Hdl64 => 1.73,
-            LidarModel::Hdl32 => 1.84,
-            LidarModel::Vlp16 => 1.6,
-            LidarModel::Os128 => 1.9,
+        let level = |front, rear, half_width, below| EgoBody {
+            front,
+            rear,
+            half_width,
+            below,
+        };
+        // One level per rig, fitted to the real scans: KITTI and nuScenes keep about
+        // 55 % of the lowest beams' returns, the rest end on the car ahead of and behind
+        // the rack (the sensor sits ~0.5 m above the roof edge seen by those beams).
+        let (height, body) = match model {
+            LidarModel::Hdl64 => (1.73, vec![level(1.5, 2.2, 0.9, 0.5)]),
+            LidarModel::Hdl32 => (1.84, vec![level(1.4, 1.9, 0.86, 0.52)]),
+            LidarModel::Vlp16 => (1.6, vec![level(1.5, 2.2, 0.9, 0.4)]),
+            LidarModel::Os128 => (1.9, vec![level(1.5, 2.2, 0.9, 0.4)]),
         };
         Self {
             x: 0.0,
             y: 0.0,
             height,
             yaw: 0.0,
+            body,
         }
     }
 }

@@ -30,7 +30,7 @@ impl SimConfig {
             sensor: model.spec(),
             mount: Mount::default_for(model),
             world: WorldConfig::default(),
-            radiometry: Radiometry::default(),
+            radiometry: Radiometry::for_model(model),
             motion_distortion: true,
             start_stamp_ns: 1_700_000_000_000_000_000,
             parallel: true,
@@ -135,6 +135,7 @@ impl Scene {
         let scan = cast(
             &cfg.sensor,
             &cfg.radiometry,
+            &cfg.mount,
             pose,
             &target,
             ray_seed,
