@@ -159,7 +159,9 @@ fn objects_behind_a_wall_get_no_points() {
 #[test]
 fn ring_and_time_are_plausible_and_beams_appear() {
     for model in [LidarModel::Vlp16, LidarModel::Hdl32] {
-        let cfg = small_config(model);
+        let mut cfg = small_config(model);
+        // Without the ego vehicle, so that every downward beam sees the ground all round.
+        cfg.mount.body.clear();
         let spec = cfg.sensor.clone();
         let f = Scene::new(cfg, 21).frame(0);
         let time = f.points.time.as_ref().unwrap();
@@ -211,4 +213,19 @@ fn scenes_evolve_over_time() {
     assert!(!moving.is_empty());
     assert_ne!(a.objects, b.objects);
     assert_eq!(b.stamp_ns - a.stamp_ns, 500_000_000);
+}
+
+#[test]
+fn ego_roof_hides_the_lowest_beams_near_the_car() {
+    let mut bare = SimConfig::new(LidarModel::Hdl32);
+    bare.mount.body.clear();
+    let with_body = SimConfig::new(LidarModel::Hdl32);
+    let lowest = |cfg: SimConfig| {
+        let f = Scene::from_world(cfg, World::empty(), 1).frame(0);
+        f.points.ring.unwrap().iter().filter(|&&r| r == 0).count()
+    };
+    let (a, b) = (lowest(bare), lowest(with_body));
+    // On open flat ground the bare sensor's lowest beam returns nearly everywhere.
+    assert!(a > 1000, "{a}");
+    assert!(b < a / 2 && b > 0, "with body {b}, without {a}");
 }
