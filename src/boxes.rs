@@ -61,6 +61,17 @@ pub struct Object {
     pub num_points: Option<u32>,
 }
 
+/// A detection: a box with its class and confidence, as a detector outputs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub bbox: Box3d,
+    pub class: String,
+    /// Confidence in [0, 1].
+    pub score: f32,
+    /// BEV velocity (vx, vy) in m/s, when the model predicts it.
+    pub velocity: Option<[f32; 2]>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,8 @@ pub mod boxes;
 pub mod cdr;
 pub mod cloud;
 pub mod dataset;
+pub mod eval;
+pub mod model;
 pub mod msgs;
 pub mod ops;
 pub mod render;

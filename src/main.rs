@@ -1,8 +1,9 @@
 //! The `lidar_ptq` command line: one thin function per verb over the library.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -25,9 +26,23 @@ enum Command {
         /// Simulated scenes per sensor.
         #[arg(long, default_value_t = 6)]
         scenes: usize,
-        /// Also write the report to this file.
+        /// Also write the report to this file (atomically).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// rosbag2 bags (MCAP or sqlite3)
+    Bag {
+        #[command(subcommand)]
+        command: BagCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BagCommand {
+    /// Print a bag's storage, time range and topics
+    Info {
+        /// Bag directory, its metadata.yaml, or a single .mcap/.db3 file
+        path: PathBuf,
     },
 }
 
@@ -36,6 +51,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::SimReport { data, scenes, out } => sim_report(&data, scenes, out),
+        Command::Bag {
+            command: BagCommand::Info { path },
+        } => {
+            let bag = lidar_ptq::bag::Bag::open(&path)?;
+            print!("{}", lidar_ptq::bag::info::format_info(&bag));
+            Ok(())
+        }
     }
 }
 

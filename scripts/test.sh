@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine, then runs the whole suite.
+# Usage: scripts/test.sh   (from anywhere; idempotent, re-runs are fast)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Independent readers (PyPI mcap, rosbags) that the tests check our bags against.
+./scripts/setup-pytools.sh
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,297 @@
+//! From head outputs to boxes: sigmoid heatmap, 3x3 peak extraction, top-K, box decoding,
+//! score and range filtering, and per-task NMS.
+
+use super::config::{ModelConfig, NmsKind};
+use crate::boxes::{Box3d, Detection};
+use crate::eval::bev_iou;
+
+/// Raw head outputs of one task for one frame, each `[channels, H, W]` row-major.
+pub struct TaskOutputs<'a> {
+    /// Heatmap logits, one channel per class of the task.
+    pub heatmap: &'a [f32],
+    /// Regression maps concatenated in sub-head order (center 2, center_z 1, dim 3, rot 2,
+    /// [vel 2]), i.e. `[regression channels, H, W]`.
+    pub regression: &'a [f32],
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Candidate peaks of one task: (score, class index within the task, cell index).
+fn peaks(
+    heat: &[f32],
+    classes: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    thr: f32,
+) -> Vec<(f32, usize, usize)> {
+    let mut out = Vec::new();
+    for c in 0..classes {
+        let plane = &heat[c * h * w..(c + 1) * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let v = plane[y * w + x];
+                // A peak is the max of its 3x3 neighbourhood (ties keep every equal cell,
+                // as max-pool equality does in the reference).
+                let mut is_peak = true;
+                'n: for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                    for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                        if plane[ny * w + nx] > v {
+                            is_peak = false;
+                            break 'n;
+                        }
+                    }
+                }
+                if !is_peak {
+                    continue;
+                }
+                let s = sigmoid(v);
+                if s > thr {
+                    out.push((s, c, y * w + x));
+                }
+            }
+        }
+    }
+    // Descending score; ties by class then cell, so the order is deterministic.
+    out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    out.truncate(k);
+    out
+}
+
+/// Greedy non-maximum suppression over detections sorted by descending score.
+pub fn nms(dets: Vec<Detection>, kind: NmsKind, threshold: f32, post_max: usize) -> Vec<Detection> {
+    let mut kept: Vec<Detection> = Vec::new();
+    for d in dets {
+        if kept.len() == post_max {
+            break;
+        }
+        let suppressed = kept.iter().any(|k| match kind {
+            NmsKind::RotatedIou => bev_iou(&k.bbox, &d.bbox) > threshold as f64,
+            NmsKind::Circle => {
+                let dx = k.bbox.center[0] - d.bbox.center[0];
+                let dy = k.bbox.center[1] - d.bbox.center[1];
+                dx.hypot(dy) < threshold
+            }
+        });
+        if !suppressed {
+            kept.push(d);
+        }
+    }
+    kept
+}
+
+/// Head outputs whose sizes do not match the model description.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("decode: task {task} {what} has {got} values, the model description implies {expected}")]
+pub struct DecodeError {
+    pub task: usize,
+    pub what: &'static str,
+    pub got: usize,
+    pub expected: usize,
+}
+
+/// Decodes the outputs of every task (in config order) into detections.
+pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detection>, DecodeError> {
+    let [nx, ny, _] = cfg.grid_size();
+    let stride = cfg.head_stride();
+    let (w, h) = ((nx as f32 / stride) as usize, (ny as f32 / stride) as usize);
+    let plane = h * w;
+    let r = &cfg.input.point_range;
+    let cell = &cfg.voxelization.cell_size;
+    let dc = &cfg.decode;
+    let lim = &dc.post_center_range;
+    let has_vel = cfg.has_velocity();
+    if tasks.len() != cfg.head.tasks.len() {
+        return Err(DecodeError {
+            task: tasks.len(),
+            what: "list of tasks",
+            got: tasks.len(),
+            expected: cfg.head.tasks.len(),
+        });
+    }
+    let mut all = Vec::new();
+    for (t, (classes, out)) in cfg.head.tasks.iter().zip(tasks).enumerate() {
+        let check = |what, got: usize, expected: usize| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(DecodeError {
+                    task: t,
+                    what,
+                    got,
+                    expected,
+                })
+            }
+        };
+        check("heatmap", out.heatmap.len(), classes.len() * plane)?;
+        check(
+            "regression",
+            out.regression.len(),
+            cfg.regression_channels() * plane,
+        )?;
+        let reg = |ch: usize, i: usize| out.regression[ch * plane + i];
+        let mut dets: Vec<Detection> = peaks(
+            out.heatmap,
+            classes.len(),
+            h,
+            w,
+            dc.top_k,
+            dc.score_threshold,
+        )
+        .into_iter()
+        .filter_map(|(score, c, i)| {
+            let (ix, iy) = ((i % w) as f32, (i / w) as f32);
+            let x = (ix + reg(0, i)) * stride * cell[0] + r[0];
+            let y = (iy + reg(1, i)) * stride * cell[1] + r[1];
+            let z = reg(2, i);
+            let size = [reg(3, i).exp(), reg(4, i).exp(), reg(5, i).exp()];
+            let yaw = reg(7, i).atan2(reg(6, i));
+            let inside = x >= lim[0]
+                && y >= lim[1]
+                && z >= lim[2]
+                && x <= lim[3]
+                && y <= lim[4]
+                && z <= lim[5];
+            let finite = x.is_finite()
+                && y.is_finite()
+                && z.is_finite()
+                && size.iter().all(|s| s.is_finite())
+                && yaw.is_finite();
+            (inside && finite).then(|| Detection {
+                bbox: Box3d {
+                    center: [x, y, z],
+                    size,
+                    yaw,
+                },
+                class: classes[c].clone(),
+                score,
+                velocity: has_vel.then(|| [reg(8, i), reg(9, i)]),
+            })
+        })
+        .collect();
+        dets.truncate(dc.nms.pre_max);
+        all.extend(nms(dets, dc.nms.kind, dc.nms.threshold, dc.nms.post_max));
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boxes::Object;
+    use crate::model::targets::build_targets;
+    use std::path::Path;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"))
+            .unwrap()
+    }
+
+    fn object(class: &str, center: [f32; 3], yaw: f32) -> Object {
+        Object {
+            bbox: Box3d {
+                center,
+                size: [4.2, 1.8, 1.5],
+                yaw,
+            },
+            class: class.into(),
+            velocity: Some([2.0, 0.5]),
+            num_points: Some(30),
+        }
+    }
+
+    /// Encoding boxes as perfect head outputs (logit 10 at the centre cell, the
+    /// regression targets there) and decoding them gives the boxes back.
+    #[test]
+    fn decode_inverts_the_targets() {
+        let cfg = cfg();
+        let objects = vec![
+            object("car", [12.3, -7.1, -1.0], 0.4),
+            object("car", [-30.2, 20.9, -0.8], -2.0),
+            object("pedestrian", [5.5, 5.5, -0.9], 1.0),
+        ];
+        let targets = build_targets(&cfg, &objects);
+        let d = cfg.regression_channels();
+        let plane = 64 * 64;
+        let outs: Vec<(Vec<f32>, Vec<f32>)> = targets
+            .iter()
+            .map(|t| {
+                let heat: Vec<f32> = t
+                    .heatmap
+                    .iter()
+                    .map(|&v| if v == 1.0 { 10.0 } else { -10.0 })
+                    .collect();
+                let mut reg = vec![0.0; d * plane];
+                for (k, &i) in t.ind.iter().enumerate().filter(|(k, _)| t.mask[*k]) {
+                    for ch in 0..d {
+                        reg[ch * plane + i] = t.reg[k * d + ch];
+                    }
+                }
+                (heat, reg)
+            })
+            .collect();
+        let tasks: Vec<TaskOutputs> = outs
+            .iter()
+            .map(|(h, r)| TaskOutputs {
+                heatmap: h,
+                regression: r,
+            })
+            .collect();
+        let dets = decode(&cfg, &tasks).unwrap();
+        assert_eq!(dets.len(), 3, "{dets:?}");
+        let short = [TaskOutputs {
+            heatmap: &outs[0].0[1..],
+            regression: &outs[0].1,
+        }];
+        assert!(decode(&cfg, &short).is_err());
+        for o in &objects {
+            let d = dets
+                .iter()
+                .find(|d| d.class == o.class && (d.bbox.center[0] - o.bbox.center[0]).abs() < 1e-3)
+                .expect("decoded");
+            for i in 0..3 {
+                assert!((d.bbox.center[i] - o.bbox.center[i]).abs() < 1e-3);
+                assert!((d.bbox.size[i] - o.bbox.size[i]).abs() < 1e-3);
+            }
+            assert!((d.bbox.yaw - o.bbox.yaw).abs() < 1e-4);
+            assert_eq!(d.velocity, o.velocity);
+            assert!(d.score > 0.99);
+        }
+    }
+
+    #[test]
+    fn nms_suppresses_overlaps_only() {
+        let det = |x: f32, score: f32| Detection {
+            bbox: Box3d {
+                center: [x, 0.0, 0.0],
+                size: [4.0, 2.0, 1.5],
+                yaw: 0.0,
+            },
+            class: "car".into(),
+            score,
+            velocity: None,
+        };
+        let dets = vec![det(0.0, 0.9), det(0.5, 0.8), det(10.0, 0.7), det(3.9, 0.6)];
+        // IoU(0, 0.5) = 3.5/4.5 > 0.2: suppressed; IoU(0, 3.9) = 0.1/7.9 < 0.2: kept.
+        let kept = nms(dets.clone(), NmsKind::RotatedIou, 0.2, 10);
+        let xs: Vec<f32> = kept.iter().map(|d| d.bbox.center[0]).collect();
+        assert_eq!(xs, vec![0.0, 10.0, 3.9]);
+        let kept = nms(dets.clone(), NmsKind::Circle, 1.0, 10);
+        assert_eq!(kept.len(), 3);
+        assert_eq!(nms(dets, NmsKind::RotatedIou, 0.2, 1).len(), 1);
+    }
+
+    #[test]
+    fn low_scores_and_non_peaks_are_dropped() {
+        let (h, w) = (4, 4);
+        let mut heat = vec![-10.0; h * w];
+        heat[5] = 2.0; // peak
+        heat[6] = 1.0; // neighbour of a higher cell: not a peak
+        heat[15] = -3.0; // sigmoid 0.047 < 0.1
+        let p = peaks(&heat, 1, h, w, 10, 0.1);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].2, 5);
+    }
+}

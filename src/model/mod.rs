@@ -1,0 +1,9 @@
+//! The CenterPoint model: its YAML description and (growing) the network graph built from
+//! it, voxelisation, training targets and decoding.
+
+pub mod config;
+pub mod decode;
+pub mod graph;
+pub mod targets;
+
+pub use config::{ConfigError, ModelConfig};
