@@ -2,13 +2,12 @@
 //! histograms, points on cars and pedestrians against distance, and the share of ground
 //! returns, simulated HDL-64E against KITTI and simulated HDL-32E against nuScenes.
 //!
-//! The real files are read with small private readers (raw float32 scans, KITTI label
-//! and calib text, the nuScenes labels.json of /work/shared/data), enough for these
-//! statistics.
+//! The real files are read with the `dataset` readers.
 
 use super::sensor::LidarModel;
 use super::simulator::{Scene, SimConfig};
-use crate::boxes::{Box3d, Object};
+use crate::boxes::Object;
+use crate::dataset::{kitti, nuscenes};
 use crate::cloud::Points;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,7 +15,11 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum RealismError {
-    #[error("cannot read {path}: {source}")]
+    #[error(transparent)]
+    Kitti(#[from] crate::dataset::kitti::KittiError),
+    #[error(transparent)]
+    Nuscenes(#[from] crate::dataset::nuscenes::NuscenesError),
+    #[error("cannot list {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -25,138 +28,13 @@ pub enum RealismError {
     Bad { path: PathBuf, what: String },
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, RealismError> {
-    std::fs::read(path).map_err(|source| RealismError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn bad(path: &Path, what: impl Into<String>) -> RealismError {
-    RealismError::Bad {
-        path: path.to_owned(),
-        what: what.into(),
+/// Real labels with the point count recomputed from the scan (`num_points = None`), the
+/// same way for both datasets.
+fn unlabelled_counts(mut objects: Vec<Object>) -> Vec<Object> {
+    for o in &mut objects {
+        o.num_points = None;
     }
-}
-
-/// A float32 scan with `stride` values per point (x, y, z, intensity first).
-fn read_bin(path: &Path, stride: usize) -> Result<Points, RealismError> {
-    let b = read(path)?;
-    if b.len() % (4 * stride) != 0 {
-        return Err(bad(
-            path,
-            format!(
-                "{} bytes is not a multiple of {} (float32 x {stride})",
-                b.len(),
-                4 * stride
-            ),
-        ));
-    }
-    let f: Vec<f32> = b
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let mut p = Points::with_capacity(f.len() / stride);
-    for c in f.chunks_exact(stride) {
-        p.push(c[0], c[1], c[2], c[3]);
-    }
-    Ok(p)
-}
-
-/// KITTI boxes of frame `id` in the velodyne frame (types Car and Pedestrian).
-fn kitti_objects(root: &Path, id: &str) -> Result<Vec<Object>, RealismError> {
-    let calib_path = root.join("calib").join(format!("{id}.txt"));
-    let calib = String::from_utf8_lossy(&read(&calib_path)?).into_owned();
-    let mat = |key: &str, n: usize| -> Result<Vec<f64>, RealismError> {
-        let line = calib
-            .lines()
-            .find(|l| l.starts_with(key))
-            .ok_or_else(|| bad(&calib_path, format!("no {key} line")))?;
-        let v: Vec<f64> = line[key.len()..]
-            .split_whitespace()
-            .filter_map(|t| t.parse().ok())
-            .collect();
-        if v.len() != n {
-            return Err(bad(
-                &calib_path,
-                format!("{key} has {} numbers, expected {n}", v.len()),
-            ));
-        }
-        Ok(v)
-    };
-    let r0 = mat("R0_rect:", 9)?;
-    let tr = mat("Tr_velo_to_cam:", 12)?;
-    let label_path = root.join("label_2").join(format!("{id}.txt"));
-    let text = String::from_utf8_lossy(&read(&label_path)?).into_owned();
-    let mut out = Vec::new();
-    for (ln, line) in text.lines().enumerate() {
-        let t: Vec<&str> = line.split_whitespace().collect();
-        if t.len() < 15 {
-            continue;
-        }
-        let class = match t[0] {
-            "Car" => "car",
-            "Pedestrian" => "pedestrian",
-            _ => continue,
-        };
-        let v: Vec<f64> = t[8..15]
-            .iter()
-            .map(|s| s.parse::<f64>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad(&label_path, format!("line {}: bad number", ln + 1)))?;
-        let (h, w, l, xr, yr, zr, ry) = (v[0], v[1], v[2], v[3], v[4], v[5], v[6]);
-        // rect -> cam: R0^T x; cam -> velo: R^T (x - t) with Tr = [R | t].
-        let c = [
-            r0[0] * xr + r0[3] * yr + r0[6] * zr,
-            r0[1] * xr + r0[4] * yr + r0[7] * zr,
-            r0[2] * xr + r0[5] * yr + r0[8] * zr,
-        ];
-        let d = [c[0] - tr[3], c[1] - tr[7], c[2] - tr[11]];
-        let p = [
-            tr[0] * d[0] + tr[4] * d[1] + tr[8] * d[2],
-            tr[1] * d[0] + tr[5] * d[1] + tr[9] * d[2],
-            tr[2] * d[0] + tr[6] * d[1] + tr[10] * d[2],
-        ];
-        out.push(Object {
-            bbox: Box3d {
-                center: [p[0] as f32, p[1] as f32, (p[2] + h * 0.5) as f32],
-                size: [l as f32, w as f32, h as f32],
-                yaw: (-ry - std::f64::consts::FRAC_PI_2) as f32,
-            },
-            class: class.into(),
-            velocity: None,
-            num_points: None,
-        });
-    }
-    Ok(out)
-}
-
-fn nuscenes_objects(path: &Path) -> Result<Vec<Object>, RealismError> {
-    // The file was written by Python's json, which spells unknown velocities `NaN`.
-    let text = String::from_utf8_lossy(&read(path)?).replace(": NaN", ": null");
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
-    let boxes = v["boxes"]
-        .as_array()
-        .ok_or_else(|| bad(path, "no boxes array"))?;
-    let mut out = Vec::new();
-    for (i, b) in boxes.iter().enumerate() {
-        let f = |k: &str| -> Result<f32, RealismError> {
-            b[k].as_f64()
-                .map(|x| x as f32)
-                .ok_or_else(|| bad(path, format!("box {i}: no number {k}")))
-        };
-        out.push(Object {
-            bbox: Box3d {
-                center: [f("x")?, f("y")?, f("z")?],
-                size: [f("l")?, f("w")?, f("h")?],
-                yaw: f("yaw")?,
-            },
-            class: b["class"].as_str().unwrap_or("").to_string(),
-            velocity: None,
-            num_points: None,
-        });
-    }
-    Ok(out)
+    objects
 }
 
 /// Histogram shares over `edges` (values outside are dropped).
@@ -193,7 +71,7 @@ const RANGE_EDGES: [f32; 11] = [
     0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 130.0,
 ];
 const ELEV_EDGES: [f32; 10] = [-31.0, -20.0, -15.0, -10.0, -6.0, -4.0, -2.0, 0.0, 3.0, 11.0];
-const DIST_BINS: [(f32, f32); 3] = [(5.0, 15.0), (15.0, 25.0), (30.0, 50.0)];
+const DIST_BINS: [(f32, f32); 3] = [(5.0, 15.0), (15.0, 30.0), (30.0, 50.0)];
 
 /// Drops placeholder returns closer than `min_range` (nuScenes sweeps keep every ray,
 /// no-returns at the origin: 8,220 of the 34,688 points).
@@ -361,7 +239,14 @@ fn compare(out: &mut String, title: &str, real: &Side, sim: &Side, int_edges: &[
             );
         }
     }
-    let _ = writeln!(out);
+    let mut listed: Vec<String> = real
+        .objects
+        .iter()
+        .filter(|(c, _, _)| c == "car" || c == "pedestrian")
+        .map(|(c, d, n)| format!("{c} {d:.1} m: {n}"))
+        .collect();
+    listed.sort();
+    let _ = writeln!(out, "\nEvery real car/pedestrian box (BEV distance: points in box): {}\n", listed.join("; "));
 }
 
 /// Simulated frames of `model`: frame 0 of `scenes` worlds.
@@ -408,11 +293,12 @@ pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
     let mut real_k = Vec::new();
     for i in 0..6 {
         let id = format!("{i:06}");
-        let p = drop_near(
-            &read_bin(&kitti.join("velodyne").join(format!("{id}.bin")), 4)?,
-            1.0,
-        );
-        real_k.push((p, kitti_objects(&kitti, &id)?));
+        let p = kitti::read_velodyne(&kitti.join("velodyne").join(format!("{id}.bin")))?;
+        let objs = kitti::read_objects(
+            &kitti.join("label_2").join(format!("{id}.txt")),
+            &kitti.join("calib").join(format!("{id}.txt")),
+        )?;
+        real_k.push((drop_near(&p, 1.0), unlabelled_counts(objs)));
     }
     let nus = data.join("nuscenes");
     let lidar_file = std::fs::read_dir(&nus)
@@ -423,10 +309,13 @@ pub fn report(data: &Path, scenes: usize) -> Result<String, RealismError> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with(".pcd.bin"))
-        .ok_or_else(|| bad(&nus, "no .pcd.bin sweep"))?;
+        .ok_or_else(|| RealismError::Bad {
+            path: nus.clone(),
+            what: "no .pcd.bin sweep".into(),
+        })?;
     let real_n = vec![(
-        drop_near(&read_bin(&lidar_file, 5)?, 1.0),
-        nuscenes_objects(&nus.join("labels.json"))?,
+        drop_near(&nuscenes::read_sweep(&lidar_file)?, 1.0),
+        unlabelled_counts(nuscenes::read_objects(&nus.join("labels.json"))?),
     )];
 
     let kitti_int = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01];
