@@ -93,11 +93,27 @@ fn topic_from_channel(
 impl McapFile {
     /// Opens the file and reads its topics, counts and time range.
     pub(crate) fn open(path: &Path) -> Result<(Self, StorageContents), BagError> {
-        let summary = read_summary(path)?;
+        let summary = match read_summary(path) {
+            Ok(s) => s,
+            Err(e) => {
+                // An inconsistent summary (e.g. a channel naming a schema it omits) still
+                // leaves the data section readable; a truncated file fails the scan too.
+                log::warn!("{e}; reading the file without its summary");
+                None
+            }
+        };
         let usable = summary.filter(|s| {
             let messages = s.stats.as_ref().map(|st| st.message_count);
-            // Without statistics we cannot tell whether chunk indexes cover every message.
-            matches!(messages, Some(0)) || (messages.is_some() && !s.chunk_indexes.is_empty())
+            // Without statistics we cannot tell whether chunk indexes cover every message,
+            // and messages on channels the summary lacks could not be named.
+            let named = s.stats.as_ref().is_some_and(|st| {
+                st.channel_message_counts
+                    .keys()
+                    .all(|id| s.channels.contains_key(id))
+            });
+            named
+                && (matches!(messages, Some(0))
+                    || (messages.is_some() && !s.chunk_indexes.is_empty()))
         });
         let file = McapFile {
             path: path.to_path_buf(),
@@ -119,11 +135,17 @@ impl McapFile {
                         topic_from_channel(path, c, n)
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                // Chunk indexes bound the messages they hold; some writers leave the
+                // statistics' times stale, so the indexes win.
+                let from_chunks = summary.chunk_indexes.iter().fold(None, |r, c| {
+                    let (a, b) = (c.message_start_time as i64, c.message_end_time as i64);
+                    Some(r.map_or((a, b), |(x, y): (i64, i64)| (x.min(a), y.max(b))))
+                });
                 let range = (stats.message_count > 0).then(|| {
-                    (
+                    from_chunks.unwrap_or((
                         stats.message_start_time as i64,
                         stats.message_end_time as i64,
-                    )
+                    ))
                 });
                 StorageContents {
                     topics,
@@ -154,7 +176,7 @@ impl McapFile {
                 .1 += 1;
         }
         // Channels without messages only show up in the summary, if there is one.
-        if let Some(summary) = read_summary(&self.path)? {
+        if let Ok(Some(summary)) = read_summary(&self.path) {
             for (id, c) in &summary.channels {
                 channels.entry(*id).or_insert_with(|| (c.clone(), 0));
             }

@@ -323,27 +323,35 @@ impl Bag {
         }
         let storage = storage.ok_or_else(|| BagError::NotABag(path.to_path_buf()))?;
 
-        let (topics, time_range, message_count) = match &md {
+        // Counts and times come from the storage files, which is what `messages` yields
+        // (some recorders leave metadata.yaml approximate); names, types and QoS come from
+        // metadata.yaml where there is one, as `ros2 bag info` shows them.
+        let (stored, time_range, message_count) = merge_contents(contents);
+        let topics = match &md {
             Some(m) => {
-                let topics = m
+                let mut topics: Vec<TopicInfo> = m
                     .topics
                     .iter()
                     .map(|t| TopicInfo {
                         name: t.name.clone(),
                         type_name: t.type_name.clone(),
                         serialization_format: t.serialization_format.clone(),
-                        message_count: t.message_count,
+                        message_count: stored
+                            .iter()
+                            .find(|s| s.name == t.name)
+                            .map_or(0, |s| s.message_count),
                         offered_qos_profiles: t.offered_qos_profiles.clone(),
                         type_description_hash: t.type_description_hash.clone(),
                     })
                     .collect();
-                let range = (m.message_count > 0).then(|| {
-                    let end = m.starting_time_ns.saturating_add(m.duration_ns as i64);
-                    (m.starting_time_ns, end)
-                });
-                (topics, range, m.message_count)
+                for s in stored {
+                    if !topics.iter().any(|t| t.name == s.name) {
+                        topics.push(s);
+                    }
+                }
+                topics
             }
-            None => merge_contents(contents),
+            None => stored,
         };
         Ok(Bag {
             path: path.to_path_buf(),

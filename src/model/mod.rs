@@ -5,5 +5,6 @@ pub mod config;
 pub mod decode;
 pub mod graph;
 pub mod targets;
+pub mod voxelize;
 
 pub use config::{ConfigError, ModelConfig};
