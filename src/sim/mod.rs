@@ -8,6 +8,7 @@
 mod classes;
 mod geometry;
 pub mod realism;
+pub mod record;
 mod scan;
 mod sensor;
 mod shapes;

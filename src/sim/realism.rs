@@ -7,8 +7,8 @@
 use super::sensor::LidarModel;
 use super::simulator::{Scene, SimConfig};
 use crate::boxes::Object;
-use crate::dataset::{kitti, nuscenes};
 use crate::cloud::Points;
+use crate::dataset::{kitti, nuscenes};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -246,7 +246,11 @@ fn compare(out: &mut String, title: &str, real: &Side, sim: &Side, int_edges: &[
         .map(|(c, d, n)| format!("{c} {d:.1} m: {n}"))
         .collect();
     listed.sort();
-    let _ = writeln!(out, "\nEvery real car/pedestrian box (BEV distance: points in box): {}\n", listed.join("; "));
+    let _ = writeln!(
+        out,
+        "\nEvery real car/pedestrian box (BEV distance: points in box): {}\n",
+        listed.join("; ")
+    );
 }
 
 /// Simulated frames of `model`: frame 0 of `scenes` worlds.
