@@ -20,6 +20,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Simulate a drive and write it as a rosbag2 MCAP bag (PointCloud2 + ground truth).
+    Simulate {
+        /// Sensor model.
+        #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl64)]
+        lidar: lidar_ptq::sim::LidarModel,
+        /// Number of scans (at the sensor's rate).
+        #[arg(long, default_value_t = 20)]
+        frames: u64,
+        /// World and noise seed: the same seed writes the same bytes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Bag directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// PointCloud2 byte layout (default: the sensor maker's driver).
+        #[arg(long, value_enum)]
+        layout: Option<CloudLayout>,
+        /// Agent density (1 = a typical city street).
+        #[arg(long, default_value_t = 1.0)]
+        density: f32,
+        /// Class of bicycles with riders: `cyclist` (KITTI) or `bicycle` (nuScenes).
+        #[arg(long, default_value = "cyclist")]
+        ridden_bicycle_class: String,
+        #[arg(long, default_value = "/points")]
+        points_topic: String,
+        #[arg(long, default_value = "/ground_truth/objects")]
+        ground_truth_topic: String,
+    },
+    /// Compare simulated scans with the real KITTI and nuScenes scans (markdown report).
+    SimReport {
+        /// Root of the shared real data (holding kitti/ and nuscenes/).
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        /// Simulated scenes per sensor.
+        #[arg(long, default_value_t = 6)]
+        scenes: usize,
+        /// Also write the report to this file (atomically).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// rosbag2 bags (MCAP or sqlite3)
     Bag {
         #[command(subcommand)]
@@ -82,6 +122,35 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Simulate {
+            lidar,
+            frames,
+            seed,
+            out,
+            layout,
+            density,
+            ridden_bicycle_class,
+            points_topic,
+            ground_truth_topic,
+        } => {
+            let mut cfg = lidar_ptq::sim::SimConfig::new(lidar);
+            cfg.world.agent_density = density;
+            cfg.world.ridden_bicycle_class = ridden_bicycle_class;
+            cfg.world.duration_s = frames as f32 / cfg.sensor.rate_hz;
+            let layout = layout.map(CloudLayout::layout).unwrap_or(match lidar {
+                lidar_ptq::sim::LidarModel::Os128 => lidar_ptq::cloud::Layout::Ouster,
+                _ => lidar_ptq::cloud::Layout::Velodyne,
+            });
+            let opts = lidar_ptq::sim::record::RecordOptions {
+                frames,
+                layout,
+                points_topic,
+                ground_truth_topic,
+                ..Default::default()
+            };
+            simulate(cfg, seed, &opts, &out)
+        }
+        Command::SimReport { data, scenes, out } => sim_report(&data, scenes, out),
         Command::Bag {
             command: BagCommand::Info { path },
         } => {
@@ -126,5 +195,54 @@ fn render_verb(a: &RenderArgs) -> Result<()> {
         scan.objects.len(),
         detections.len()
     );
+    Ok(())
+}
+
+fn sim_report(data: &std::path::Path, scenes: usize, out: Option<PathBuf>) -> Result<()> {
+    let text = lidar_ptq::sim::realism::report(data, scenes)?;
+    print!("{text}");
+    if let Some(path) = out {
+        lidar_ptq::fsutil::write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// PointCloud2 layouts selectable on the command line.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CloudLayout {
+    Velodyne,
+    Ouster,
+    Livox,
+    Hesai,
+    Autoware,
+    Xyzi,
+}
+
+impl CloudLayout {
+    fn layout(self) -> lidar_ptq::cloud::Layout {
+        use lidar_ptq::cloud::Layout;
+        match self {
+            Self::Velodyne => Layout::Velodyne,
+            Self::Ouster => Layout::Ouster,
+            Self::Livox => Layout::Livox,
+            Self::Hesai => Layout::Hesai,
+            Self::Autoware => Layout::AutowareXyzirc,
+            Self::Xyzi => Layout::XyziF32,
+        }
+    }
+}
+
+fn simulate(
+    cfg: lidar_ptq::sim::SimConfig,
+    seed: u64,
+    opts: &lidar_ptq::sim::record::RecordOptions,
+    out: &std::path::Path,
+) -> Result<()> {
+    let bar = indicatif::ProgressBar::new(opts.frames);
+    let scene = lidar_ptq::sim::Scene::new(cfg, seed);
+    let dir = lidar_ptq::sim::record::record(&scene, opts, out, |k| bar.set_position(k))?;
+    bar.finish_and_clear();
+    log::info!("wrote {} frames to {}", opts.frames, dir.display());
     Ok(())
 }

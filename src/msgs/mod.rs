@@ -5,3 +5,10 @@
 mod header;
 
 pub use header::{HEADER_SCHEMA, Header, TIME_SCHEMA};
+
+mod detection3d;
+
+pub use detection3d::{
+    BoundingBox3D, DETECTION3D_ARRAY_TYPE, Detection3D, Detection3DArray, ObjectHypothesisWithPose,
+    Pose, PoseWithCovariance, detection3d_array_schema,
+};
