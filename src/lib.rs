@@ -15,5 +15,6 @@ pub mod fsutil;
 pub mod model;
 pub mod msgs;
 pub mod ops;
+pub mod quant;
 pub mod render;
 pub mod sim;
