@@ -18,3 +18,4 @@ pub mod ops;
 pub mod quant;
 pub mod render;
 pub mod sim;
+pub mod source;

@@ -86,8 +86,16 @@ enum ColorBy {
 
 #[derive(clap::Args)]
 struct RenderArgs {
-    /// Scan file: KITTI `.bin`, nuScenes `.pcd.bin` or `.pcd`.
+    /// Scan file (KITTI `.bin`, nuScenes `.pcd.bin`, `.pcd`) or a rosbag2 bag (directory,
+    /// `.mcap` or `.db3`) holding PointCloud2 scans, with ground truth when it has a
+    /// Detection3DArray topic.
     input: PathBuf,
+    /// Bag only: the PointCloud2 topic (default: the first one).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Bag only: which scan of the topic, in time order.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
     /// Output PNG.
     #[arg(long)]
     out: PathBuf,
@@ -168,7 +176,13 @@ fn render_verb(a: &RenderArgs) -> Result<()> {
         "--center takes x,y (got {:?})",
         a.center
     );
-    let scan = dataset::load_scan(&a.input, a.labels.as_deref(), a.calib.as_deref())?;
+    let scan = lidar_ptq::source::load_scan(
+        &a.input,
+        a.labels.as_deref(),
+        a.calib.as_deref(),
+        a.topic.as_deref(),
+        a.index,
+    )?;
     let detections = match &a.detections {
         Some(p) => dataset::read_objects_json(p)?,
         None => Vec::new(),
