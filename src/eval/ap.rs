@@ -57,7 +57,23 @@ pub struct NuscenesConfig {
     pub tp_threshold: f64,
     pub min_recall: f64,
     pub min_precision: f64,
+    /// Only count ground truth and detections whose BEV distance from the sensor lies in
+    /// [near, far) (distance bands: 0-30, 30-50, 50+ m); `None` counts everything in range.
+    pub band: Option<(f32, f32)>,
 }
+
+impl NuscenesConfig {
+    /// The same metric restricted to a distance band.
+    pub fn in_band(&self, near: f32, far: f32) -> Self {
+        Self {
+            band: Some((near, far)),
+            ..self.clone()
+        }
+    }
+}
+
+/// The distance bands results are reported in.
+pub const DISTANCE_BANDS: [(f32, f32); 3] = [(0.0, 30.0), (30.0, 50.0), (50.0, f32::INFINITY)];
 
 impl Default for NuscenesConfig {
     fn default() -> Self {
@@ -67,6 +83,7 @@ impl Default for NuscenesConfig {
             tp_threshold: 2.0,
             min_recall: 0.1,
             min_precision: 0.1,
+            band: None,
         }
     }
 }
@@ -134,8 +151,9 @@ fn bev_dist(a: [f32; 3], b: [f32; 3]) -> f64 {
     ((a[0] - b[0]) as f64).hypot((a[1] - b[1]) as f64)
 }
 
-fn in_range(c: [f32; 3], range: f32) -> bool {
-    (c[0] as f64).hypot(c[1] as f64) <= range as f64
+fn in_range(c: [f32; 3], range: f32, band: Option<(f32, f32)>) -> bool {
+    let d = (c[0] as f64).hypot(c[1] as f64);
+    d <= range as f64 && band.is_none_or(|(near, far)| d >= near as f64 && d < far as f64)
 }
 
 fn yaw_diff(a: f32, b: f32, period: f64) -> f64 {
@@ -291,12 +309,14 @@ pub fn nuscenes_eval(frames: &[Frame<'_>], cfg: &NuscenesConfig) -> NuscenesResu
                 let gt =
                     f.gt.iter()
                         .filter(|o| o.class == spec.name && o.num_points != Some(0))
-                        .filter(|o| in_range(o.bbox.center, spec.range))
+                        .filter(|o| in_range(o.bbox.center, spec.range, cfg.band))
                         .collect();
                 let det = f
                     .detections
                     .iter()
-                    .filter(|d| d.class == spec.name && in_range(d.bbox.center, spec.range))
+                    .filter(|d| {
+                        d.class == spec.name && in_range(d.bbox.center, spec.range, cfg.band)
+                    })
                     .collect();
                 (gt, det)
             })
@@ -546,6 +566,70 @@ mod tests {
         let r = nuscenes_eval(&frames, &NuscenesConfig::default());
         // Recall stops at 0.5 with precision 1: AP = (40 points of 0.9) / 90 / 0.9.
         assert!((r.map - 40.0 / 90.0).abs() < 1e-9, "{}", r.map);
+    }
+
+    #[test]
+    fn duplicates_and_false_positives_cost_precision() {
+        let gt = vec![obj("car", 10.0, 0.0), obj("car", 20.0, 0.0)];
+        // A duplicate of the first car (lower score) is a false positive at every threshold,
+        // ranked before the second car's detection.
+        let dets = vec![
+            det("car", 10.0, 0.0, 0.9),
+            det("car", 10.1, 0.0, 0.8),
+            det("car", 20.0, 0.0, 0.7),
+        ];
+        let frames = [Frame {
+            gt: &gt,
+            detections: &dets,
+        }];
+        let r = nuscenes_eval(&frames, &NuscenesConfig::default());
+        // Same curve as `hand_computed_ap`: (0.5, 1), (0.5, 0.5), (1, 2/3).
+        let mut s = 0.0;
+        for i in 11..=100 {
+            let rc = i as f64 / 100.0;
+            let p = if rc < 0.5 {
+                1.0
+            } else {
+                0.5 + (rc - 0.5) / 0.5 * (2.0 / 3.0 - 0.5)
+            };
+            s += (p - 0.1f64).max(0.0);
+        }
+        assert!((r.map - s / 90.0 / 0.9).abs() < 1e-9, "{}", r.map);
+        // Only false positives: AP 0.
+        let fps = vec![det("car", -30.0, 0.0, 0.9), det("car", 0.0, -30.0, 0.8)];
+        let frames = [Frame {
+            gt: &gt,
+            detections: &fps,
+        }];
+        assert_eq!(nuscenes_eval(&frames, &NuscenesConfig::default()).map, 0.0);
+        // A detection shifted by 1.5 m matches at 2 and 4 m but not at 0.5 and 1 m.
+        let shifted = vec![det("car", 11.5, 0.0, 0.9), det("car", 21.5, 0.0, 0.9)];
+        let frames = [Frame {
+            gt: &gt,
+            detections: &shifted,
+        }];
+        let ap = &nuscenes_eval(&frames, &NuscenesConfig::default()).classes[0].ap;
+        for (got, want) in ap.iter().zip([0.0, 0.0, 1.0, 1.0]) {
+            assert!((got - want).abs() < 1e-9, "{ap:?}");
+        }
+    }
+
+    #[test]
+    fn distance_bands_split_the_objects() {
+        let gt = vec![obj("car", 10.0, 0.0), obj("car", 40.0, 0.0)];
+        let dets = vec![det("car", 10.0, 0.0, 0.9)];
+        let frames = [Frame {
+            gt: &gt,
+            detections: &dets,
+        }];
+        let cfg = NuscenesConfig::default();
+        assert!((nuscenes_eval(&frames, &cfg.in_band(0.0, 30.0)).map - 1.0).abs() < 1e-12);
+        assert_eq!(nuscenes_eval(&frames, &cfg.in_band(30.0, 50.0)).map, 0.0);
+        assert!(
+            nuscenes_eval(&frames, &cfg.in_band(50.0, f32::INFINITY))
+                .classes
+                .is_empty()
+        );
     }
 
     #[test]

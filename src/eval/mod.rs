@@ -5,7 +5,7 @@ mod ap;
 mod iou;
 
 pub use ap::{
-    ClassResult, ClassSpec, Frame, NuscenesConfig, NuscenesResult, TpErrors, bev_iou_ap,
-    nuscenes_classes, nuscenes_eval,
+    ClassResult, ClassSpec, DISTANCE_BANDS, Frame, NuscenesConfig, NuscenesResult, TpErrors,
+    bev_iou_ap, nuscenes_classes, nuscenes_eval,
 };
 pub use iou::{aligned_iou_3d, bev_intersection, bev_iou};
