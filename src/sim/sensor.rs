@@ -235,8 +235,8 @@ impl Mount {
         // 55 % of the lowest beams' returns, the rest end on the car ahead of and behind
         // the rack (the sensor sits ~0.5 m above the roof edge seen by those beams).
         let (height, body) = match model {
-            LidarModel::Hdl64 => (1.73, vec![level(1.5, 2.2, 0.9, 0.5)]),
-            LidarModel::Hdl32 => (1.84, vec![level(1.4, 1.9, 0.86, 0.52)]),
+            LidarModel::Hdl64 => (1.73, vec![level(1.5, 1.5, 0.9, 0.5)]),
+            LidarModel::Hdl32 => (1.84, vec![level(1.4, 1.4, 0.86, 0.52)]),
             LidarModel::Vlp16 => (1.6, vec![level(1.5, 2.2, 0.9, 0.4)]),
             LidarModel::Os128 => (1.9, vec![level(1.5, 2.2, 0.9, 0.4)]),
         };

@@ -350,7 +350,7 @@ pub fn parts(class: Class, size: [f32; 3], rng: &mut impl rand::Rng) -> Vec<Part
             b.block(
                 [0.3 * l - 0.05, 0.3 * l],
                 [-0.3, 0.3],
-                [if motor { 0.95 } else { 0.95 }, 1.05],
+                [0.95, 1.05],
                 Material::METAL,
             );
             if rider {

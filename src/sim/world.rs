@@ -395,6 +395,19 @@ impl World {
                 }
                 x += len + g.random_range(0.0..3.0f32);
             }
+            // A back row of taller buildings, seen over walls and hedges and through
+            // gaps: what the upper beams of a real city scan hit far away.
+            let mut x = x_lo;
+            while x < x_hi {
+                let len = g.random_range(15.0..45.0f32);
+                let xc = x + len * 0.5;
+                if !in_cross(xc, len * 0.5 + sidewalk_w) && g.random_bool(0.7) {
+                    let depth = g.random_range(10.0..25.0f32);
+                    let y0 = sidewalk_outer + g.random_range(25.0..45.0f32);
+                    w.building(g, xc, s * (y0 + depth * 0.5), len * 0.5, depth * 0.5);
+                }
+                x += len + g.random_range(2.0..12.0f32);
+            }
             // Poles and trees along the sidewalk.
             let mut x = x_lo + g.random_range(0.0..20.0f32);
             while x < x_hi {
@@ -512,10 +525,9 @@ impl World {
         };
         let ego_y = self.ego_y;
         // Moving traffic in every lane.
-        for k in 0..2 * lanes {
+        for (k, &speed) in lane_speed.iter().enumerate() {
             let dir = if k < lanes { 1.0f32 } else { -1.0 };
             let y = -dir * ((k % lanes) as f32 + 0.5) * LANE_WIDTH;
-            let speed = lane_speed[k];
             let yaw = if dir > 0.0 { 0.0 } else { std::f32::consts::PI };
             let mut x = x_lo + gap(g, 20.0);
             while x < x_hi {
