@@ -272,8 +272,10 @@ fn time_fields_become_seconds_relative_to_the_stamp() {
     );
     assert!((t(&c, &o) - 0.04).abs() < 1e-9);
     // Explicit kinds override detection.
-    let mut o2 = DecodeOptions::default();
-    o2.time = vec![TimeField::new("timestamp", TimeKind::AbsoluteSeconds)];
+    let mut o2 = DecodeOptions {
+        time: vec![TimeField::new("timestamp", TimeKind::AbsoluteSeconds)],
+        ..DecodeOptions::default()
+    };
     let c = time_cloud(Float64, "timestamp", &abs_s.to_le_bytes(), stamp.clone());
     assert!((t(&c, &o2) - 0.07).abs() < 1e-6);
     o2.time = vec![TimeField::new("timestamp", TimeKind::AbsoluteNanoseconds)];

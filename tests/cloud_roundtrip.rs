@@ -165,7 +165,7 @@ fn driver_specific_fields_hold_what_the_driver_would_write() {
         assert_eq!(u16::from_le_bytes([b[24], b[25]]), pts.intensity[i] as u16);
     }
     // Livox absolute ns, Hesai absolute s.
-    let stamp_s = 1_718_000_000.987_654_321f64;
+    let stamp_s = 1_718_000_000.0 + 0.987_654_321f64;
     let lv = encode(&pts, Layout::Livox, header());
     let hs = encode(&pts, Layout::Hesai, header());
     for i in [0, 49] {
