@@ -17,3 +17,4 @@ pub mod msgs;
 pub mod ops;
 pub mod render;
 pub mod sim;
+pub mod train;
