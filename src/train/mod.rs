@@ -14,7 +14,7 @@ pub use batch::Batch;
 pub use network::{Network, StepResult};
 pub use optim::{AdamW, clip_grad_norm};
 pub use schedule::OneCycle;
-pub use trainer::{LogEntry, TrainLog, TrainOptions, train};
+pub use trainer::{LogEntry, TrainLog, TrainOptions, fit_step, train};
 
 use crate::model::weights::WeightsError;
 use crate::ops::OpsError;
