@@ -8,6 +8,7 @@ pub mod batch;
 pub mod network;
 pub mod optim;
 pub mod schedule;
+pub mod sim_eval;
 pub mod trainer;
 
 pub use batch::Batch;
