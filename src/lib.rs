@@ -19,3 +19,4 @@ pub mod quant;
 pub mod render;
 pub mod sim;
 pub mod source;
+pub mod train;

@@ -67,6 +67,55 @@ enum Command {
     },
     /// Draw a bird's-eye-view PNG of one scan with its labels (and detections).
     Render(RenderArgs),
+    /// Train a pillar model on simulated scans (writes DIR/model.safetensors, the config
+    /// copy and DIR/train_log.json).
+    Train(TrainArgs),
+    /// Score a trained model on held-out simulated scans (nuScenes mAP / NDS).
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Model description (YAML).
+    #[arg(long, default_value = "config/models/default.yaml")]
+    config: PathBuf,
+    /// Weights (safetensors).
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl32)]
+    lidar: lidar_ptq::sim::LidarModel,
+    #[arg(long, default_value_t = 20)]
+    frames: usize,
+    /// Seed of the evaluation scenes (use one the training did not).
+    #[arg(long, default_value_t = 1_000_000)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model description (YAML).
+    #[arg(long, default_value = "config/models/default.yaml")]
+    config: PathBuf,
+    /// Simulated sensor.
+    #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl32)]
+    lidar: lidar_ptq::sim::LidarModel,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Frames per batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Seed of the initialisation, the scenes and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak learning rate of the one-cycle schedule.
+    #[arg(long, default_value_t = 2e-3)]
+    max_lr: f32,
+    /// A checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -167,7 +216,49 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Render(args) => render_verb(&args),
+        Command::Train(args) => train_verb(&args),
+        Command::Eval(args) => eval_verb(&args),
     }
+}
+
+fn eval_verb(a: &EvalArgs) -> Result<()> {
+    use lidar_ptq::train::sim_eval;
+    let mut det = lidar_ptq::detector::Detector::load(&a.config, &a.weights)?;
+    let frames = sim_eval::eval_frames(a.lidar, a.frames, a.seed);
+    let bar = indicatif::ProgressBar::new(a.frames as u64);
+    let r = sim_eval::evaluate(&mut det, &frames, &bar)?;
+    bar.finish_and_clear();
+    for c in &r.classes {
+        println!("{:<22} {:>5} gt  AP {:.4}", c.class, c.num_gt, c.mean_ap);
+    }
+    println!("mAP {:.4}  NDS {:.4}  ({} frames)", r.map, r.nds, a.frames);
+    Ok(())
+}
+
+fn train_verb(a: &TrainArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg = lidar_ptq::model::ModelConfig::from_yaml(&text)
+        .with_context(|| format!("model config {}", a.config.display()))?;
+    let mut opts = lidar_ptq::train::TrainOptions::new(a.steps, a.batch, a.seed, a.lidar);
+    opts.max_lr = a.max_lr;
+    opts.checkpoint_every = a.checkpoint_every;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    lidar_ptq::fsutil::write_atomic(&a.out.join("config.yaml"), text.as_bytes())
+        .with_context(|| format!("writing the config copy into {}", a.out.display()))?;
+    let log = lidar_ptq::train::train(&cfg, &opts, &a.out)?;
+    let last = log.entries.last().map(|e| e.loss).unwrap_or(f32::NAN);
+    println!(
+        "trained {} for {} steps (batch {}) in {:.1} s: {:.3} steps/s, final loss {:.4}, weights {}",
+        log.model,
+        log.steps,
+        log.batch,
+        log.seconds,
+        log.steps_per_second,
+        last,
+        a.out.join("model.safetensors").display()
+    );
+    Ok(())
 }
 
 fn render_verb(a: &RenderArgs) -> Result<()> {
