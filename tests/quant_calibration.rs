@@ -84,7 +84,11 @@ fn min_max_streams_and_rejects_bad_input() {
     );
     let err = o.observe(&[1.0, f32::NAN]).unwrap_err();
     assert!(matches!(err, QuantError::NonFinite { index: 1, .. }));
-    assert_eq!(o.range(), Some((lo, hi)), "a rejected batch changes nothing");
+    assert_eq!(
+        o.range(),
+        Some((lo, hi)),
+        "a rejected batch changes nothing"
+    );
 }
 
 #[test]
@@ -213,7 +217,7 @@ fn kl_matches_naive_reference() {
         let mut bins: Vec<u64> = (0..n)
             .map(|j| {
                 let v = d.sample(&mut r);
-                if v < 12 { 0 } else { v * (n - j as u64) }
+                if v < 12 { 0 } else { v * (n - j) }
             })
             .collect();
         bins[0] += 500 * case;
@@ -261,7 +265,10 @@ fn entropy_on_known_distributions() {
     let mut go = g.clone();
     go.extend([60.0, -55.0, 58.0, 61.0]);
     let t_out = entropy_threshold(&go, false, Flavour::Symmetric);
-    assert!(t_out > 3.0 && t_out < 10.0, "gaussian+outliers threshold {t_out}");
+    assert!(
+        t_out > 3.0 && t_out < 10.0,
+        "gaussian+outliers threshold {t_out}"
+    );
     // The threshold defines the quantizer the observer returns.
     let mut o = Entropy::new(false, Entropy::DEFAULT_BINS).unwrap();
     o.observe(&g).unwrap();
@@ -378,7 +385,11 @@ fn grid_search_picks_the_brute_force_minimum() {
         // Heavy tails on a coarse grid: clipping clearly beats plain min-max.
         if bits == 4 {
             assert!(got.alpha < 0.9, "{flavour:?} alpha {}", got.alpha);
-            assert!(got_ref < 0.8 * losses[0], "{got_ref} vs min-max {}", losses[0]);
+            assert!(
+                got_ref < 0.8 * losses[0],
+                "{got_ref} vs min-max {}",
+                losses[0]
+            );
         }
     }
 }

@@ -158,7 +158,12 @@ impl AdaRound {
 
     /// dL/dV from dL/dw_hat.
     pub fn backward(&self, grad_w_hat: &[f32]) -> Result<Vec<f32>> {
-        check_len("adaround backward", "grad_w_hat", self.len(), grad_w_hat.len())?;
+        check_len(
+            "adaround backward",
+            "grad_w_hat",
+            self.len(),
+            grad_w_hat.len(),
+        )?;
         Ok((0..self.len())
             .map(|i| {
                 let q = &self.qs[self.layout.channel_of(i)];

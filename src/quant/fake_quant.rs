@@ -80,7 +80,9 @@ pub fn local_grad(x: f32, q: &QParams) -> (bool, f32) {
 
 /// LSQ's gradient scale `1 / sqrt(n * Q_P)`.
 pub fn lsq_grad_scale(n: usize, q: &QParams) -> f32 {
-    let qp = (q.grid.qmax - q.zero_point).max(q.zero_point - q.grid.qmin).max(1);
+    let qp = (q.grid.qmax - q.zero_point)
+        .max(q.zero_point - q.grid.qmin)
+        .max(1);
     1.0 / ((n as f64 * qp as f64).sqrt() as f32)
 }
 

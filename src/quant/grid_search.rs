@@ -51,7 +51,8 @@ impl GridSearch {
         if self.candidates == 0 {
             return bad("candidates", 0.0, "must be at least 1");
         }
-        if !(self.step > 0.0) || self.step * (self.candidates - 1) as f32 >= 1.0 {
+        if self.step.is_nan() || self.step <= 0.0 || self.step * (self.candidates - 1) as f32 >= 1.0
+        {
             return bad(
                 "step",
                 self.step as f64,
@@ -80,7 +81,8 @@ impl GridSearch {
 
     /// `sum |x - fake_q(x)|^p` in f64.
     pub fn loss(&self, xs: impl Iterator<Item = f32>, q: &QParams) -> f64 {
-        xs.map(|x| ((x - q.fake(x)) as f64).abs().powf(self.p)).sum()
+        xs.map(|x| ((x - q.fake(x)) as f64).abs().powf(self.p))
+            .sum()
     }
 
     /// Search over values `xs` given the range `(min, max)` they were calibrated to (for
@@ -147,7 +149,12 @@ impl GridSearch {
     ) -> Result<Vec<SearchResult>> {
         self.validate()?;
         let layout = ChannelLayout::new("grid search per channel", &w.shape, axis)?;
-        check_len("grid search per channel", "data", layout.len(), w.data.len())?;
+        check_len(
+            "grid search per channel",
+            "data",
+            layout.len(),
+            w.data.len(),
+        )?;
         check_finite("grid search per channel", &w.data)?;
         if layout.per_channel() == 0 {
             return Err(QuantError::Empty {

@@ -32,8 +32,13 @@ pub trait Observer {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ObserverKind {
     MinMax,
-    Percentile { percentile: f64, sparsity_aware: bool },
-    Entropy { sparsity_aware: bool },
+    Percentile {
+        percentile: f64,
+        sparsity_aware: bool,
+    },
+    Entropy {
+        sparsity_aware: bool,
+    },
 }
 
 impl ObserverKind {
