@@ -444,3 +444,37 @@ fn grid_search_per_channel_equals_per_channel_searches() {
         }
     }
 }
+
+#[test]
+fn bad_observer_settings_are_typed_errors() {
+    assert!(matches!(
+        Percentile::new(0.0, true, 1024),
+        Err(QuantError::Param {
+            field: "percentile",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Percentile::new(99.0, true, 1000),
+        Err(QuantError::Param {
+            field: "num_bins",
+            ..
+        })
+    ));
+    // Sparsity-aware over an all-zero map: nothing was counted.
+    let mut p = Percentile::new(99.0, true, 1024).unwrap();
+    p.observe(&[0.0; 100]).unwrap();
+    assert!(matches!(
+        p.finish(Grid::weight(8), Flavour::Symmetric),
+        Err(QuantError::Empty { .. })
+    ));
+    let mut e = Entropy::new(false, 2048).unwrap();
+    assert!(matches!(
+        e.observe(&[1.0, f32::NEG_INFINITY]),
+        Err(QuantError::NonFinite { index: 1, .. })
+    ));
+    assert!(matches!(
+        e.finish(Grid::weight(8), Flavour::Symmetric),
+        Err(QuantError::Empty { .. })
+    ));
+}

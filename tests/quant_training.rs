@@ -384,3 +384,39 @@ fn adaround_beats_round_to_nearest_on_a_linear_layer() {
         "adaround {e_ada} vs round-to-nearest {e_rtn}"
     );
 }
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let t = Tensor::new(vec![2, 3], vec![0.1, -0.2, 0.3, 0.4, f32::INFINITY, 0.0]).unwrap();
+    let qs = vec![QParams::symmetric(1.0, Grid::weight(8)); 2];
+    assert!(matches!(
+        AdaRound::new(&t, 0, &qs),
+        Err(QuantError::NonFinite { index: 4, .. })
+    ));
+    let t = Tensor::new(vec![2, 3], vec![0.1; 6]).unwrap();
+    let mut zero = qs.clone();
+    zero[1].scale = 0.0;
+    assert!(matches!(
+        AdaRound::new(&t, 0, &zero),
+        Err(QuantError::Param { field: "scale", .. })
+    ));
+    assert!(matches!(
+        AdaRound::new(&t, 2, &qs),
+        Err(QuantError::Axis { axis: 2, .. })
+    ));
+    let ada = AdaRound::new(&t, 0, &qs).unwrap();
+    assert!(matches!(
+        ada.backward(&[0.0; 5]),
+        Err(QuantError::Length {
+            expected: 6,
+            got: 5,
+            ..
+        })
+    ));
+    let q = qs[0];
+    assert!(fake_quant_backward(&[1.0, 2.0], &[1.0], &q, GradScale::None).is_err());
+    assert!(
+        fake_quant_per_channel_backward(&t, 1, &qs, &[0.0; 6], GradScale::None).is_err(),
+        "3 channels along axis 1, 2 qparams"
+    );
+}
