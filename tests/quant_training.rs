@@ -420,3 +420,47 @@ fn bad_inputs_are_typed_errors() {
         "3 channels along axis 1, 2 qparams"
     );
 }
+
+/// LSQ step-size learning (rounding frozen at nearest): Adam with cosine decay on the
+/// mean squared fake-quant error of heavy-tailed data moves the 4-bit step size from its
+/// min-max start to (about) the best clipping the grid search finds for p = 2.
+#[test]
+fn lsq_step_size_learning_reduces_the_quantization_error() {
+    use lidar_ptq::quant::grid_search::GridSearch;
+    let d = rand_distr::StudentT::new(3.0f32).unwrap();
+    let mut r = ChaCha8Rng::seed_from_u64(15);
+    let xs: Vec<f32> = (0..4000).map(|_| d.sample(&mut r)).collect();
+    let grid = Grid::weight(4);
+    let max_abs = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mse = |q: &QParams| -> f64 {
+        xs.iter()
+            .map(|&x| ((q.fake(x) - x) as f64).powi(2))
+            .sum::<f64>()
+            / xs.len() as f64
+    };
+    let q0 = QParams::symmetric(max_abs, grid);
+    let mut q = q0;
+    let iters = 300;
+    let mut adam = Adam::new(1);
+    let base_lr = 0.02 * q0.scale;
+    for it in 0..iters {
+        let g: Vec<f32> = xs
+            .iter()
+            .map(|&x| 2.0 * (q.fake(x) - x) / xs.len() as f32)
+            .collect();
+        let b = fake_quant_backward(&xs, &g, &q, GradScale::None).unwrap();
+        let mut s = [q.scale];
+        adam.step(&mut s, &b.scale, cosine_lr(base_lr, 0.0, it, iters))
+            .unwrap();
+        q.scale = s[0];
+    }
+    let best_grid = GridSearch {
+        p: 2.0,
+        ..GridSearch::default()
+    }
+    .search(&xs, -max_abs, max_abs, grid, Flavour::Symmetric)
+    .unwrap();
+    let (m0, m1, mg) = (mse(&q0), mse(&q), mse(&best_grid.qparams));
+    assert!(m1 < 0.7 * m0, "lsq {m1} vs min-max {m0}");
+    assert!(m1 < 1.05 * mg, "lsq {m1} vs best grid candidate {mg}");
+}
