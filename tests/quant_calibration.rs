@@ -478,3 +478,17 @@ fn bad_observer_settings_are_typed_errors() {
         Err(QuantError::Empty { .. })
     ));
 }
+
+#[test]
+fn percentile_100_is_the_observed_range() {
+    let xs = uniform(5000, -2.0, 3.0, 18);
+    let mut o = Percentile::new(100.0, false, 256).unwrap();
+    o.observe(&xs).unwrap();
+    let lo = xs.iter().cloned().fold(f32::INFINITY, f32::min);
+    let hi = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!(o.clip_range(Flavour::Symmetric).unwrap(), (-hi, hi));
+    let (plo, phi) = o.clip_range(Flavour::Asymmetric).unwrap();
+    assert_eq!(phi, hi);
+    // The extreme ranks interpolate to their bin's outer edge, clamped to the data.
+    assert_eq!(plo, lo);
+}

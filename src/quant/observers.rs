@@ -342,18 +342,22 @@ impl Percentile {
             });
         }
         let q = self.percentile / 100.0;
+        // Interpolation can overshoot the data by less than a bin; never exceed it.
+        let (min, max) = self.hist.range().unwrap_or((0.0, 0.0));
+        let max_abs = min.abs().max(max.abs());
         Ok(match flavour {
             Flavour::Symmetric => {
                 let t = match self.hist.magnitudes() {
                     Some((bins, w)) => value_at_rank(&bins, w, rank(q, n)),
                     None => 0.0,
                 } as f32;
+                let t = t.min(max_abs);
                 (-t, t)
             }
             Flavour::Asymmetric => {
                 let hi = self.hist.signed_value_at_rank(rank(q, n));
                 let lo = self.hist.signed_value_at_rank(rank(1.0 - q, n));
-                (lo as f32, hi as f32)
+                ((lo as f32).max(min), (hi as f32).min(max))
             }
         })
     }
