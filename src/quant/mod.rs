@@ -1,6 +1,14 @@
 //! Quantization: the one definition of the integer semantics (`scheme`), and (growing)
 //! calibration statistics, fake-quant execution, LiDAR-PTQ and the INT8 model file.
 
+pub mod adam;
+pub mod adaround;
+pub mod error;
+pub mod fake_quant;
+pub mod grid_search;
+pub mod layout;
+pub mod observers;
 pub mod scheme;
 
+pub use error::QuantError;
 pub use scheme::{Flavour, Grid, QParams, Requant, quantize_bias};
