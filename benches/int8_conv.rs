@@ -41,7 +41,9 @@ fn conv3x3(c: &mut Criterion) {
             ch
         ];
         let packed = PackedConv::new(&wq, [ch, ch, 3, 3], &bias, &rq, (1, 1), (1, 1)).unwrap();
-        let xq: Vec<u8> = (0..ch * hw * hw).map(|_| r.random_range(0..=255u8)).collect();
+        let xq: Vec<u8> = (0..ch * hw * hw)
+            .map(|_| r.random_range(0..=255u8))
+            .collect();
         let shape = [1, ch, hw, hw];
         let mut out = vec![0u8; ch * hw * hw];
         let mut isas = vec![Isa::Scalar];
