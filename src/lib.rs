@@ -12,6 +12,7 @@ pub mod detector;
 pub mod engine;
 pub mod eval;
 pub mod fsutil;
+pub mod kernels;
 pub mod model;
 pub mod msgs;
 pub mod ops;

@@ -1,0 +1,502 @@
+//! Real INT8 CPU kernels: convolution, transposed convolution and linear on u8 activations
+//! and i8 weights, with the bias + requantization + ReLU epilogue fused.
+//!
+//! # Semantics
+//! Exactly `quant::scheme`: activations are u8 codes with a zero point `zx` (convolution
+//! padding reads `zx`, i.e. real 0), weights are per-output-channel symmetric i8 in
+//! `[-127, 127]`, the accumulator is `sum (x_q - zx) * w_q` in wrapping i32, and the output
+//! code is `Requant::apply(acc, bias_q)` for the output channel. [`scalar`] is the
+//! definition (plain loops); every other kernel must match it bit for bit.
+//!
+//! # Kernels and ISA selection
+//! Weights are packed once at load ([`PackedConv`], [`PackedConvTranspose`],
+//! [`PackedLinear`]): the raw i8 tensor for the reference, plus a GEMM-ready copy
+//! (`pack::GemmWeights`: i16 pairs along K, per-row weight sums). Each call picks an
+//! [`Isa`]: [`Isa::detect`] takes the best one this CPU runs unless the environment variable
+//! [`ISA_ENV`] is `scalar`; tests and benches pass an `Isa` explicitly.
+//!
+//! The AVX2 kernel (`avx2`) is an im2col GEMM: `out[M, N] = W[M, K] * X[K, N]` with M the
+//! output channels, N the pixels of a band, K = Cin*kh*kw. Products must stay exact:
+//! `vpmaddubsw` (u8 x i8 pairs summed into saturating i16) can overflow (2 * 255 * 127 >
+//! 32767), so both operands are widened to i16 and multiplied with `vpmaddwd` (i16 pairs
+//! summed into i32, exact). The zero point is folded into the epilogue as
+//! `bias_q - zx * sum_k w[c, k]` (wrapping, identical to the reference mod 2^32).
+//!
+//! # Where wider ISAs plug in
+//! AVX-512BW / AVX512-VNNI (`vpdpbusd`, u8 x i8 -> i32 without i16 saturation when one
+//! operand is offset to 7 bits or the sum of four products is handled by VNNI's i32
+//! accumulate) and AMX-INT8 would be new `Isa` variants, a sibling module of `avx2` with
+//! its own micro-kernel and panel packing, selected in [`Isa::detect`] and dispatched in
+//! the `forward` methods below (look for `Isa::Avx2`). They are deliberately not written:
+//! the development and CI machines have AVX2 only, and untested kernels are not shipped.
+
+mod pack;
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use crate::quant::Requant;
+use pack::GemmWeights;
+
+/// Environment variable that forces a kernel family (`scalar` or `avx2`) in [`Isa::detect`].
+pub const ISA_ENV: &str = "LIDAR_PTQ_INT8_ISA";
+
+/// Instruction-set family of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable reference loops (the definition).
+    Scalar,
+    /// x86-64 AVX2 (i16-widened `vpmaddwd` GEMM).
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU can run kernels of this family.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+
+    /// The fastest family this CPU runs.
+    pub fn best() -> Isa {
+        if Isa::Avx2.is_available() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    /// [`Isa::best`] unless [`ISA_ENV`] names an available family.
+    pub fn detect() -> Isa {
+        match std::env::var(ISA_ENV).as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") if Isa::Avx2.is_available() => Isa::Avx2,
+            _ => Isa::best(),
+        }
+    }
+}
+
+/// Errors of the INT8 kernels: which argument, what was wrong.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KernelError {
+    #[error("{op}: `{arg}` has length {got}, expected {expected}")]
+    Length {
+        op: &'static str,
+        arg: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    #[error("{op}: `{arg}` is invalid: {detail}")]
+    Invalid {
+        op: &'static str,
+        arg: &'static str,
+        detail: String,
+    },
+    #[error("{op}: the {isa:?} kernels do not run on this CPU")]
+    IsaUnavailable { op: &'static str, isa: Isa },
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+fn expect_len(op: &'static str, arg: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(KernelError::Length {
+            op,
+            arg,
+            got,
+            expected,
+        })
+    }
+}
+
+fn invalid(op: &'static str, arg: &'static str, detail: String) -> KernelError {
+    KernelError::Invalid { op, arg, detail }
+}
+
+/// Checks weights, biases and requantizers shared by all packed layers.
+fn check_params(
+    op: &'static str,
+    weight: &[i8],
+    expected_weights: usize,
+    bias: &[i32],
+    requant: &[Requant],
+    cout: usize,
+) -> Result<()> {
+    expect_len(op, "weight", weight.len(), expected_weights)?;
+    expect_len(op, "bias", bias.len(), cout)?;
+    expect_len(op, "requant", requant.len(), cout)?;
+    if let Some(i) = weight.iter().position(|&w| w == i8::MIN) {
+        return Err(invalid(
+            op,
+            "weight",
+            format!("element {i} is -128, outside the symmetric grid [-127, 127]"),
+        ));
+    }
+    for (c, r) in requant.iter().enumerate() {
+        // A finite multiplier keeps the float epilogue NaN-free (SIMD and scalar agree);
+        // [lo, hi] inside [0, 255] keeps the result a u8 code.
+        if !r.multiplier.is_finite() || r.lo < 0 || r.hi > 255 || r.lo > r.hi {
+            return Err(invalid(
+                op,
+                "requant",
+                format!("channel {c}: {r:?} needs a finite multiplier and 0 <= lo <= hi <= 255"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_isa(op: &'static str, isa: Isa) -> Result<()> {
+    if isa.is_available() {
+        Ok(())
+    } else {
+        Err(KernelError::IsaUnavailable { op, isa })
+    }
+}
+
+/// Geometry of one convolution call (input and output sizes, stride, padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+/// A 2D convolution (groups = 1) with its weights packed for every kernel family.
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    pub cout: usize,
+    pub cin: usize,
+    pub kh: usize,
+    pub kw: usize,
+    /// (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// (vertical, horizontal); padded taps read the input zero point.
+    pub padding: (usize, usize),
+    /// `[cout, cin, kh, kw]`, the reference's operand.
+    weight: Vec<i8>,
+    bias: Vec<i32>,
+    requant: Vec<Requant>,
+    gemm: GemmWeights,
+}
+
+impl PackedConv {
+    const OP: &'static str = "int8 conv2d";
+
+    /// Packs `weight` (`[cout, cin, kh, kw]` = `shape`) with a quantized bias and a
+    /// requantizer per output channel.
+    pub fn new(
+        weight: &[i8],
+        shape: [usize; 4],
+        bias: &[i32],
+        requant: &[Requant],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        let [cout, cin, kh, kw] = shape;
+        let op = Self::OP;
+        check_params(op, weight, cout * cin * kh * kw, bias, requant, cout)?;
+        if cout == 0 || cin == 0 || kh == 0 || kw == 0 {
+            return Err(invalid(
+                op,
+                "shape",
+                format!("{shape:?} has a zero dimension"),
+            ));
+        }
+        if stride.0 == 0 || stride.1 == 0 {
+            return Err(invalid(op, "stride", format!("{stride:?} must be >= 1")));
+        }
+        let k = cin * kh * kw;
+        let gemm = GemmWeights::new(cout, k, bias, requant, |row, kk| weight[row * k + kk]);
+        Ok(Self {
+            cout,
+            cin,
+            kh,
+            kw,
+            stride,
+            padding,
+            weight: weight.to_vec(),
+            bias: bias.to_vec(),
+            requant: requant.to_vec(),
+            gemm,
+        })
+    }
+
+    /// Geometry of a call on an `[n, cin, h, w]` input.
+    pub fn geom(&self, input: [usize; 4]) -> Result<ConvGeom> {
+        let [_, c, h, w] = input;
+        let op = Self::OP;
+        if c != self.cin {
+            return Err(invalid(
+                op,
+                "input",
+                format!("shape {input:?} has {c} channels, the weights {}", self.cin),
+            ));
+        }
+        let (ph, pw) = self.padding;
+        if h + 2 * ph < self.kh || w + 2 * pw < self.kw || h == 0 || w == 0 {
+            return Err(invalid(
+                op,
+                "input",
+                format!(
+                    "{h}x{w} padded by {:?} is smaller than the {}x{} kernel",
+                    self.padding, self.kh, self.kw
+                ),
+            ));
+        }
+        let (sh, sw) = self.stride;
+        Ok(ConvGeom {
+            h,
+            w,
+            kh: self.kh,
+            kw: self.kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            ho: (h + 2 * ph - self.kh) / sh + 1,
+            wo: (w + 2 * pw - self.kw) / sw + 1,
+        })
+    }
+
+    /// Output shape for an `[n, cin, h, w]` input.
+    pub fn output_shape(&self, input: [usize; 4]) -> Result<[usize; 4]> {
+        let g = self.geom(input)?;
+        Ok([input[0], self.cout, g.ho, g.wo])
+    }
+
+    /// `out = requant(conv(x - zx, w) + bias)`: `x` is `[n, cin, h, w]` = `input`, `out`
+    /// must hold the [`output_shape`](Self::output_shape).
+    pub fn forward(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [u8],
+    ) -> Result<[usize; 4]> {
+        let op = Self::OP;
+        check_isa(op, isa)?;
+        let g = self.geom(input)?;
+        let n = input[0];
+        let (plane_in, plane_out) = (self.cin * g.h * g.w, self.cout * g.ho * g.wo);
+        expect_len(op, "input", x.len(), n * plane_in)?;
+        expect_len(op, "output", out.len(), n * plane_out)?;
+        for b in 0..n {
+            let xi = &x[b * plane_in..(b + 1) * plane_in];
+            let oi = &mut out[b * plane_out..(b + 1) * plane_out];
+            match isa {
+                Isa::Scalar => scalar::conv2d(self, xi, zx, &g, oi),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `check_isa` verified AVX2; lengths were checked above.
+                Isa::Avx2 => unsafe { avx2::conv2d(&self.gemm, xi, zx, &g, oi) },
+                #[cfg(not(target_arch = "x86_64"))]
+                Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+            }
+        }
+        Ok([n, self.cout, g.ho, g.wo])
+    }
+}
+
+/// A transposed 2D convolution (PyTorch `ConvTranspose2d`, no output padding) with packed
+/// weights. The AVX2 kernel covers the upsampling case kernel == stride, padding 0 (each
+/// output pixel gets exactly one tap per input channel); other geometries run the scalar
+/// reference whatever the `Isa`.
+#[derive(Debug, Clone)]
+pub struct PackedConvTranspose {
+    pub cin: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    /// `[cin, cout, kh, kw]`.
+    weight: Vec<i8>,
+    bias: Vec<i32>,
+    requant: Vec<Requant>,
+    /// Rows `(co, ky, kx)`, K = cin.
+    gemm: GemmWeights,
+}
+
+impl PackedConvTranspose {
+    const OP: &'static str = "int8 conv_transpose2d";
+
+    /// Packs `weight` (`[cin, cout, kh, kw]` = `shape`).
+    pub fn new(
+        weight: &[i8],
+        shape: [usize; 4],
+        bias: &[i32],
+        requant: &[Requant],
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        let [cin, cout, kh, kw] = shape;
+        let op = Self::OP;
+        check_params(op, weight, cin * cout * kh * kw, bias, requant, cout)?;
+        if cout == 0 || cin == 0 || kh == 0 || kw == 0 {
+            return Err(invalid(
+                op,
+                "shape",
+                format!("{shape:?} has a zero dimension"),
+            ));
+        }
+        if stride.0 == 0 || stride.1 == 0 {
+            return Err(invalid(op, "stride", format!("{stride:?} must be >= 1")));
+        }
+        let taps = kh * kw;
+        let row_bias: Vec<i32> = (0..cout * taps).map(|r| bias[r / taps]).collect();
+        let row_rq: Vec<Requant> = (0..cout * taps).map(|r| requant[r / taps]).collect();
+        let gemm = GemmWeights::new(cout * taps, cin, &row_bias, &row_rq, |row, ci| {
+            let (co, t) = (row / taps, row % taps);
+            weight[(ci * cout + co) * taps + t]
+        });
+        Ok(Self {
+            cin,
+            cout,
+            kh,
+            kw,
+            stride,
+            padding,
+            weight: weight.to_vec(),
+            bias: bias.to_vec(),
+            requant: requant.to_vec(),
+            gemm,
+        })
+    }
+
+    /// Output shape for an `[n, cin, h, w]` input: `(h - 1) * s - 2 * p + k` per axis.
+    pub fn output_shape(&self, input: [usize; 4]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = input;
+        let op = Self::OP;
+        if c != self.cin {
+            return Err(invalid(
+                op,
+                "input",
+                format!("shape {input:?} has {c} channels, the weights {}", self.cin),
+            ));
+        }
+        let size = |i: usize, s: usize, k: usize, p: usize| {
+            (i.checked_sub(1)? * s + k)
+                .checked_sub(2 * p)
+                .filter(|&o| o > 0)
+        };
+        match (
+            size(h, self.stride.0, self.kh, self.padding.0),
+            size(w, self.stride.1, self.kw, self.padding.1),
+        ) {
+            (Some(ho), Some(wo)) => Ok([n, self.cout, ho, wo]),
+            _ => Err(invalid(
+                op,
+                "input",
+                format!("{h}x{w} leaves no output with padding {:?}", self.padding),
+            )),
+        }
+    }
+
+    fn is_upsampling(&self) -> bool {
+        (self.kh, self.kw) == self.stride && self.padding == (0, 0)
+    }
+
+    /// `x` is `[n, cin, h, w]` = `input`; `out` must hold the output shape.
+    pub fn forward(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [u8],
+    ) -> Result<[usize; 4]> {
+        let op = Self::OP;
+        check_isa(op, isa)?;
+        let [n, _, ho, wo] = self.output_shape(input)?;
+        let (h, w) = (input[2], input[3]);
+        let (plane_in, plane_out) = (self.cin * h * w, self.cout * ho * wo);
+        expect_len(op, "input", x.len(), n * plane_in)?;
+        expect_len(op, "output", out.len(), n * plane_out)?;
+        for b in 0..n {
+            let xi = &x[b * plane_in..(b + 1) * plane_in];
+            let oi = &mut out[b * plane_out..(b + 1) * plane_out];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `check_isa` verified AVX2; lengths were checked above, and the
+                // upsampling geometry makes (h * s, w * s) the output size.
+                Isa::Avx2 if self.is_upsampling() => unsafe {
+                    avx2::upsample(&self.gemm, xi, zx, (h, w), self.stride, oi)
+                },
+                _ => scalar::conv_transpose2d(self, xi, zx, (h, w), (ho, wo), oi),
+            }
+        }
+        Ok([n, self.cout, ho, wo])
+    }
+}
+
+/// A fully connected layer `[rows, cin] -> [rows, cout]` (weights `[cout, cin]`).
+#[derive(Debug, Clone)]
+pub struct PackedLinear {
+    pub cout: usize,
+    pub cin: usize,
+    weight: Vec<i8>,
+    bias: Vec<i32>,
+    requant: Vec<Requant>,
+    gemm: GemmWeights,
+}
+
+impl PackedLinear {
+    const OP: &'static str = "int8 linear";
+
+    /// Packs `weight` (`[cout, cin]`).
+    pub fn new(
+        weight: &[i8],
+        cout: usize,
+        cin: usize,
+        bias: &[i32],
+        requant: &[Requant],
+    ) -> Result<Self> {
+        let op = Self::OP;
+        check_params(op, weight, cout * cin, bias, requant, cout)?;
+        if cout == 0 || cin == 0 {
+            return Err(invalid(op, "shape", format!("[{cout}, {cin}] is empty")));
+        }
+        let gemm = GemmWeights::new(cout, cin, bias, requant, |row, k| weight[row * cin + k]);
+        Ok(Self {
+            cout,
+            cin,
+            weight: weight.to_vec(),
+            bias: bias.to_vec(),
+            requant: requant.to_vec(),
+            gemm,
+        })
+    }
+
+    /// `x` is `[rows, cin]` row-major, `out` `[rows, cout]`.
+    pub fn forward(&self, isa: Isa, x: &[u8], rows: usize, zx: u8, out: &mut [u8]) -> Result<()> {
+        let op = Self::OP;
+        check_isa(op, isa)?;
+        expect_len(op, "input", x.len(), rows * self.cin)?;
+        expect_len(op, "output", out.len(), rows * self.cout)?;
+        match isa {
+            Isa::Scalar => scalar::linear(self, x, zx, rows, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `check_isa` verified AVX2; lengths were checked above.
+            Isa::Avx2 => unsafe { avx2::linear(&self.gemm, x, zx, rows, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! INT8 kernels: every SIMD kernel is bit-exact with the scalar reference, and the scalar
+//! reference is the quantization semantics (checked against real-valued f64 arithmetic on
+//! the dequantized operands, padding being real zero).
+
+use lidar_ptq::kernels::{Isa, KernelError, PackedConv, PackedConvTranspose, PackedLinear};
+use lidar_ptq::quant::{Flavour, Grid, QParams, Requant, quantize_bias};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A random quantized layer: i8 weights, per-channel scales, real bias, output params.
+struct Layer {
+    w: Vec<i8>,
+    s_w: Vec<f32>,
+    bias: Vec<f32>,
+    s_x: f32,
+    zx: u8,
+    out: QParams,
+    relu: bool,
+}
+
+impl Layer {
+    /// `fan_in` sets the output scale so the codes spread over the grid.
+    fn random(r: &mut ChaCha8Rng, n_w: usize, cout: usize, fan_in: usize, zx: u8) -> Layer {
+        let w = (0..n_w).map(|_| r.random_range(-127i8..=127)).collect();
+        let s_w: Vec<f32> = (0..cout).map(|_| r.random_range(0.002f32..0.02)).collect();
+        let s_x = r.random_range(0.01f32..0.05);
+        let bias = (0..cout).map(|_| r.random_range(-0.5f32..0.5)).collect();
+        // Typical |y| ~ s_x * 75 * s_w * 73 * sqrt(fan_in).
+        let spread = s_x * 0.011 * 5500.0 * (fan_in as f32).sqrt();
+        let zo = r.random_range(0..=255) as f32 / 255.0;
+        let out = QParams::asymmetric(
+            -2.0 * spread * zo,
+            2.0 * spread * (1.0 - zo) + 1e-3,
+            Grid::activation(8, Flavour::Asymmetric),
+        );
+        Layer {
+            w,
+            s_w,
+            bias,
+            s_x,
+            zx,
+            out,
+            relu: r.random_bool(0.5),
+        }
+    }
+
+    fn bias_q(&self) -> Vec<i32> {
+        (0..self.s_w.len())
+            .map(|c| quantize_bias(self.bias[c], self.s_x, self.s_w[c]))
+            .collect()
+    }
+
+    fn requant(&self) -> Vec<Requant> {
+        self.s_w
+            .iter()
+            .map(|&s| Requant::new(self.s_x, s, &self.out, self.relu))
+            .collect()
+    }
+
+    /// The output code of a real pre-activation `y` of channel `c`, in f64.
+    fn quantize_real(&self, y: f64) -> i32 {
+        let y = if self.relu { y.max(0.0) } else { y };
+        let q = (y / self.out.scale as f64).round() as i64 + self.out.zero_point as i64;
+        q.clamp(self.out.grid.qmin as i64, self.out.grid.qmax as i64) as i32
+    }
+
+    fn x_real(&self, q: u8) -> f64 {
+        self.s_x as f64 * (q as f64 - self.zx as f64)
+    }
+}
+
+fn random_input(r: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
+    (0..n).map(|_| r.random_range(0..=255u8)).collect()
+}
+
+/// Requantizers with power-of-two multipliers put many accumulators exactly on a .5 tie,
+/// exercising round-half-to-even in the SIMD epilogue.
+fn tie_requant(cout: usize, zp: i32, relu: bool) -> Vec<Requant> {
+    (0..cout)
+        .map(|c| Requant {
+            multiplier: 2f32.powi(-(8 + (c % 5) as i32)),
+            zero_point: zp,
+            lo: if relu { zp } else { 0 },
+            hi: 255,
+        })
+        .collect()
+}
+
+/// Asserts AVX2 == scalar for a conv case; returns false when AVX2 is unavailable.
+#[allow(clippy::too_many_arguments)]
+fn conv_case(
+    r: &mut ChaCha8Rng,
+    cin: usize,
+    cout: usize,
+    k: (usize, usize),
+    stride: usize,
+    pad: usize,
+    hw: (usize, usize),
+    zx: u8,
+    ties: bool,
+) {
+    let n_w = cout * cin * k.0 * k.1;
+    let l = Layer::random(r, n_w, cout, cin * k.0 * k.1, zx);
+    let rq = if ties {
+        tie_requant(cout, l.out.zero_point, l.relu)
+    } else {
+        l.requant()
+    };
+    let p = PackedConv::new(
+        &l.w,
+        [cout, cin, k.0, k.1],
+        &l.bias_q(),
+        &rq,
+        (stride, stride),
+        (pad, pad),
+    )
+    .unwrap();
+    let shape = [1 + (cin % 2), cin, hw.0, hw.1];
+    let x = random_input(r, shape.iter().product());
+    let os = p.output_shape(shape).unwrap();
+    let mut want = vec![0u8; os.iter().product()];
+    let mut got = vec![0u8; want.len()];
+    p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+    p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+    let case = format!("cin {cin} cout {cout} k {k:?} s {stride} p {pad} {hw:?} zx {zx}");
+    assert_eq!(got, want, "conv {case}");
+    // A degenerate case (all outputs clamped) would prove little.
+    let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(
+        distinct > 3.min(want.len()),
+        "conv {case}: outputs barely vary"
+    );
+}
+
+#[test]
+fn conv2d_avx2_is_bit_exact_with_the_reference() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    let mut i = 0;
+    for cin in [3, 5, 17, 33] {
+        for cout in [1, 7, 65] {
+            for (k, stride, pad) in [(1, 1, 0), (2, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0)] {
+                let hw = (5 + i % 7, 9 + (i * 5) % 13);
+                let zx = if i % 2 == 0 {
+                    0
+                } else {
+                    r.random_range(1..=255)
+                };
+                conv_case(&mut r, cin, cout, (k, k), stride, pad, hw, zx, i % 3 == 0);
+                i += 1;
+            }
+        }
+    }
+    // Non-square kernel, an image larger than one band, K odd and even.
+    conv_case(&mut r, 16, 13, (1, 3), 1, 1, (19, 23), 77, false);
+    conv_case(&mut r, 8, 64, (3, 3), 1, 1, (16, 24), 3, false);
+}
+
+#[test]
+fn conv_transpose2d_avx2_is_bit_exact_with_the_reference() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    for (i, (cin, cout, k)) in [(3, 1, 2), (5, 7, 2), (17, 65, 2), (33, 7, 1), (16, 9, 4)]
+        .into_iter()
+        .enumerate()
+    {
+        let zx = if i % 2 == 0 { 0 } else { 131 };
+        let l = Layer::random(&mut r, cin * cout * k * k, cout, cin, zx);
+        let rq = if i == 1 {
+            tie_requant(cout, l.out.zero_point, l.relu)
+        } else {
+            l.requant()
+        };
+        let p = PackedConvTranspose::new(&l.w, [cin, cout, k, k], &l.bias_q(), &rq, (k, k), (0, 0))
+            .unwrap();
+        let shape = [1, cin, 7 + i, 11 + 3 * i];
+        let x = random_input(&mut r, shape.iter().product());
+        let os = p.output_shape(shape).unwrap();
+        assert_eq!(os, [1, cout, shape[2] * k, shape[3] * k]);
+        let mut want = vec![0u8; os.iter().product()];
+        let mut got = vec![0u8; want.len()];
+        p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+        p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+        assert_eq!(got, want, "conv_transpose cin {cin} cout {cout} k {k}");
+    }
+}
+
+#[test]
+fn linear_avx2_is_bit_exact_with_the_reference() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(3);
+    for (i, (rows, cin, cout)) in [
+        (1, 3, 1),
+        (7, 5, 7),
+        (130, 10, 64),
+        (300, 33, 65),
+        (17, 64, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let zx = if i % 2 == 0 { 0 } else { 200 };
+        let l = Layer::random(&mut r, cout * cin, cout, cin, zx);
+        let rq = if i == 2 {
+            tie_requant(cout, l.out.zero_point, l.relu)
+        } else {
+            l.requant()
+        };
+        let p = PackedLinear::new(&l.w, cout, cin, &l.bias_q(), &rq).unwrap();
+        let x = random_input(&mut r, rows * cin);
+        let mut want = vec![0u8; rows * cout];
+        let mut got = vec![0u8; rows * cout];
+        p.forward(Isa::Scalar, &x, rows, zx, &mut want).unwrap();
+        p.forward(Isa::Avx2, &x, rows, zx, &mut got).unwrap();
+        assert_eq!(got, want, "linear rows {rows} cin {cin} cout {cout}");
+    }
+}
+
+/// Fraction of codes equal to the f64 reference; every code must be within 1.
+fn agreement(got: &[u8], want: &[i32], what: &str) -> f64 {
+    let mut same = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g as i32 - w).abs() <= 1, "{what}: element {i}: {g} vs {w}");
+        same += (g as i32 == w) as usize;
+    }
+    same as f64 / got.len() as f64
+}
+
+#[test]
+fn scalar_conv2d_is_the_dequantized_real_conv() {
+    let mut r = ChaCha8Rng::seed_from_u64(4);
+    for (cin, cout, k, s, pad, zx) in [
+        (3, 7, 3, 1, 1, 0u8),
+        (5, 4, 3, 2, 1, 100),
+        (17, 3, 1, 1, 0, 255),
+        (4, 5, 2, 2, 0, 37),
+    ] {
+        let l = Layer::random(&mut r, cout * cin * k * k, cout, cin * k * k, zx);
+        let p = PackedConv::new(
+            &l.w,
+            [cout, cin, k, k],
+            &l.bias_q(),
+            &l.requant(),
+            (s, s),
+            (pad, pad),
+        )
+        .unwrap();
+        let (h, w) = (9, 6);
+        let x = random_input(&mut r, cin * h * w);
+        let [_, _, ho, wo] = p.output_shape([1, cin, h, w]).unwrap();
+        let mut got = vec![0u8; cout * ho * wo];
+        p.forward(Isa::Scalar, &x, [1, cin, h, w], zx, &mut got)
+            .unwrap();
+        // Real conv: dequantized operands, padding is the real value 0.
+        let mut want = Vec::new();
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut y = l.bias[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = (oy * s + ky, ox * s + kx);
+                                if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                    continue;
+                                }
+                                let xv = l.x_real(x[(ci * h + iy - pad) * w + ix - pad]);
+                                let wq = l.w[((co * cin + ci) * k + ky) * k + kx];
+                                y += xv * l.s_w[co] as f64 * wq as f64;
+                            }
+                        }
+                    }
+                    want.push(l.quantize_real(y));
+                }
+            }
+        }
+        let frac = agreement(&got, &want, "conv2d");
+        assert!(frac > 0.97, "conv2d: only {frac} of codes match exactly");
+    }
+}
+
+#[test]
+fn scalar_conv_transpose2d_is_the_dequantized_real_conv() {
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    // Overlapping taps and cropping padding exercise the general reference.
+    for (cin, cout, k, s, pad, zx) in [
+        (3, 4, 2, 2, 0, 9u8),
+        (5, 3, 3, 2, 1, 0),
+        (4, 2, 3, 1, 1, 250),
+    ] {
+        let l = Layer::random(&mut r, cin * cout * k * k, cout, cin * k * k / s, zx);
+        let p = PackedConvTranspose::new(
+            &l.w,
+            [cin, cout, k, k],
+            &l.bias_q(),
+            &l.requant(),
+            (s, s),
+            (pad, pad),
+        )
+        .unwrap();
+        let (h, w) = (5, 7);
+        let x = random_input(&mut r, cin * h * w);
+        let [_, _, ho, wo] = p.output_shape([1, cin, h, w]).unwrap();
+        let mut got = vec![0u8; cout * ho * wo];
+        p.forward(Isa::Scalar, &x, [1, cin, h, w], zx, &mut got)
+            .unwrap();
+        // Scatter formulation: every input pixel spreads over its k x k window.
+        let mut y: Vec<f64> = (0..cout * ho * wo)
+            .map(|i| l.bias[i / (ho * wo)] as f64)
+            .collect();
+        for ci in 0..cin {
+            for iy in 0..h {
+                for ix in 0..w {
+                    let xv = l.x_real(x[(ci * h + iy) * w + ix]);
+                    for co in 0..cout {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (oy, ox) = (iy * s + ky, ix * s + kx);
+                                if oy < pad || ox < pad || oy - pad >= ho || ox - pad >= wo {
+                                    continue;
+                                }
+                                let wq = l.w[((ci * cout + co) * k + ky) * k + kx];
+                                y[(co * ho + oy - pad) * wo + ox - pad] +=
+                                    xv * l.s_w[co] as f64 * wq as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let want: Vec<i32> = y.iter().map(|&v| l.quantize_real(v)).collect();
+        let frac = agreement(&got, &want, "conv_transpose2d");
+        assert!(frac > 0.97, "conv_transpose2d: only {frac} match exactly");
+    }
+}
+
+#[test]
+fn scalar_linear_is_the_dequantized_real_product() {
+    let mut r = ChaCha8Rng::seed_from_u64(6);
+    let (rows, cin, cout, zx) = (40, 10, 9, 57u8);
+    let l = Layer::random(&mut r, cout * cin, cout, cin, zx);
+    let p = PackedLinear::new(&l.w, cout, cin, &l.bias_q(), &l.requant()).unwrap();
+    let x = random_input(&mut r, rows * cin);
+    let mut got = vec![0u8; rows * cout];
+    p.forward(Isa::Scalar, &x, rows, zx, &mut got).unwrap();
+    let mut want = Vec::new();
+    for row in 0..rows {
+        for co in 0..cout {
+            let y = (0..cin).fold(l.bias[co] as f64, |y, ci| {
+                y + l.x_real(x[row * cin + ci]) * l.s_w[co] as f64 * l.w[co * cin + ci] as f64
+            });
+            want.push(l.quantize_real(y));
+        }
+    }
+    let frac = agreement(&got, &want, "linear");
+    assert!(frac > 0.97, "linear: only {frac} match exactly");
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let rq = Requant {
+        multiplier: 0.01,
+        zero_point: 0,
+        lo: 0,
+        hi: 255,
+    };
+    let conv = |w: &[i8], r: Requant| PackedConv::new(w, [1, 2, 1, 1], &[0], &[r], (1, 1), (0, 0));
+    assert!(matches!(
+        conv(&[1], rq),
+        Err(KernelError::Length { arg: "weight", .. })
+    ));
+    assert!(matches!(
+        conv(&[1, -128], rq),
+        Err(KernelError::Invalid { arg: "weight", .. })
+    ));
+    let nan = Requant {
+        multiplier: f32::NAN,
+        ..rq
+    };
+    assert!(matches!(
+        conv(&[1, 2], nan),
+        Err(KernelError::Invalid { arg: "requant", .. })
+    ));
+    let p = conv(&[1, 2], rq).unwrap();
+    let mut out = vec![0u8; 4];
+    // Wrong channel count, then a short input buffer.
+    assert!(matches!(
+        p.forward(Isa::Scalar, &[0; 12], [1, 3, 2, 2], 0, &mut out),
+        Err(KernelError::Invalid { arg: "input", .. })
+    ));
+    assert!(matches!(
+        p.forward(Isa::best(), &[0; 7], [1, 2, 2, 2], 0, &mut out),
+        Err(KernelError::Length { arg: "input", .. })
+    ));
+    assert!(
+        p.forward(Isa::best(), &[0; 8], [1, 2, 2, 2], 0, &mut out)
+            .is_ok()
+    );
+    let lin = PackedLinear::new(&[1, 2], 1, 2, &[0], &[rq]).unwrap();
+    assert!(matches!(
+        lin.forward(Isa::best(), &[0; 4], 2, 0, &mut [0u8; 3]),
+        Err(KernelError::Length { arg: "output", .. })
+    ));
+}
