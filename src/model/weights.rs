@@ -47,6 +47,9 @@ pub enum WeightsError {
     NonFinite { name: String },
 }
 
+/// The safetensors header key under which our metadata map is stored.
+const METADATA_KEY: &str = "lidar_ptq";
+
 /// All parameters of a model by name (sorted, so files and digests are deterministic).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Weights {
@@ -171,11 +174,15 @@ impl Weights {
                 (n.clone(), v)
             })
             .collect();
-        let meta: std::collections::HashMap<String, String> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        safetensors::serialize(views, Some(meta)).expect("in-memory serialisation")
+        // safetensors keeps header metadata in a HashMap, whose order changes from run to
+        // run; one key holding our sorted map as JSON keeps the file bytes deterministic.
+        let meta = (!metadata.is_empty()).then(|| {
+            std::collections::HashMap::from([(
+                METADATA_KEY.to_string(),
+                serde_json::to_string(metadata).expect("string map"),
+            )])
+        });
+        safetensors::serialize(views, meta).expect("in-memory serialisation")
     }
 
     /// Parses safetensors bytes (F32 tensors only); `path` only names the source in errors.
@@ -193,11 +200,21 @@ impl Weights {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        let metadata: BTreeMap<String, String> = meta
+        let raw: BTreeMap<String, String> = meta
             .metadata()
             .clone()
             .map(|m| m.into_iter().collect())
             .unwrap_or_default();
+        // Our files carry one JSON-encoded map; files from elsewhere carry plain keys.
+        let metadata = match raw.get(METADATA_KEY) {
+            Some(json) if raw.len() == 1 => {
+                serde_json::from_str(json).map_err(|e| WeightsError::Format {
+                    path: path.to_path_buf(),
+                    message: format!("metadata `{METADATA_KEY}` is not a JSON string map: {e}"),
+                })?
+            }
+            _ => raw,
+        };
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != safetensors::Dtype::F32 {
@@ -288,6 +305,19 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         let meta = BTreeMap::from([("model".to_string(), "default".to_string())]);
         w.save(&path, &meta).unwrap();
+        let bytes_once = std::fs::read(&path).unwrap();
+        let more = BTreeMap::from([
+            ("model".to_string(), "default".to_string()),
+            ("a".to_string(), "1".to_string()),
+            ("z".to_string(), "2".to_string()),
+        ]);
+        assert_eq!(
+            w.to_bytes(&more),
+            w.to_bytes(&more),
+            "same weights, same bytes"
+        );
+        w.save(&path, &meta).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes_once);
         let (back, m) = Weights::load(&path, &g).unwrap();
         assert_eq!(back, w);
         assert_eq!(m, meta);
