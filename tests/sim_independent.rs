@@ -66,7 +66,7 @@ fn independent_readers_decode_simulated_bags() {
         assert_eq!(p[0].as_i64().unwrap(), c.header.stamp_sec as i64);
         assert_eq!(p[1].as_u64().unwrap(), c.header.stamp_nanosec as u64);
         assert_eq!(p[2].as_str().unwrap(), c.header.frame_id);
-        assert_eq!(p[3].as_u64().unwrap(), c.point_count() as u64);
+        assert_eq!(p[3].as_u64().unwrap(), c.point_count());
         assert_eq!(p[4].as_u64().unwrap(), c.point_step as u64);
         let names: Vec<&str> = c.fields.iter().map(|f| f.name.as_str()).collect();
         let py_names: Vec<&str> = p[5]
