@@ -10,43 +10,7 @@ use lidar_ptq::train::{AdamW, Batch, Network, TrainOptions, train, trainer::fit_
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TINY: &str = r#"
-name: tiny
-input:
-  point_range: [-12.8, -12.8, -3.0, 12.8, 12.8, 3.0]
-  point_features: [x, y, z, intensity, time_lag]
-voxelization:
-  encoder: pillar
-  cell_size: [0.8, 0.8, 6.0]
-  max_points_per_cell: 8
-  max_cells: {train: 1024, test: 1024}
-pillar_features:
-  widths: [8, 8]
-backbone_2d:
-  levels:
-    - {layers: 1, stride: 2, channels: 8}
-    - {layers: 1, stride: 2, channels: 16}
-  upsample:
-    - {stride: 0.5, channels: 8}
-    - {stride: 1, channels: 8}
-head:
-  shared_channels: 8
-  tasks: [[car], [pedestrian, cyclist]]
-  sub_heads:
-    - {name: center, out: 2}
-    - {name: center_z, out: 1}
-    - {name: dim, out: 3}
-    - {name: rot, out: 2}
-target: {}
-loss:
-  loc_weight: 0.25
-  code_weights: [1, 1, 1, 1, 1, 1, 1, 1]
-decode:
-  score_threshold: 0.1
-  post_center_range: [-20, -20, -10, 20, 20, 10]
-  top_k: 50
-  nms: {kind: rotated_iou, threshold: 0.2, pre_max: 100, post_max: 20}
-"#;
+const TINY: &str = include_str!("fixtures/tiny_model.yaml");
 
 /// A frame of a few boxes, each sampled with points on its surface, over a flat ground.
 fn frame(seed: u64) -> (Points, Vec<Object>) {
