@@ -492,6 +492,23 @@ mod tests {
         assert_eq!(bev_iou_ap(&frames, "car", 0.7), Some(1.0));
     }
 
+    /// nuScenes' AP, computed independently, of the curve a TP, FP, TP ranking over two
+    /// objects gives: (recall, precision) = (0.5, 1), (0.5, 0.5), (1, 2/3).
+    fn tp_fp_tp_ap() -> f64 {
+        let mut s = 0.0;
+        for i in 11..=100 {
+            let rc = i as f64 / 100.0;
+            // numpy's interp takes the last of repeated recalls: at 0.5 the FP's precision.
+            let p = if rc < 0.5 {
+                1.0
+            } else {
+                0.5 + (rc - 0.5) / 0.5 * (2.0 / 3.0 - 0.5)
+            };
+            s += (p - 0.1f64).max(0.0);
+        }
+        s / 90.0 / 0.9
+    }
+
     #[test]
     fn hand_computed_ap() {
         // Two GT; detections by score: TP, FP, TP: (recall, precision) = (0.5, 1), (0.5, 0.5),
@@ -507,19 +524,7 @@ mod tests {
             detections: &dets,
         }];
         let r = nuscenes_eval(&frames, &NuscenesConfig::default());
-        // Independent computation of nuScenes' AP for this curve.
-        let mut s = 0.0;
-        for i in 11..=100 {
-            let rc = i as f64 / 100.0;
-            // numpy's interp takes the last of repeated recalls: at 0.5 the FP's precision.
-            let p = if rc < 0.5 {
-                1.0
-            } else {
-                0.5 + (rc - 0.5) / 0.5 * (2.0 / 3.0 - 0.5)
-            };
-            s += (p - 0.1f64).max(0.0);
-        }
-        let expected = s / 90.0 / 0.9;
+        let expected = tp_fp_tp_ap();
         for (thr, ap) in [0.5, 1.0, 2.0, 4.0].iter().zip(&r.classes[0].ap) {
             assert!(
                 (ap - expected).abs() < 1e-9,
@@ -584,17 +589,7 @@ mod tests {
         }];
         let r = nuscenes_eval(&frames, &NuscenesConfig::default());
         // Same curve as `hand_computed_ap`: (0.5, 1), (0.5, 0.5), (1, 2/3).
-        let mut s = 0.0;
-        for i in 11..=100 {
-            let rc = i as f64 / 100.0;
-            let p = if rc < 0.5 {
-                1.0
-            } else {
-                0.5 + (rc - 0.5) / 0.5 * (2.0 / 3.0 - 0.5)
-            };
-            s += (p - 0.1f64).max(0.0);
-        }
-        assert!((r.map - s / 90.0 / 0.9).abs() < 1e-9, "{}", r.map);
+        assert!((r.map - tp_fp_tp_ap()).abs() < 1e-9, "{}", r.map);
         // Only false positives: AP 0.
         let fps = vec![det("car", -30.0, 0.0, 0.9), det("car", 0.0, -30.0, 0.8)];
         let frames = [Frame {
