@@ -96,9 +96,9 @@ struct TrainArgs {
     /// Model description (YAML).
     #[arg(long, default_value = "config/models/default.yaml")]
     config: PathBuf,
-    /// Simulated sensor.
-    #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl32)]
-    lidar: lidar_ptq::sim::LidarModel,
+    /// Simulated sensors, comma-separated; each frame draws one of them.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [lidar_ptq::sim::LidarModel::Hdl64, lidar_ptq::sim::LidarModel::Hdl32])]
+    lidar: Vec<lidar_ptq::sim::LidarModel>,
     #[arg(long, default_value_t = 1000)]
     steps: usize,
     /// Frames per batch.
@@ -116,6 +116,12 @@ struct TrainArgs {
     /// Output directory (created if missing).
     #[arg(long)]
     out: PathBuf,
+    /// Continue the run from OUT's last checkpoint (same config and options).
+    #[arg(long)]
+    resume: bool,
+    /// Stop with a checkpoint after this many steps (resume later with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -240,13 +246,14 @@ fn train_verb(a: &TrainArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.config.display()))?;
     let cfg = lidar_ptq::model::ModelConfig::from_yaml(&text)
         .with_context(|| format!("model config {}", a.config.display()))?;
-    let mut opts = lidar_ptq::train::TrainOptions::new(a.steps, a.batch, a.seed, a.lidar);
+    let mut opts = lidar_ptq::train::TrainOptions::new(a.steps, a.batch, a.seed, a.lidar.clone());
     opts.max_lr = a.max_lr;
     opts.checkpoint_every = a.checkpoint_every;
+    opts.stop_after = a.stop_after;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     lidar_ptq::fsutil::write_atomic(&a.out.join("config.yaml"), text.as_bytes())
         .with_context(|| format!("writing the config copy into {}", a.out.display()))?;
-    let log = lidar_ptq::train::train(&cfg, &opts, &a.out)?;
+    let log = lidar_ptq::train::train(&cfg, &opts, &a.out, a.resume)?;
     let last = log.entries.last().map(|e| e.loss).unwrap_or(f32::NAN);
     println!(
         "trained {} for {} steps (batch {}) in {:.1} s: {:.3} steps/s, final loss {:.4}, weights {}",

@@ -78,12 +78,12 @@ fn overfitting_a_fixed_batch_reduces_the_loss() {
 #[test]
 fn the_trainer_is_deterministic_and_writes_its_outputs() {
     let cfg = ModelConfig::from_yaml(TINY).unwrap();
-    let mut opts = TrainOptions::new(2, 1, 5, LidarModel::Vlp16);
+    let mut opts = TrainOptions::new(2, 1, 5, vec![LidarModel::Vlp16]);
     opts.progress = false;
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    let la = train(&cfg, &opts, a.path()).unwrap();
-    let lb = train(&cfg, &opts, b.path()).unwrap();
+    let la = train(&cfg, &opts, a.path(), false).unwrap();
+    let lb = train(&cfg, &opts, b.path(), false).unwrap();
     assert_eq!(la.weights_digest, lb.weights_digest);
     assert_eq!(la.entries.len(), 2);
     assert!(
@@ -105,7 +105,39 @@ fn the_trainer_is_deterministic_and_writes_its_outputs() {
     other.seed = 6;
     let c = tempfile::tempdir().unwrap();
     assert_ne!(
-        train(&cfg, &other, c.path()).unwrap().weights_digest,
+        train(&cfg, &other, c.path(), false).unwrap().weights_digest,
         la.weights_digest
     );
+}
+
+#[test]
+fn an_interrupted_and_resumed_run_gives_the_same_weights() {
+    let cfg = ModelConfig::from_yaml(TINY).unwrap();
+    let mut opts = TrainOptions::new(3, 1, 7, vec![LidarModel::Vlp16, LidarModel::Hdl32]);
+    opts.progress = false;
+    let whole = tempfile::tempdir().unwrap();
+    let straight = train(&cfg, &opts, whole.path(), false).unwrap();
+    let parts = tempfile::tempdir().unwrap();
+    let mut first = opts.clone();
+    first.stop_after = Some(1);
+    assert_eq!(
+        train(&cfg, &first, parts.path(), false)
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+    // Resuming under other options is refused, naming the difference.
+    let mut other = opts.clone();
+    other.batch = 2;
+    let err = train(&cfg, &other, parts.path(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batch=1") && err.contains("batch=2"), "{err}");
+    let resumed = train(&cfg, &opts, parts.path(), true).unwrap();
+    assert_eq!(resumed.weights_digest, straight.weights_digest);
+    assert_eq!(resumed.entries.len(), 3);
+    // Resuming where there is no checkpoint is an error, not a fresh start.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(train(&cfg, &opts, empty.path(), true).is_err());
 }

@@ -297,6 +297,12 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The description as YAML; `from_yaml(to_yaml())` gives the same config back. This is
+    /// what a weights file embeds so that it carries its own model description.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("a model config serialises")
+    }
+
     /// All class names, task by task.
     pub fn classes(&self) -> Vec<&str> {
         self.head

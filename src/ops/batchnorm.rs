@@ -137,6 +137,39 @@ impl View {
     }
 }
 
+/// Sets `out[i] = f(channel, i)` for every element, in parallel over rows of the view.
+fn fill_by_channel(view: View, out: &mut [f32], f: impl Fn(usize, usize) -> f32 + Sync) {
+    use rayon::prelude::*;
+    if view.inner > 1 {
+        out.par_chunks_mut(view.inner)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let ch = r % view.c;
+                let base = r * view.inner;
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(k, v)| *v = f(ch, base + k));
+            });
+    } else {
+        // Channels last: one row holds every channel once.
+        out.par_chunks_mut(view.c.max(1) * 256)
+            .enumerate()
+            .for_each(|(r, chunk)| {
+                let base = r * view.c.max(1) * 256;
+                chunk
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(k, v)| *v = f((base + k) % view.c, base + k));
+            });
+    }
+}
+
+/// Per-channel reductions `g(channel) -> T`, in parallel over channels.
+fn per_channel<T: Send>(c: usize, g: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    use rayon::prelude::*;
+    (0..c).into_par_iter().map(&g).collect()
+}
+
 /// What the training-mode backward needs.
 #[derive(Debug, Clone)]
 pub struct TrainCache {
@@ -163,7 +196,6 @@ pub struct BnGrads {
 
 /// Training mode: normalise with the batch mean and biased variance; the running statistics
 /// move towards the batch mean and the unbiased variance (PyTorch semantics).
-#[allow(clippy::needless_range_loop)] // `ch` indexes five per-channel arrays and the view
 pub fn forward_train(
     bn: &BatchNorm,
     x: &Tensor,
@@ -179,29 +211,33 @@ pub fn forward_train(
             detail: "training mode needs at least one value per channel".into(),
         });
     }
-    let mut x_hat = vec![0.0f32; x.len()];
-    let mut y = Tensor::zeros(&x.shape);
-    let mut inv_std = vec![0.0f32; c];
-    let mut update = RunningUpdate {
-        running_mean: bn.running_mean.clone(),
-        running_var: bn.running_var.clone(),
-    };
-    for ch in 0..c {
-        // Accumulate in f64: channels of big BEV maps hold ~1e5 values.
+    // Accumulate in f64: channels of big BEV maps hold ~1e5 values.
+    let stats = per_channel(c, |ch| {
         let mut sum = 0.0f64;
         view.for_channel(ch, |i| sum += x.data[i] as f64);
         let mean = sum / m as f64;
         let mut sq = 0.0f64;
         view.for_channel(ch, |i| sq += (x.data[i] as f64 - mean).powi(2));
-        let var = sq / m as f64;
-        let istd = 1.0 / (var + bn.eps as f64).sqrt();
-        inv_std[ch] = istd as f32;
-        let (g, b) = (bn.gamma[ch], bn.beta[ch]);
-        view.for_channel(ch, |i| {
-            let xh = ((x.data[i] as f64 - mean) * istd) as f32;
-            x_hat[i] = xh;
-            y.data[i] = g * xh + b;
-        });
+        (mean, sq / m as f64)
+    });
+    let istd: Vec<f64> = stats
+        .iter()
+        .map(|&(_, var)| 1.0 / (var + bn.eps as f64).sqrt())
+        .collect();
+    let inv_std: Vec<f32> = istd.iter().map(|&v| v as f32).collect();
+    let mut x_hat = vec![0.0f32; x.len()];
+    fill_by_channel(view, &mut x_hat, |ch, i| {
+        ((x.data[i] as f64 - stats[ch].0) * istd[ch]) as f32
+    });
+    let mut y = Tensor::zeros(&x.shape);
+    fill_by_channel(view, &mut y.data, |ch, i| {
+        bn.gamma[ch] * x_hat[i] + bn.beta[ch]
+    });
+    let mut update = RunningUpdate {
+        running_mean: bn.running_mean.clone(),
+        running_var: bn.running_var.clone(),
+    };
+    for (ch, &(mean, var)) in stats.iter().enumerate() {
         let unbiased = if m > 1 {
             var * m as f64 / (m - 1) as f64
         } else {
@@ -240,24 +276,22 @@ pub fn backward_train(bn: &BatchNorm, cache: &TrainCache, grad_out: &Tensor) -> 
         });
     }
     let m = v.count() as f64;
-    let mut gx = Tensor::zeros(&grad_out.shape);
-    let mut gg = vec![0.0f32; c];
-    let mut gb = vec![0.0f32; c];
-    for ch in 0..c {
+    let sums = per_channel(c, |ch| {
         let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
         v.for_channel(ch, |i| {
             sdy += grad_out.data[i] as f64;
             sdyx += grad_out.data[i] as f64 * cache.x_hat[i] as f64;
         });
-        gg[ch] = sdyx as f32;
-        gb[ch] = sdy as f32;
+        (sdy, sdyx)
+    });
+    let gg: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let gb: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let mut gx = Tensor::zeros(&grad_out.shape);
+    fill_by_channel(v, &mut gx.data, |ch, i| {
         let k = bn.gamma[ch] as f64 * cache.inv_std[ch] as f64;
-        let (mdy, mdyx) = (sdy / m, sdyx / m);
-        v.for_channel(ch, |i| {
-            gx.data[i] =
-                (k * (grad_out.data[i] as f64 - mdy - cache.x_hat[i] as f64 * mdyx)) as f32;
-        });
-    }
+        let (mdy, mdyx) = (sums[ch].0 / m, sums[ch].1 / m);
+        (k * (grad_out.data[i] as f64 - mdy - cache.x_hat[i] as f64 * mdyx)) as f32
+    });
     Ok(BnGrads {
         input: gx,
         gamma: gg,

@@ -7,8 +7,10 @@ pub mod error;
 pub mod fake_quant;
 pub mod grid_search;
 pub mod layout;
+pub mod model;
 pub mod observers;
 pub mod scheme;
 
 pub use error::QuantError;
-pub use scheme::{Flavour, Grid, QParams, Requant, quantize_bias};
+pub use model::{LayerPlan, LayerWeights, Provenance, QuantModel};
+pub use scheme::{Flavour, Grid, QParams, Requant, dequantize_acc, quantize_bias};

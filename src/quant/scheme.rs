@@ -143,6 +143,13 @@ pub fn quantize_bias(bias: f32, input_scale: f32, weight_scale: f32) -> i32 {
     }
 }
 
+/// The real value of accumulator `acc` plus the quantized bias, for a layer whose output
+/// stays float (e.g. the head's last convs): `(acc + bias_q) * (s_in * s_w)` in f32.
+#[inline]
+pub fn dequantize_acc(acc: i32, bias_q: i32, input_scale: f32, weight_scale: f32) -> f32 {
+    acc.wrapping_add(bias_q) as f32 * (input_scale * weight_scale)
+}
+
 /// Per-output-channel requantization of an int32 accumulator into an activation grid.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Requant {

@@ -1,6 +1,6 @@
 //! AdamW (Adam with decoupled weight decay) and gradient clipping by global norm.
 
-use crate::model::weights::Weights;
+use crate::model::weights::{Weights, WeightsError};
 use crate::ops::Tensor;
 use std::collections::BTreeMap;
 
@@ -81,6 +81,68 @@ impl AdamW {
                 *pi = (decayed - lr * (mn / bc1) / ((vn / bc2).sqrt() + eps)) as f32;
             }
         }
+    }
+}
+
+impl AdamW {
+    /// Writes the moments and the step count (safetensors, tensors `m/<name>` and
+    /// `v/<name>`), so that a resumed run continues exactly where it stopped.
+    pub fn save(&self, path: &std::path::Path) -> Result<(), WeightsError> {
+        let mut w = Weights::default();
+        for (prefix, map) in [("m", &self.m), ("v", &self.v)] {
+            for (name, v) in map {
+                w.tensors.insert(
+                    format!("{prefix}/{name}"),
+                    Tensor::new(vec![v.len()], v.clone()).expect("1-D shape"),
+                );
+            }
+        }
+        let meta = BTreeMap::from([("adam_step".to_string(), self.step.to_string())]);
+        w.save(path, &meta)
+    }
+
+    /// Reads what [`AdamW::save`] wrote; each moment must match its parameter's size.
+    pub fn load(
+        path: &std::path::Path,
+        params: &Weights,
+        weight_decay: f32,
+    ) -> Result<AdamW, WeightsError> {
+        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (w, meta) = Weights::from_bytes(&bytes, path)?;
+        let invalid = |message: String| WeightsError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut opt = AdamW::new(weight_decay);
+        opt.step = meta
+            .get("adam_step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| invalid("no adam_step in the metadata".into()))?;
+        for (name, t) in w.tensors {
+            let (prefix, param) = name
+                .split_once('/')
+                .ok_or_else(|| invalid(format!("unexpected tensor {name}")))?;
+            let expect = params
+                .tensors
+                .get(param)
+                .ok_or_else(|| invalid(format!("{name}: the model has no parameter {param}")))?
+                .len();
+            if t.len() != expect {
+                return Err(invalid(format!(
+                    "{name} has {} values, parameter {param} has {expect}",
+                    t.len()
+                )));
+            }
+            match prefix {
+                "m" => opt.m.insert(param.to_string(), t.data),
+                "v" => opt.v.insert(param.to_string(), t.data),
+                _ => return Err(invalid(format!("unexpected tensor {name}"))),
+            };
+        }
+        Ok(opt)
     }
 }
 
