@@ -25,12 +25,15 @@ enum Command {
         /// Sensor model.
         #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl64)]
         lidar: lidar_ptq::sim::LidarModel,
-        /// Number of scans (at the sensor's rate).
+        /// Number of scans per scene (at the sensor's rate).
         #[arg(long, default_value_t = 20)]
         frames: u64,
         /// World and noise seed: the same seed writes the same bytes.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Independent drives, one after the other in the bag (seeds SEED, SEED+1, ...).
+        #[arg(long, default_value_t = 1)]
+        scenes: u64,
         /// Bag directory to create (must not exist).
         #[arg(long)]
         out: PathBuf,
@@ -189,6 +192,7 @@ fn main() -> Result<()> {
             lidar,
             frames,
             seed,
+            scenes,
             out,
             layout,
             density,
@@ -211,7 +215,7 @@ fn main() -> Result<()> {
                 ground_truth_topic,
                 ..Default::default()
             };
-            simulate(cfg, seed, &opts, &out)
+            simulate(cfg, seed, scenes, &opts, &out)
         }
         Command::SimReport { data, scenes, out } => sim_report(&data, scenes, out),
         Command::Bag {
@@ -348,13 +352,27 @@ impl CloudLayout {
 fn simulate(
     cfg: lidar_ptq::sim::SimConfig,
     seed: u64,
+    scenes: u64,
     opts: &lidar_ptq::sim::record::RecordOptions,
     out: &std::path::Path,
 ) -> Result<()> {
-    let bar = indicatif::ProgressBar::new(opts.frames);
-    let scene = lidar_ptq::sim::Scene::new(cfg, seed);
-    let dir = lidar_ptq::sim::record::record(&scene, opts, out, |k| bar.set_position(k))?;
+    anyhow::ensure!(scenes >= 1, "--scenes must be at least 1");
+    let total = opts.frames * scenes;
+    let bar = indicatif::ProgressBar::new(total);
+    // Each drive starts one second after the previous one ended.
+    let period_ns = (1e9 / cfg.sensor.rate_hz as f64) as u64;
+    let drives: Vec<lidar_ptq::sim::Scene> = (0..scenes)
+        .map(|j| {
+            let mut c = cfg.clone();
+            c.start_stamp_ns += j * (opts.frames * period_ns + 1_000_000_000);
+            lidar_ptq::sim::Scene::new(c, seed + j)
+        })
+        .collect();
+    let dir = lidar_ptq::sim::record::record_scenes(&drives, opts, out, |k| bar.set_position(k))?;
     bar.finish_and_clear();
-    log::info!("wrote {} frames to {}", opts.frames, dir.display());
+    log::info!(
+        "wrote {total} frames ({scenes} drives) to {}",
+        dir.display()
+    );
     Ok(())
 }
