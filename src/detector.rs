@@ -8,7 +8,7 @@ use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
 use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
 use crate::model::weights::{Weights, WeightsError};
-use crate::model::{ConfigError, ModelConfig};
+use crate::model::{BundleError, ConfigError, ModelBundle, ModelConfig};
 use std::path::Path;
 use thiserror::Error;
 
@@ -24,6 +24,8 @@ pub enum DetectorError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
 }
 
 /// A CenterPoint detector running on the CPU in FP32.
@@ -60,6 +62,16 @@ impl Detector {
         })?;
         let (w, _) = Weights::load(weights, &graph)?;
         Self::new(cfg, &w)
+    }
+
+    /// Loads a model file that carries its description (see [`ModelBundle`]); a given
+    /// `config` must describe the same model.
+    pub fn from_model_file(path: &Path, config: Option<&Path>) -> Result<Self, DetectorError> {
+        Self::from_bundle(&ModelBundle::load(path, config)?)
+    }
+
+    pub fn from_bundle(bundle: &ModelBundle) -> Result<Self, DetectorError> {
+        Self::new(bundle.config.clone(), &bundle.weights)
     }
 
     pub fn config(&self) -> &ModelConfig {

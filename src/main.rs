@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use lidar_ptq::{dataset, render};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "lidar_ptq",
@@ -73,25 +75,11 @@ enum Command {
     /// Train a pillar model on simulated scans (writes DIR/model.safetensors, the config
     /// copy and DIR/train_log.json).
     Train(TrainArgs),
-    /// Score a trained model on held-out simulated scans (nuScenes mAP / NDS).
-    Eval(EvalArgs),
-}
-
-#[derive(clap::Args)]
-struct EvalArgs {
-    /// Model description (YAML).
-    #[arg(long, default_value = "config/models/default.yaml")]
-    config: PathBuf,
-    /// Weights (safetensors).
-    #[arg(long)]
-    weights: PathBuf,
-    #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl32)]
-    lidar: lidar_ptq::sim::LidarModel,
-    #[arg(long, default_value_t = 20)]
-    frames: usize,
-    /// Seed of the evaluation scenes (use one the training did not).
-    #[arg(long, default_value_t = 1_000_000)]
-    seed: u64,
+    /// Score a model on a labelled bag, a KITTI directory or held-out simulated scans
+    /// (nuScenes mAP / TP errors / NDS, BEV IoU AP; per class and distance band).
+    Eval(cli::eval::EvalArgs),
+    /// Run a model on one scan (file or bag): print, save (JSON) or draw its detections.
+    Detect(cli::detect::DetectArgs),
 }
 
 #[derive(clap::Args)]
@@ -227,22 +215,9 @@ fn main() -> Result<()> {
         }
         Command::Render(args) => render_verb(&args),
         Command::Train(args) => train_verb(&args),
-        Command::Eval(args) => eval_verb(&args),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Detect(args) => cli::detect::run(&args),
     }
-}
-
-fn eval_verb(a: &EvalArgs) -> Result<()> {
-    use lidar_ptq::train::sim_eval;
-    let mut det = lidar_ptq::detector::Detector::load(&a.config, &a.weights)?;
-    let frames = sim_eval::eval_frames(a.lidar, a.frames, a.seed);
-    let bar = indicatif::ProgressBar::new(a.frames as u64);
-    let r = sim_eval::evaluate(&mut det, &frames, &bar)?;
-    bar.finish_and_clear();
-    for c in &r.classes {
-        println!("{:<22} {:>5} gt  AP {:.4}", c.class, c.num_gt, c.mean_ap);
-    }
-    println!("mAP {:.4}  NDS {:.4}  ({} frames)", r.map, r.nds, a.frames);
-    Ok(())
 }
 
 fn train_verb(a: &TrainArgs) -> Result<()> {

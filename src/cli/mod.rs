@@ -1,0 +1,4 @@
+//! The larger verbs of the `lidar_ptq` command line, one module each.
+
+pub mod detect;
+pub mod eval;
