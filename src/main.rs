@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use lidar_ptq::{dataset, render};
 
+mod cli_calibrate;
+
 #[derive(Parser)]
 #[command(
     name = "lidar_ptq",
@@ -72,6 +74,8 @@ enum Command {
     Train(TrainArgs),
     /// Score a trained model on held-out simulated scans (nuScenes mAP / NDS).
     Eval(EvalArgs),
+    /// Quantize an FP32 model to INT8 on unlabelled scans (LiDAR-PTQ or a baseline).
+    Calibrate(Box<cli_calibrate::CalibrateArgs>),
 }
 
 #[derive(clap::Args)]
@@ -224,6 +228,7 @@ fn main() -> Result<()> {
         Command::Render(args) => render_verb(&args),
         Command::Train(args) => train_verb(&args),
         Command::Eval(args) => eval_verb(&args),
+        Command::Calibrate(args) => cli_calibrate::run(&args),
     }
 }
 
