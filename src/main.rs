@@ -80,6 +80,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Run a model on one scan (file or bag): print, save (JSON) or draw its detections.
     Detect(cli::detect::DetectArgs),
+    /// Quantize an FP32 model to INT8 on unlabelled scans (LiDAR-PTQ or a baseline).
+    Calibrate(Box<cli::calibrate::CalibrateArgs>),
 }
 
 #[derive(clap::Args)]
@@ -217,6 +219,7 @@ fn main() -> Result<()> {
         Command::Train(args) => train_verb(&args),
         Command::Eval(args) => cli::eval::run(&args),
         Command::Detect(args) => cli::detect::run(&args),
+        Command::Calibrate(args) => cli::calibrate::run(&args),
     }
 }
 

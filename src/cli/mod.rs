@@ -2,3 +2,4 @@
 
 pub mod detect;
 pub mod eval;
+pub mod calibrate;

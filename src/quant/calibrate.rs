@@ -1,0 +1,589 @@
+//! Calibration: from an FP32 model and unlabelled scans to a [`QuantModel`].
+//!
+//! 1. BatchNorm is folded; every layer not kept float gets per-output-channel symmetric
+//!    weight codes; every value read by an integer layer gets per-tensor activation
+//!    parameters. Values tied by glue ops share parameters: pillar max and scatter in and
+//!    out, a concat and its inputs (a *group*).
+//! 2. One FP pass over every calibration frame feeds the group statistics: min-max,
+//!    percentile or entropy (over all entries, or over the occupied, non-zero ones only).
+//! 3. LiDAR-PTQ (`Method::LidarPtq`) starts from min-max and, unless switched off, runs
+//!    the Lp grid search of the clipping range (weights per channel on the weights,
+//!    activations on entries sampled from the first frames), then the unit-by-unit
+//!    reconstruction with TGPL and adaptive rounding ([`super::reconstruct`]).
+
+use super::error::QuantError;
+use super::grid_search::GridSearch;
+use super::model::{LayerPlan, LayerWeights, Provenance, QuantModel, quantize_weights_minmax};
+use super::observers::{MinMax, Observer, ObserverKind};
+use super::qnet::{QValue, QnetError, QuantNet, float_model, weight_out_axis};
+use super::reconstruct::{self, ReconOptions, UnitReport};
+use super::scheme::{Flavour, Grid, QParams};
+use super::tgpl::{Positives, positives};
+use crate::cloud::Points;
+use crate::engine::fp32::{FoldedLayer, collect_heads, fold_layers};
+use crate::engine::{EngineError, NetInput};
+use crate::model::ModelConfig;
+use crate::model::graph::{Graph, Op};
+use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::weights::Weights;
+use crate::ops::{OpsError, Tensor};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Errors of calibration.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error("model: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Qnet(#[from] QnetError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error("layer {node}: {source}")]
+    Op { node: String, source: OpsError },
+    #[error("calibration options: {0}")]
+    Options(String),
+    #[error("calibration needs at least one frame")]
+    NoFrames,
+}
+
+/// The statistic (and, for LiDAR-PTQ, the whole procedure) that sets the parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    MinMax,
+    Percentile { percentile: f64, occupied_only: bool },
+    Entropy { occupied_only: bool },
+    /// Min-max, then (switchable) grid search, TGPL and adaptive rounding.
+    LidarPtq,
+}
+
+impl Method {
+    /// The CLI / provenance name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::MinMax => "minmax",
+            Method::Percentile { occupied_only: false, .. } => "percentile",
+            Method::Percentile { occupied_only: true, .. } => "percentile-occupied",
+            Method::Entropy { occupied_only: false } => "entropy",
+            Method::Entropy { occupied_only: true } => "entropy-occupied",
+            Method::LidarPtq => "lidar-ptq",
+        }
+    }
+
+    /// Parses a CLI name (percentile at 99.99).
+    pub fn from_name(name: &str) -> Option<Method> {
+        Some(match name {
+            "minmax" => Method::MinMax,
+            "percentile" => Method::Percentile { percentile: 99.99, occupied_only: false },
+            "percentile-occupied" => Method::Percentile { percentile: 99.99, occupied_only: true },
+            "entropy" => Method::Entropy { occupied_only: false },
+            "entropy-occupied" => Method::Entropy { occupied_only: true },
+            "lidar-ptq" => Method::LidarPtq,
+            _ => return None,
+        })
+    }
+
+    fn observer(&self) -> Option<ObserverKind> {
+        match *self {
+            Method::Percentile { percentile, occupied_only } => Some(ObserverKind::Percentile {
+                percentile,
+                sparsity_aware: occupied_only,
+            }),
+            Method::Entropy { occupied_only } => Some(ObserverKind::Entropy {
+                sparsity_aware: occupied_only,
+            }),
+            Method::MinMax | Method::LidarPtq => None,
+        }
+    }
+}
+
+/// Everything that decides a calibration (recorded in the provenance).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibOptions {
+    pub method: Method,
+    pub weight_bits: u32,
+    pub activation_bits: u32,
+    pub flavour: Flavour,
+    /// Layer nodes that stay float (by node name).
+    pub keep_float: Vec<String>,
+    /// LiDAR-PTQ component 1; `None` keeps plain min-max.
+    pub grid_search: Option<GridSearch>,
+    /// Frames whose activations feed the activation grid search.
+    pub grid_frames: usize,
+    /// Non-zero entries sampled per value for the activation grid search (zeros are
+    /// exact on every candidate grid, so they cannot change the choice).
+    pub grid_samples: usize,
+    /// LiDAR-PTQ components 2 and 3.
+    pub recon: ReconOptions,
+    pub seed: u64,
+}
+
+impl CalibOptions {
+    /// Defaults of a method: W8A8, asymmetric activations, every layer quantized, and
+    /// for LiDAR-PTQ every component on.
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            weight_bits: 8,
+            activation_bits: 8,
+            flavour: Flavour::Asymmetric,
+            keep_float: Vec::new(),
+            grid_search: Some(GridSearch::default()),
+            grid_frames: 16,
+            grid_samples: 1 << 16,
+            recon: ReconOptions::default(),
+            seed: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<(), CalibError> {
+        let bad = |m: String| Err(CalibError::Options(m));
+        if !matches!(self.weight_bits, 4 | 8) {
+            return bad(format!("weight bits {} (4 or 8)", self.weight_bits));
+        }
+        if !matches!(self.activation_bits, 4 | 8) {
+            return bad(format!("activation bits {} (4 or 8)", self.activation_bits));
+        }
+        if self.grid_search.is_some() && (self.grid_frames == 0 || self.grid_samples == 0) {
+            return bad("grid search needs grid_frames > 0 and grid_samples > 0".into());
+        }
+        self.recon.validate().map_err(CalibError::Options)
+    }
+
+    /// Whether the reconstruction phase runs.
+    pub fn reconstructs(&self) -> bool {
+        self.method == Method::LidarPtq && (self.recon.tgpl || self.recon.adaround)
+    }
+
+    /// Method parameters as text, for the provenance.
+    pub fn params(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("flavour", format!("{:?}", self.flavour).to_lowercase());
+        put("keep_float", self.keep_float.join(","));
+        match self.method {
+            Method::Percentile { percentile, occupied_only } => {
+                put("percentile", percentile.to_string());
+                put("occupied_only", occupied_only.to_string());
+            }
+            Method::Entropy { occupied_only } => put("occupied_only", occupied_only.to_string()),
+            Method::MinMax => {}
+            Method::LidarPtq => {
+                match &self.grid_search {
+                    Some(g) => {
+                        put("grid_search", "on".into());
+                        put("grid_candidates", g.candidates.to_string());
+                        put("grid_step", g.step.to_string());
+                        put("grid_p", g.p.to_string());
+                        put("grid_frames", self.grid_frames.to_string());
+                        put("grid_samples", self.grid_samples.to_string());
+                    }
+                    None => put("grid_search", "off".into()),
+                }
+                for (k, v) in self.recon.params() {
+                    m.insert(k, v);
+                }
+            }
+        }
+        m
+    }
+}
+
+/// One frame's network input, owned.
+#[derive(Debug, Clone)]
+pub struct FrameInput {
+    pub decorated: Vec<f32>,
+    pub max_points: usize,
+    pub width: usize,
+    pub counts: Vec<u32>,
+    pub coords: Vec<[u32; 3]>,
+}
+
+impl FrameInput {
+    /// Voxelises (deployment caps) and decorates a scan.
+    pub fn prepare(cfg: &ModelConfig, vox: &mut Voxelizer, points: &Points) -> Self {
+        let mut pillars = Pillars::default();
+        vox.voxelize(points, None, &mut pillars);
+        let mut decorated = Vec::new();
+        let width = decorate(cfg, &pillars, &mut decorated);
+        Self {
+            decorated,
+            max_points: pillars.max_points,
+            width,
+            counts: pillars.counts,
+            coords: pillars.coords,
+        }
+    }
+
+    pub fn net_input(&self) -> NetInput<'_> {
+        NetInput {
+            decorated: &self.decorated,
+            max_points: self.max_points,
+            width: self.width,
+            counts: &self.counts,
+            coords: &self.coords,
+        }
+    }
+}
+
+/// SHA-256 over the frames' points (count, then x, y, z, intensity little-endian).
+pub fn frames_digest(frames: &[Points]) -> String {
+    let mut h = Sha256::new();
+    h.update((frames.len() as u64).to_le_bytes());
+    for p in frames {
+        h.update((p.len() as u64).to_le_bytes());
+        for i in 0..p.len() {
+            for v in [p.x[i], p.y[i], p.z[i], p.intensity[i]] {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Group of every value: values tied by pillar max, scatter and concat share one
+/// parameter set. The group id is the smallest value id of the group.
+pub fn value_groups(graph: &Graph) -> Vec<usize> {
+    let n = graph.nodes.len() + 1;
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn find(p: &mut [usize], mut v: usize) -> usize {
+        while p[v] != v {
+            p[v] = p[p[v]];
+            v = p[v];
+        }
+        v
+    }
+    let union = |p: &mut Vec<usize>, a: usize, b: usize| {
+        let (ra, rb) = (find(p, a), find(p, b));
+        let (lo, hi) = (ra.min(rb), ra.max(rb));
+        p[hi] = lo;
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if !matches!(node.op, Op::Layer(_)) {
+            for &v in &node.inputs {
+                union(&mut parent, v, i + 1);
+            }
+        }
+    }
+    (0..n).map(|v| find(&mut parent, v)).collect()
+}
+
+/// Which layers run in integer and which group each integer layer's input belongs to.
+#[derive(Debug, Clone)]
+pub struct QuantPlan {
+    /// Per node: whether it is an integer layer.
+    pub int_layer: Vec<bool>,
+    /// Group of each value.
+    pub group: Vec<usize>,
+    /// Per group id: the first integer layer reading a value of the group (its owner in
+    /// the reconstruction), `None` when no integer layer reads it (the group stays float).
+    pub owner: Vec<Option<usize>>,
+}
+
+impl QuantPlan {
+    pub fn new(graph: &Graph, keep_float: &[String]) -> Result<Self, CalibError> {
+        for name in keep_float {
+            let ok = graph
+                .nodes
+                .iter()
+                .any(|n| &n.name == name && matches!(n.op, Op::Layer(_)));
+            if !ok {
+                return Err(CalibError::Options(format!(
+                    "keep-float layer `{name}` is not a layer of the model"
+                )));
+            }
+        }
+        let int_layer: Vec<bool> = graph
+            .nodes
+            .iter()
+            .map(|n| matches!(n.op, Op::Layer(_)) && !keep_float.contains(&n.name))
+            .collect();
+        let group = value_groups(graph);
+        let mut owner = vec![None; graph.nodes.len() + 1];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            if int_layer[i] {
+                let g = group[n.inputs[0]];
+                owner[g].get_or_insert(i);
+            }
+        }
+        Ok(Self { int_layer, group, owner })
+    }
+
+    /// Whether value `v` gets activation parameters.
+    pub fn quantized(&self, v: usize) -> bool {
+        self.owner[self.group[v]].is_some()
+    }
+
+    /// Values of group `g`.
+    pub fn members(&self, g: usize) -> impl Iterator<Item = usize> + '_ {
+        self.group.iter().enumerate().filter(move |(_, x)| **x == g).map(|(v, _)| v)
+    }
+}
+
+/// Per-channel symmetric weight codes from per-channel parameters.
+pub fn layer_weights(folded: &FoldedLayer, out_axis: usize, qs: &[QParams], bits: u32) -> LayerWeights {
+    let shape = folded.weight.shape.clone();
+    let inner: usize = shape[out_axis + 1..].iter().product();
+    let cout = shape[out_axis];
+    let codes = folded
+        .weight
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| qs[(i / inner) % cout].quantize(w) as i8)
+        .collect();
+    LayerWeights {
+        bits,
+        codes,
+        shape,
+        scales: qs.iter().map(|q| q.scale).collect(),
+        bias: folded.bias.clone(),
+    }
+}
+
+/// Calibrates without progress output.
+pub fn calibrate(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    frames: &[Points],
+    opts: &CalibOptions,
+) -> Result<QuantModel, CalibError> {
+    calibrate_with_progress(cfg, weights, frames, opts, &indicatif::ProgressBar::hidden())
+}
+
+/// Per group statistics of the FP pass.
+struct GroupStats {
+    minmax: MinMax,
+    observer: Option<Box<dyn Observer + Send>>,
+    samples: Vec<f32>,
+}
+
+/// Calibrates `weights` (of the model `cfg`) on `frames`; `progress` shows the FP pass
+/// and the reconstruction.
+pub fn calibrate_with_progress(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    frames: &[Points],
+    opts: &CalibOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<QuantModel, CalibError> {
+    Ok(calibrate_detailed(cfg, weights, frames, opts, progress)?.model)
+}
+
+/// A calibrated model and, for LiDAR-PTQ's reconstruction, the objective of every unit
+/// before and after its optimisation.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub model: QuantModel,
+    pub units: Vec<UnitReport>,
+}
+
+/// [`calibrate_with_progress`] with the per-unit reports.
+pub fn calibrate_detailed(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    frames: &[Points],
+    opts: &CalibOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<Calibration, CalibError> {
+    opts.validate()?;
+    if frames.is_empty() {
+        return Err(CalibError::NoFrames);
+    }
+    let graph = Graph::build(cfg).map_err(CalibError::Model)?;
+    let folded = fold_layers(&graph, weights)?;
+    let plan = QuantPlan::new(&graph, &opts.keep_float)?;
+    let provenance = Provenance {
+        fp32_digest: weights.digest(),
+        config_yaml: cfg.to_yaml(),
+        method: opts.method.name().to_string(),
+        params: opts.params(),
+        weight_bits: opts.weight_bits,
+        activation_bits: opts.activation_bits,
+        frames: frames.len(),
+        frames_digest: frames_digest(frames),
+        seed: opts.seed,
+    };
+    let act_grid = Grid::activation(opts.activation_bits, opts.flavour);
+    let n = graph.nodes.len();
+
+    // Values observed: those read by a layer, in a group that gets parameters.
+    let mut observed = vec![false; n + 1];
+    for node in &graph.nodes {
+        if matches!(node.op, Op::Layer(_)) && plan.quantized(node.inputs[0]) {
+            observed[node.inputs[0]] = true;
+        }
+    }
+    let observer_kind = opts.method.observer();
+    let grid_search = match opts.method {
+        Method::LidarPtq => opts.grid_search,
+        _ => None,
+    };
+    let mut stats: BTreeMap<usize, GroupStats> = BTreeMap::new();
+    for v in 0..=n {
+        if observed[v] && !stats.contains_key(&plan.group[v]) {
+            stats.insert(
+                plan.group[v],
+                GroupStats {
+                    minmax: MinMax::new(),
+                    observer: observer_kind.map(|k| k.build()).transpose()?,
+                    samples: Vec::new(),
+                },
+            );
+        }
+    }
+
+    // Frames used by the reconstruction: spread evenly over the calibration set.
+    let recon_idx: Vec<usize> = if opts.reconstructs() {
+        let r = opts.recon.frames.min(frames.len());
+        (0..r).map(|k| k * frames.len() / r).collect()
+    } else {
+        Vec::new()
+    };
+    let mut recon_frames: Vec<(FrameInput, Positives)> = Vec::new();
+
+    // The FP pass.
+    let fp = QuantNet::from_folded(&graph, &folded, &float_model(&graph, provenance.clone()))?;
+    let mut last_use = vec![0usize; n + 1];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &v in &node.inputs {
+            last_use[v] = i;
+        }
+    }
+    for t in &graph.tasks {
+        for &v in std::iter::once(&t.heatmap).chain(&t.regression) {
+            last_use[v] = usize::MAX;
+        }
+    }
+    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let per_frame_samples = opts.grid_samples.div_ceil(opts.grid_frames.max(1));
+    progress.set_length(frames.len() as u64);
+    progress.set_position(0);
+    progress.set_message("FP statistics");
+    for (k, points) in frames.iter().enumerate() {
+        let frame = FrameInput::prepare(cfg, &mut vox, points);
+        let input = frame.net_input();
+        let mut values: Vec<Option<QValue>> = vec![None; n + 1];
+        let mut observe = |v: usize, x: &QValue, rng: &mut ChaCha8Rng| -> Result<(), CalibError> {
+            if !observed[v] {
+                return Ok(());
+            }
+            let QValue::Float(t) = x else {
+                return Err(CalibError::Model("FP pass produced a quantized value".into()));
+            };
+            let s = stats.get_mut(&plan.group[v]).expect("observed value has stats");
+            s.minmax.observe(&t.data)?;
+            if let Some(o) = s.observer.as_mut() {
+                o.observe(&t.data)?;
+            }
+            if grid_search.is_some() && k < opts.grid_frames {
+                let nonzero: Vec<f32> = t.data.iter().copied().filter(|&x| x != 0.0).collect();
+                if !nonzero.is_empty() {
+                    for _ in 0..per_frame_samples {
+                        s.samples.push(nonzero[rng.random_range(0..nonzero.len())]);
+                    }
+                }
+            }
+            Ok(())
+        };
+        let x0 = fp.input_value(&input)?;
+        observe(0, &x0, &mut rng)?;
+        values[0] = Some(x0);
+        for i in 0..n {
+            let y = fp.run_node(i, &values, &input)?;
+            observe(i + 1, &y, &mut rng)?;
+            values[i + 1] = Some(y);
+            for &v in &graph.nodes[i].inputs {
+                if last_use[v] == i {
+                    values[v] = None;
+                }
+            }
+        }
+        if recon_idx.contains(&k) {
+            let mut floats: Vec<Option<Tensor>> =
+                values.into_iter().map(|v| v.map(QValue::into_float)).collect();
+            let heads = collect_heads(&graph, &mut floats)?;
+            let pos = positives(cfg, &heads, &opts.recon.tgpl_options);
+            recon_frames.push((frame, pos));
+        }
+        progress.inc(1);
+    }
+
+    // Activation parameters per group.
+    let mut group_params: BTreeMap<usize, QParams> = BTreeMap::new();
+    for (&g, s) in &stats {
+        let q = match (&s.observer, &grid_search) {
+            (Some(o), _) => o.finish(act_grid, opts.flavour)?,
+            (None, Some(gs)) => {
+                let (lo, hi) = s.minmax.range().ok_or(QuantError::Empty { what: "activation statistics" })?;
+                if s.samples.is_empty() {
+                    QParams::for_range(lo, hi, act_grid, opts.flavour)
+                } else {
+                    gs.search(&s.samples, lo, hi, act_grid, opts.flavour)?.qparams
+                }
+            }
+            (None, None) => s.minmax.finish(act_grid, opts.flavour)?,
+        };
+        group_params.insert(g, q);
+    }
+    let activations: Vec<Option<QParams>> = (0..=n)
+        .map(|v| plan.quantized(v).then(|| group_params[&plan.group[v]]))
+        .collect();
+
+    // Weights.
+    let mut layers = Vec::with_capacity(n);
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let Op::Layer(l) = &node.op else {
+            layers.push(None);
+            continue;
+        };
+        if !plan.int_layer[i] {
+            layers.push(Some(LayerPlan::Float));
+            continue;
+        }
+        let f = folded[i].as_ref().expect("layer folded");
+        let axis = weight_out_axis(l.kind);
+        let w = match &grid_search {
+            Some(gs) => {
+                let qs: Vec<QParams> = gs
+                    .search_per_channel(&f.weight, axis, Grid::weight(opts.weight_bits), Flavour::Symmetric)?
+                    .into_iter()
+                    .map(|r| r.qparams)
+                    .collect();
+                layer_weights(f, axis, &qs, opts.weight_bits)
+            }
+            None => quantize_weights_minmax(f, axis, opts.weight_bits),
+        };
+        layers.push(Some(LayerPlan::Int(w)));
+    }
+    let init = QuantModel {
+        provenance,
+        activations,
+        layers,
+    };
+    init.validate(&graph).map_err(CalibError::Model)?;
+    if !opts.reconstructs() {
+        return Ok(Calibration {
+            model: init,
+            units: Vec::new(),
+        });
+    }
+    let ctx = reconstruct::Context {
+        cfg,
+        graph: &graph,
+        folded: &folded,
+        plan: &plan,
+        opts: &opts.recon,
+        seed: opts.seed,
+    };
+    let (model, units) = reconstruct::reconstruct_with_report(&ctx, init, recon_frames, progress)?;
+    model.validate(&graph).map_err(CalibError::Model)?;
+    Ok(Calibration { model, units })
+}

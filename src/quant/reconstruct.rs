@@ -1,0 +1,1070 @@
+//! LiDAR-PTQ's unit-by-unit reconstruction: TGPL (component 2) and adaptive rounding
+//! (component 3).
+//!
+//! Units are the integer layers, in topological order. Each sees, on a subset of the
+//! calibration frames, the input produced by the already-quantized prefix (cached as a
+//! frontier of live values, advanced one node at a time) and the FP model's output of the
+//! same layer. Per unit it optimises, with Adam:
+//! - the rounding variables `V` of its weights (AdaRound form, regulariser annealed), when
+//!   adaptive rounding is on; otherwise the weights stay at round-to-nearest;
+//! - the step size of its input's activation quantizer (LSQ gradient, cosine-decayed
+//!   learning rate), when this unit is the first integer reader of that value's group
+//!   (a group's parameters are learnt once, by its first reader, then frozen);
+//!
+//! on `L = L_rec + lambda * L_TGPL (+ rounding regulariser)` with
+//! `L_rec` = squared L2 error of the unit's output per output position (summed over
+//! channels), averaged over positions (BRECQ's normalisation, which the regulariser
+//! weight 0.01 presumes); `lambda` balances both terms at iteration 0 unless given.
+//!
+//! Affordability (every choice a parameter; the defaults fit a 256-frame calibration of
+//! the default model into minutes on two cores):
+//! - iterations run on a random crop of the output (a window of the map for
+//!   convolutions, a subset of pillars for the pillar net); the full-map objective is
+//!   estimated by scaling the crop's terms;
+//! - TGPL needs the rest of the network run in FP from the unit to the heads and back,
+//!   which costs about a network pass. Its gradient w.r.t. the unit's output, `g`, is
+//!   refreshed on the full map every `tgpl_every` iterations (each refresh on the next
+//!   frame) and used in between as the linearisation `L_TGPL(y) ~ L_TGPL(y0) + <g, y - y0>`
+//!   (`tgpl_every = 1` is the exact gradient). Only heads reachable from the unit count
+//!   (the others are constant in its parameters).
+//!
+//! The cached prefix is simulated with fake quantization of the frontier values once
+//! their group's parameters are set; this can differ from the engine's requantization by
+//! one code at rare rounding ties, which only affects the reconstruction's inputs, not
+//! the exported model's semantics.
+
+use super::adam::{Adam, cosine_lr};
+use super::adaround::{AdaRound, BetaSchedule, DEFAULT_REG_WEIGHT};
+use super::calibrate::{CalibError, FrameInput, QuantPlan};
+use super::fake_quant::{GradScale, fake_quant, fake_quant_backward};
+use super::model::{LayerPlan, LayerWeights, QuantModel};
+use super::qnet::{QValue, QuantNet, float_model, weight_out_axis};
+use super::scheme::{Grid, MIN_SCALE, QParams};
+use super::tgpl::{Positives, TgplOptions, heatmap_loss, regression_loss};
+use crate::engine::fp32::{FoldedLayer, cells, concat_pillar_max, run_layer};
+use crate::model::ModelConfig;
+use crate::model::graph::{Graph, LayerKind, Op};
+use crate::ops::conv_transpose2d::ConvTranspose2dParams;
+use crate::ops::conv2d::Conv2dParams;
+use crate::ops::pillar_max::ArgMax;
+use crate::ops::{self, OpsError, Tensor};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+
+/// Options of the reconstruction (LiDAR-PTQ components 2 and 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconOptions {
+    /// Component 2: the TGPL term.
+    pub tgpl: bool,
+    /// Component 3: learned rounding (off: round-to-nearest, only step sizes learn).
+    pub adaround: bool,
+    /// Iterations per unit.
+    pub iters: usize,
+    /// Calibration frames used by the reconstruction (spread over the set).
+    pub frames: usize,
+    /// Side of the output window of a convolution unit per iteration (0: full map).
+    pub crop: usize,
+    /// Pillars per iteration of a pillar-net unit (0: all).
+    pub crop_pillars: usize,
+    /// Iterations between two full-map TGPL gradients.
+    pub tgpl_every: usize,
+    /// TGPL weight; `None` balances `L_rec` and `L_TGPL` at iteration 0.
+    pub lambda: Option<f32>,
+    /// Rounding regulariser weight `w_r`.
+    pub reg_weight: f32,
+    /// Regulariser warm-up fraction and `beta` annealing.
+    pub warmup: f32,
+    pub beta_start: f32,
+    pub beta_end: f32,
+    /// Adam learning rates: rounding variables, activation step sizes (cosine decay).
+    pub lr_v: f32,
+    pub lr_act: f32,
+    pub tgpl_options: TgplOptions,
+}
+
+impl Default for ReconOptions {
+    fn default() -> Self {
+        Self {
+            tgpl: true,
+            adaround: true,
+            iters: 200,
+            frames: 32,
+            crop: 32,
+            crop_pillars: 1024,
+            tgpl_every: 25,
+            lambda: None,
+            reg_weight: DEFAULT_REG_WEIGHT,
+            warmup: 0.2,
+            beta_start: 20.0,
+            beta_end: 2.0,
+            lr_v: 1e-3,
+            lr_act: 4e-5,
+            tgpl_options: TgplOptions::default(),
+        }
+    }
+}
+
+impl ReconOptions {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.iters == 0 || self.frames == 0 || self.tgpl_every == 0 {
+            return Err("reconstruction iters, frames and tgpl_every must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup) {
+            return Err(format!("warm-up fraction {} must be in [0, 1)", self.warmup));
+        }
+        let finite = [
+            self.reg_weight,
+            self.beta_start,
+            self.beta_end,
+            self.lr_v,
+            self.lr_act,
+        ];
+        if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err("regulariser weight, beta and learning rates must be finite and >= 0".into());
+        }
+        if self.lambda.is_some_and(|l| !l.is_finite() || l < 0.0) {
+            return Err("lambda must be finite and >= 0".into());
+        }
+        Ok(())
+    }
+
+    /// The options as text (provenance).
+    pub fn params(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        let on = |b: bool| if b { "on" } else { "off" }.to_string();
+        m.insert("tgpl".into(), on(self.tgpl));
+        m.insert("adaround".into(), on(self.adaround));
+        if self.tgpl || self.adaround {
+            for (k, v) in [
+                ("recon_iters", self.iters.to_string()),
+                ("recon_frames", self.frames.to_string()),
+                ("recon_crop", self.crop.to_string()),
+                ("recon_crop_pillars", self.crop_pillars.to_string()),
+                ("lr_act", self.lr_act.to_string()),
+            ] {
+                m.insert(k.into(), v);
+            }
+        }
+        if self.tgpl {
+            m.insert("tgpl_every".into(), self.tgpl_every.to_string());
+            m.insert(
+                "tgpl_lambda".into(),
+                self.lambda.map_or("balanced".into(), |l| l.to_string()),
+            );
+            m.insert("tgpl_top_k".into(), self.tgpl_options.top_k.to_string());
+            m.insert("tgpl_tau".into(), self.tgpl_options.score_threshold.to_string());
+        }
+        if self.adaround {
+            for (k, v) in [
+                ("adaround_reg_weight", self.reg_weight.to_string()),
+                ("adaround_warmup", self.warmup.to_string()),
+                ("adaround_beta", format!("{}..{}", self.beta_start, self.beta_end)),
+                ("lr_v", self.lr_v.to_string()),
+            ] {
+                m.insert(k.into(), v);
+            }
+        }
+        m
+    }
+}
+
+/// What the reconstruction works on.
+pub struct Context<'a> {
+    pub cfg: &'a ModelConfig,
+    pub graph: &'a Graph,
+    pub folded: &'a [Option<FoldedLayer>],
+    pub plan: &'a QuantPlan,
+    pub opts: &'a ReconOptions,
+    pub seed: u64,
+}
+
+/// The objective of one unit on the first reconstruction frame (full map), at
+/// round-to-nearest with the initial step size and after the optimisation (hardened).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitReport {
+    pub node: String,
+    pub rec_before: f64,
+    pub rec_after: f64,
+    /// TGPL terms (0 when TGPL is off).
+    pub tgpl_before: f64,
+    pub tgpl_after: f64,
+    pub lambda: f64,
+    /// Input step size before and after (equal when the unit does not own it).
+    pub scale_before: f32,
+    pub scale_after: f32,
+    /// Weights whose rounding differs from round-to-nearest.
+    pub flipped: usize,
+}
+
+impl UnitReport {
+    pub fn objective_before(&self) -> f64 {
+        self.rec_before + self.lambda * self.tgpl_before
+    }
+
+    pub fn objective_after(&self) -> f64 {
+        self.rec_after + self.lambda * self.tgpl_after
+    }
+}
+
+/// One reconstruction frame: its input, positives and the two frontiers.
+struct FrameState {
+    input: FrameInput,
+    pos: Positives,
+    /// Values of the partially quantized network that later nodes still read.
+    q: Vec<Option<QValue>>,
+    /// Values of the FP network.
+    fp: Vec<Option<QValue>>,
+}
+
+/// Which part of a unit's output an iteration looks at.
+#[derive(Debug, Clone, PartialEq)]
+enum Crop {
+    Full,
+    /// Conv2d: output window; transposed conv (kernel == stride): input window.
+    Window { y0: usize, x0: usize, h: usize, w: usize },
+    /// Linear over `[P, N, C]`: these pillars.
+    Rows(Vec<usize>),
+}
+
+/// `t[.., y0 - pad.., x0 - pad..]` window of an NCHW image `[1, C, H, W]`, zero outside.
+fn window(t: &Tensor, y0: isize, x0: isize, h: usize, w: usize) -> Tensor {
+    let (c, ih, iw) = (t.shape[1], t.shape[2] as isize, t.shape[3] as isize);
+    let mut out = Tensor::zeros(&[1, c, h, w]);
+    for ch in 0..c {
+        for y in 0..h {
+            let sy = y0 + y as isize;
+            if sy < 0 || sy >= ih {
+                continue;
+            }
+            for x in 0..w {
+                let sx = x0 + x as isize;
+                if sx < 0 || sx >= iw {
+                    continue;
+                }
+                out.data[(ch * h + y) * w + x] =
+                    t.data[(ch as isize * ih + sy) as usize * iw as usize + sx as usize];
+            }
+        }
+    }
+    out
+}
+
+/// Pillars `rows` of a `[P, ...]` tensor.
+fn rows(t: &Tensor, rows: &[usize]) -> Tensor {
+    let per: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = rows.len();
+    let mut data = Vec::with_capacity(rows.len() * per);
+    for &r in rows {
+        data.extend_from_slice(&t.data[r * per..(r + 1) * per]);
+    }
+    Tensor { shape, data }
+}
+
+/// The unit's layer with what the optimisation needs.
+struct UnitLayer<'a> {
+    kind: LayerKind,
+    relu: bool,
+    bias: &'a [f32],
+}
+
+impl UnitLayer<'_> {
+    /// Input part of `x` a crop needs (with the convolution's halo, zeros outside).
+    fn crop_input(&self, x: &Tensor, crop: &Crop) -> Tensor {
+        match (crop, self.kind) {
+            (Crop::Full, _) => x.clone(),
+            (Crop::Rows(r), _) => rows(x, r),
+            (Crop::Window { y0, x0, h, w }, LayerKind::Conv2d { kernel, stride, padding }) => {
+                let iy = (y0 * stride) as isize - padding as isize;
+                let ix = (x0 * stride) as isize - padding as isize;
+                window(x, iy, ix, (h - 1) * stride + kernel, (w - 1) * stride + kernel)
+            }
+            (Crop::Window { y0, x0, h, w }, _) => window(x, *y0 as isize, *x0 as isize, *h, *w),
+        }
+    }
+
+    /// Output part of a full output-shaped tensor that a crop produces.
+    fn crop_output(&self, y: &Tensor, crop: &Crop) -> Tensor {
+        match (crop, self.kind) {
+            (Crop::Full, _) => y.clone(),
+            (Crop::Rows(r), _) => rows(y, r),
+            (Crop::Window { y0, x0, h, w }, LayerKind::ConvTranspose2d { stride, .. }) => {
+                window(y, (y0 * stride) as isize, (x0 * stride) as isize, h * stride, w * stride)
+            }
+            (Crop::Window { y0, x0, h, w }, _) => window(y, *y0 as isize, *x0 as isize, *h, *w),
+        }
+    }
+
+    fn conv_params(&self, crop: &Crop) -> Conv2dParams {
+        match self.kind {
+            LayerKind::Conv2d { stride, padding, .. } => {
+                Conv2dParams::new(stride, if *crop == Crop::Full { padding } else { 0 })
+            }
+            _ => unreachable!("conv params of a conv"),
+        }
+    }
+
+    /// `relu(op(x, w) + b)` on a cropped input.
+    fn forward(&self, x: &Tensor, w: &Tensor, crop: &Crop) -> ops::Result<Tensor> {
+        let mut y = match self.kind {
+            LayerKind::Linear => ops::linear::forward(x, w, Some(self.bias))?,
+            LayerKind::Conv2d { .. } => ops::conv2d::forward(x, w, Some(self.bias), self.conv_params(crop))?,
+            LayerKind::ConvTranspose2d { stride, .. } => {
+                ops::conv_transpose2d::forward(x, w, Some(self.bias), ConvTranspose2dParams::new(stride, 0))?
+            }
+        };
+        if self.relu {
+            ops::relu::forward_inplace(&mut y);
+        }
+        Ok(y)
+    }
+
+    /// Gradients of input and weight from the gradient of the output (after ReLU).
+    fn backward(&self, x: &Tensor, w: &Tensor, y: &Tensor, gy: &Tensor, crop: &Crop) -> ops::Result<(Tensor, Tensor)> {
+        let g = if self.relu { ops::relu::backward(y, gy)? } else { gy.clone() };
+        Ok(match self.kind {
+            LayerKind::Linear => {
+                let r = ops::linear::backward(x, w, false, &g)?;
+                (r.input, r.weight)
+            }
+            LayerKind::Conv2d { .. } => {
+                let r = ops::conv2d::backward(x, w, false, self.conv_params(crop), &g)?;
+                (r.input, r.weight)
+            }
+            LayerKind::ConvTranspose2d { stride, .. } => {
+                let r = ops::conv_transpose2d::backward(x, w, false, ConvTranspose2dParams::new(stride, 0), &g)?;
+                (r.input, r.weight)
+            }
+        })
+    }
+
+    /// Output positions of an output tensor (pixels or point slots).
+    fn positions(&self, y: &Tensor) -> usize {
+        match self.kind {
+            LayerKind::Linear => y.len() / y.shape.last().copied().unwrap_or(1).max(1),
+            _ => y.shape[0] * y.shape[2] * y.shape[3],
+        }
+    }
+}
+
+/// Gradient of a layer's input from the gradient of its pre-ReLU output (FP weights).
+fn input_grad(kind: LayerKind, w: &Tensor, g: &Tensor, in_shape: &[usize]) -> ops::Result<Tensor> {
+    match kind {
+        LayerKind::Linear => {
+            let (cout, cin) = (w.shape[0], w.shape[1]);
+            let wt = Tensor::from_fn(&[cin, cout], |i| w.data[(i % cout) * cin + i / cout]);
+            ops::linear::forward(g, &wt, None)
+        }
+        LayerKind::Conv2d { kernel, stride, padding } => {
+            let op = |n: usize| (n + 2 * padding - kernel) % stride;
+            let p = ConvTranspose2dParams {
+                stride: (stride, stride),
+                padding: (padding, padding),
+                output_padding: (op(in_shape[2]), op(in_shape[3])),
+            };
+            ops::conv_transpose2d::forward(g, w, None, p)
+        }
+        LayerKind::ConvTranspose2d { stride, .. } => ops::conv2d::forward(g, w, None, Conv2dParams::new(stride, 0)),
+    }
+}
+
+fn add_into(slot: &mut Option<Tensor>, g: Tensor) {
+    match slot {
+        Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
+        None => *slot = Some(g),
+    }
+}
+
+/// The part of the network after a unit that TGPL runs: nodes needed for the heads the
+/// unit reaches, which of them depend on the unit, and the reached head outputs.
+struct Downstream {
+    nodes: Vec<usize>,
+    tainted_value: Vec<bool>,
+}
+
+impl Downstream {
+    fn new(graph: &Graph, unit: usize) -> Self {
+        let n = graph.nodes.len();
+        let mut tainted_value = vec![false; n + 1];
+        tainted_value[unit + 1] = true;
+        for j in unit + 1..n {
+            if graph.nodes[j].inputs.iter().any(|&v| tainted_value[v]) {
+                tainted_value[j + 1] = true;
+            }
+        }
+        let mut needed = vec![false; n + 1];
+        for t in &graph.tasks {
+            for &v in std::iter::once(&t.heatmap).chain(&t.regression) {
+                if tainted_value[v] {
+                    needed[v] = true;
+                }
+            }
+        }
+        let mut nodes = Vec::new();
+        for j in (unit + 1..n).rev() {
+            if needed[j + 1] {
+                nodes.push(j);
+                for &v in &graph.nodes[j].inputs {
+                    needed[v] = true;
+                }
+            }
+        }
+        nodes.reverse();
+        Self { nodes, tainted_value }
+    }
+}
+
+/// The reconstruction of every integer layer of `init`, in topological order. Returns
+/// the model and a report per optimised unit.
+pub fn reconstruct(
+    ctx: &Context<'_>,
+    init: QuantModel,
+    frames: Vec<(FrameInput, Positives)>,
+    progress: &indicatif::ProgressBar,
+) -> Result<QuantModel, CalibError> {
+    Ok(reconstruct_with_report(ctx, init, frames, progress)?.0)
+}
+
+/// Whether unit `i` has anything to learn.
+fn learns(ctx: &Context<'_>, i: usize) -> bool {
+    let u = ctx.graph.nodes[i].inputs[0];
+    ctx.opts.adaround || ctx.plan.owner[ctx.plan.group[u]] == Some(i)
+}
+
+/// [`reconstruct`] with the per-unit reports.
+pub fn reconstruct_with_report(
+    ctx: &Context<'_>,
+    init: QuantModel,
+    frames: Vec<(FrameInput, Positives)>,
+    progress: &indicatif::ProgressBar,
+) -> Result<(QuantModel, Vec<UnitReport>), CalibError> {
+    let graph = ctx.graph;
+    let n = graph.nodes.len();
+    if frames.is_empty() {
+        return Err(CalibError::NoFrames);
+    }
+    let mut consumers = vec![0usize; n + 1];
+    let mut last_use = vec![0usize; n + 1];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &v in &node.inputs {
+            consumers[v] += 1;
+            last_use[v] = i;
+        }
+    }
+    // The partial model: nothing quantized yet.
+    let mut model = float_model(graph, init.provenance.clone());
+    let fpnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+    let mut qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+    let mut states: Vec<FrameState> = Vec::with_capacity(frames.len());
+    for (input, pos) in frames {
+        let x0 = fpnet.input_value(&input.net_input())?;
+        let mut q = vec![None; n + 1];
+        let mut fp = vec![None; n + 1];
+        q[0] = Some(x0.clone());
+        fp[0] = Some(x0);
+        states.push(FrameState { input, pos, q, fp });
+    }
+    let units: Vec<usize> = (0..n).filter(|&i| ctx.plan.int_layer[i] && learns(ctx, i)).collect();
+    progress.set_length((units.len() * ctx.opts.iters) as u64);
+    progress.set_position(0);
+    let mut reports = Vec::new();
+    for i in 0..n {
+        let node = &graph.nodes[i];
+        if ctx.plan.int_layer[i] {
+            let Some(LayerPlan::Int(w0)) = &init.layers[i] else {
+                return Err(CalibError::Model(format!("{}: integer layer without weights", node.name)));
+            };
+            let u = node.inputs[0];
+            let g = ctx.plan.group[u];
+            let owns = ctx.plan.owner[g] == Some(i);
+            let in0 = init.activations[u]
+                .ok_or_else(|| CalibError::Model(format!("{}: quantized input without parameters", node.name)))?;
+            // FP outputs of the unit (they also advance the FP frontier).
+            let mut y_fp = Vec::with_capacity(states.len());
+            for s in &states {
+                y_fp.push(fpnet.run_node(i, &s.fp, &s.input.net_input())?.into_float());
+            }
+            let (w, in_params) = if learns(ctx, i) {
+                let k = units.iter().position(|&x| x == i).expect("unit");
+                progress.set_message(format!("unit {}/{} {}", k + 1, units.len(), node.name));
+                let (w, p, report) = optimise_unit(ctx, i, w0, in0, owns, &states, &y_fp, progress)?;
+                log::info!(
+                    "{}: L_rec {:.4e} -> {:.4e}, L_TGPL {:.4e} -> {:.4e} (lambda {:.3e}), step {:.4e} -> {:.4e}, {} roundings flipped",
+                    report.node,
+                    report.rec_before,
+                    report.rec_after,
+                    report.tgpl_before,
+                    report.tgpl_after,
+                    report.lambda,
+                    report.scale_before,
+                    report.scale_after,
+                    report.flipped
+                );
+                reports.push(report);
+                (w, p)
+            } else {
+                (w0.clone(), in0)
+            };
+            model.layers[i] = Some(LayerPlan::Int(w));
+            if owns {
+                let members: Vec<usize> = ctx.plan.members(g).collect();
+                for &v in &members {
+                    model.activations[v] = Some(in_params);
+                }
+                for s in &mut states {
+                    for &v in &members {
+                        if let Some(QValue::Float(t)) = &s.q[v] {
+                            s.q[v] = Some(QValue::quantize(t, in_params));
+                        }
+                    }
+                }
+            }
+            qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+            for (s, y) in states.iter_mut().zip(y_fp) {
+                let out = qnet.run_node(i, &s.q, &s.input.net_input())?;
+                s.q[i + 1] = Some(out);
+                s.fp[i + 1] = Some(QValue::Float(y));
+            }
+        } else {
+            if model.layers[i] != init.layers[i] {
+                model.layers[i] = init.layers[i].clone();
+                qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+            }
+            for s in &mut states {
+                let input = s.input.net_input();
+                let out = qnet.run_node(i, &s.q, &input)?;
+                let fout = fpnet.run_node(i, &s.fp, &input)?;
+                s.q[i + 1] = Some(out);
+                s.fp[i + 1] = Some(fout);
+            }
+        }
+        // Free what no later node reads.
+        for s in &mut states {
+            for &v in &node.inputs {
+                if last_use[v] == i {
+                    s.q[v] = None;
+                    s.fp[v] = None;
+                }
+            }
+            if consumers[i + 1] == 0 {
+                s.q[i + 1] = None;
+                s.fp[i + 1] = None;
+            }
+        }
+    }
+    // Every group's parameters are those of the initial model unless a unit learnt them.
+    for (v, a) in model.activations.iter_mut().enumerate() {
+        if a.is_none() {
+            *a = init.activations[v];
+        }
+    }
+    Ok((model, reports))
+}
+
+/// Weights of a unit during its optimisation: learned rounding or fixed nearest codes.
+enum UnitWeights {
+    Ada(AdaRound),
+    Fixed(Tensor),
+}
+
+impl UnitWeights {
+    fn current(&self, shape: &[usize]) -> Tensor {
+        match self {
+            UnitWeights::Ada(a) => Tensor {
+                shape: shape.to_vec(),
+                data: a.soft_weights(),
+            },
+            UnitWeights::Fixed(t) => t.clone(),
+        }
+    }
+
+    fn hard(&self, shape: &[usize]) -> Tensor {
+        match self {
+            UnitWeights::Ada(a) => Tensor {
+                shape: shape.to_vec(),
+                data: a.hard_weights(),
+            },
+            UnitWeights::Fixed(t) => t.clone(),
+        }
+    }
+}
+
+/// Dequantized weights of a layer's codes.
+fn dequantized(w: &LayerWeights, out_axis: usize) -> Tensor {
+    let inner: usize = w.shape[out_axis + 1..].iter().product();
+    let cout = w.shape[out_axis];
+    Tensor {
+        shape: w.shape.clone(),
+        data: w
+            .codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| w.scales[(i / inner) % cout] * c as f32)
+            .collect(),
+    }
+}
+
+fn unit_input(states: &[FrameState], f: usize, u: usize) -> &QValue {
+    states[f].q[u].as_ref().expect("unit input in the frontier")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn optimise_unit(
+    ctx: &Context<'_>,
+    i: usize,
+    w0: &LayerWeights,
+    in0: QParams,
+    owns: bool,
+    states: &[FrameState],
+    y_fp: &[Tensor],
+    progress: &indicatif::ProgressBar,
+) -> Result<(LayerWeights, QParams, UnitReport), CalibError> {
+    let node = &ctx.graph.nodes[i];
+    let Op::Layer(l) = &node.op else {
+        unreachable!("units are layers")
+    };
+    let err = |source: OpsError| CalibError::Op {
+        node: node.name.clone(),
+        source,
+    };
+    let opts = ctx.opts;
+    let folded = ctx.folded[i].as_ref().expect("layer folded");
+    let layer = UnitLayer {
+        kind: l.kind,
+        relu: l.relu,
+        bias: &folded.bias,
+    };
+    let out_axis = weight_out_axis(l.kind);
+    let shape = w0.shape.clone();
+    let wgrid = Grid::weight(w0.bits);
+    let wq: Vec<QParams> = w0
+        .scales
+        .iter()
+        .map(|&s| QParams {
+            scale: s,
+            zero_point: 0,
+            grid: wgrid,
+        })
+        .collect();
+    let mut weights = if opts.adaround {
+        UnitWeights::Ada(AdaRound::new(&folded.weight, out_axis, &wq)?)
+    } else {
+        UnitWeights::Fixed(dequantized(w0, out_axis))
+    };
+    let nearest = dequantized(w0, out_axis);
+    let mut scale = in0.scale;
+    let mut adam_v = match &weights {
+        UnitWeights::Ada(a) => Some(Adam::new(a.len())),
+        UnitWeights::Fixed(_) => None,
+    };
+    let mut adam_s = Adam::new(1);
+    let sched = BetaSchedule {
+        iters: opts.iters,
+        warmup: opts.warmup,
+        start: opts.beta_start,
+        end: opts.beta_end,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
+    let u = node.inputs[0];
+    let down = Downstream::new(ctx.graph, i);
+    let input_of = |f: usize| unit_input(states, f, u);
+    let qp = |s: f32| QParams { scale: s, ..in0 };
+
+    // Full-map unit output of frame f with given weights and step size.
+    let full_output = |f: usize, w: &Tensor, s: f32| -> Result<Tensor, CalibError> {
+        let x = input_of(f).to_float();
+        let x = if owns {
+            Tensor {
+                shape: x.shape.clone(),
+                data: fake_quant(&x.data, &qp(s)),
+            }
+        } else {
+            x
+        };
+        layer.forward(&x, w, &Crop::Full).map_err(err)
+    };
+    let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
+        let sq: f64 = y.data.iter().zip(&t.data).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        sq / layer.positions(y).max(1) as f64
+    };
+    let tgpl = |f: usize, y: Tensor| -> Result<(f64, Tensor), CalibError> {
+        tgpl_downstream(ctx, &down, i, &states[f], y)
+    };
+
+    // The objective before: nearest rounding, initial step size, frame 0.
+    let y_before = full_output(0, &nearest, in0.scale)?;
+    let rec_before = rec_loss(&y_before, &y_fp[0]);
+    let (tgpl_before, lambda) = if opts.tgpl {
+        let (l, _) = tgpl(0, y_before)?;
+        let lambda = opts.lambda.map(f64::from).unwrap_or(if l > 0.0 { rec_before / l } else { 0.0 });
+        (l, lambda)
+    } else {
+        (0.0, 0.0)
+    };
+
+    let frames = states.len();
+    let mut g_tgpl: Option<(usize, Tensor)> = None;
+    for t in 0..opts.iters {
+        let f = if opts.tgpl {
+            (t / opts.tgpl_every) % frames
+        } else {
+            t % frames
+        };
+        if opts.tgpl && t % opts.tgpl_every == 0 {
+            let w = weights.current(&shape);
+            let y = full_output(f, &w, scale)?;
+            let (_, g) = tgpl(f, y)?;
+            g_tgpl = Some((f, g));
+        }
+        // The crop of this iteration.
+        let yf = &y_fp[f];
+        let crop = match l.kind {
+            LayerKind::Linear => {
+                let p = yf.shape[0];
+                if opts.crop_pillars == 0 || opts.crop_pillars >= p {
+                    Crop::Full
+                } else {
+                    let mut idx = rand::seq::index::sample(&mut rng, p, opts.crop_pillars).into_vec();
+                    idx.sort_unstable();
+                    Crop::Rows(idx)
+                }
+            }
+            LayerKind::Conv2d { .. } => {
+                let (ho, wo) = (yf.shape[2], yf.shape[3]);
+                if opts.crop == 0 || (opts.crop >= ho && opts.crop >= wo) {
+                    Crop::Full
+                } else {
+                    let (h, w) = (opts.crop.min(ho), opts.crop.min(wo));
+                    Crop::Window {
+                        y0: rng.random_range(0..=ho - h),
+                        x0: rng.random_range(0..=wo - w),
+                        h,
+                        w,
+                    }
+                }
+            }
+            LayerKind::ConvTranspose2d { kernel, stride } => {
+                let x = input_of(f);
+                let (hi, wi) = (x.shape()[2], x.shape()[3]);
+                let side = opts.crop.div_ceil(stride);
+                if kernel != stride || opts.crop == 0 || (side >= hi && side >= wi) {
+                    Crop::Full
+                } else {
+                    let (h, w) = (side.min(hi), side.min(wi));
+                    Crop::Window {
+                        y0: rng.random_range(0..=hi - h),
+                        x0: rng.random_range(0..=wi - w),
+                        h,
+                        w,
+                    }
+                }
+            }
+        };
+        let xc = layer.crop_input(&input_of(f).to_float(), &crop);
+        let xq = if owns {
+            Tensor {
+                shape: xc.shape.clone(),
+                data: fake_quant(&xc.data, &qp(scale)),
+            }
+        } else {
+            xc.clone()
+        };
+        let w = weights.current(&shape);
+        let y = layer.forward(&xq, &w, &crop).map_err(err)?;
+        let target = layer.crop_output(yf, &crop);
+        let pos = layer.positions(&y).max(1) as f64;
+        let mut gy = Tensor::zeros(&y.shape);
+        let mut rec = 0f64;
+        for ((g, &a), &b) in gy.data.iter_mut().zip(&y.data).zip(&target.data) {
+            let d = (a - b) as f64;
+            rec += d * d;
+            *g = (2.0 * d / pos) as f32;
+        }
+        let last_rec = rec / pos;
+        if let Some((gf, g)) = &g_tgpl
+            && *gf == f
+            && lambda > 0.0
+        {
+            let gc = layer.crop_output(g, &crop);
+            let ratio = layer.positions(g) as f64 / pos;
+            let k = (lambda * ratio) as f32;
+            gy.data.iter_mut().zip(&gc.data).for_each(|(a, b)| *a += k * b);
+        }
+        let (gx, gw) = layer.backward(&xq, &w, &y, &gy, &crop).map_err(err)?;
+        if let (UnitWeights::Ada(a), Some(adam)) = (&mut weights, &mut adam_v) {
+            let mut gv = a.backward(&gw.data)?;
+            if let Some(beta) = sched.beta(t) {
+                a.add_regularizer_grad(beta, opts.reg_weight, &mut gv)?;
+            }
+            adam.step(&mut a.v, &gv, opts.lr_v)?;
+        }
+        if owns {
+            let gs = fake_quant_backward(&xc.data, &gx.data, &qp(scale), GradScale::Lsq)?.scale[0];
+            let mut s = [scale];
+            adam_s.step(&mut s, &[gs], cosine_lr(opts.lr_act, 0.0, t, opts.iters))?;
+            scale = s[0].max(MIN_SCALE);
+        }
+        if t % 10 == 0 {
+            progress.set_message(format!(
+                "{}: L_rec {:.3e}{}",
+                node.name,
+                last_rec,
+                if opts.tgpl { format!(", lambda {lambda:.2e}") } else { String::new() }
+            ));
+        }
+        progress.inc(1);
+    }
+
+    // Harden and report.
+    let hard = weights.hard(&shape);
+    let codes: Vec<i8> = match &weights {
+        UnitWeights::Ada(a) => a.hard_codes().into_iter().map(|c| c as i8).collect(),
+        UnitWeights::Fixed(_) => w0.codes.clone(),
+    };
+    let flipped = codes.iter().zip(&w0.codes).filter(|(a, b)| a != b).count();
+    let y_after = full_output(0, &hard, scale)?;
+    let rec_after = rec_loss(&y_after, &y_fp[0]);
+    let tgpl_after = if opts.tgpl { tgpl(0, y_after)?.0 } else { 0.0 };
+    let w = LayerWeights {
+        bits: w0.bits,
+        codes,
+        shape,
+        scales: w0.scales.clone(),
+        bias: w0.bias.clone(),
+    };
+    let report = UnitReport {
+        node: node.name.clone(),
+        rec_before,
+        rec_after,
+        tgpl_before,
+        tgpl_after,
+        lambda,
+        scale_before: in0.scale,
+        scale_after: scale,
+        flipped,
+    };
+    Ok((w, qp(scale), report))
+}
+
+/// TGPL of frame `s` when unit `unit` outputs `y`: the FP rest of the network from the
+/// frontier to the reached heads, the loss there, and its gradient w.r.t. `y`.
+fn tgpl_downstream(
+    ctx: &Context<'_>,
+    down: &Downstream,
+    unit: usize,
+    s: &FrameState,
+    y: Tensor,
+) -> Result<(f64, Tensor), CalibError> {
+    let graph = ctx.graph;
+    let n = graph.nodes.len();
+    let input = s.input.net_input();
+    let mut vals: Vec<Option<Tensor>> = vec![None; n + 1];
+    let mut argmax: Vec<Option<ArgMax>> = vec![None; n];
+    vals[unit + 1] = Some(y);
+    let (ny, nx) = graph.bev;
+    for &j in &down.nodes {
+        let node = &graph.nodes[j];
+        let err = |source: OpsError| CalibError::Op {
+            node: node.name.clone(),
+            source,
+        };
+        for &v in &node.inputs {
+            if vals[v].is_none() {
+                let q = s.q[v].as_ref().ok_or_else(|| {
+                    CalibError::Model(format!("{} reads value {v}, not in the frontier", node.name))
+                })?;
+                vals[v] = Some(q.to_float());
+            }
+        }
+        let x = vals[node.inputs[0]].as_ref().expect("fetched");
+        let out = match &node.op {
+            Op::Layer(l) => {
+                let f = ctx.folded[j].as_ref().expect("layer folded");
+                run_layer(l.kind, x, f, l.relu).map_err(err)?
+            }
+            Op::PillarMax {
+                concat_back,
+                include_padding,
+            } => {
+                let counts: Vec<u32> = if *include_padding {
+                    vec![input.max_points as u32; input.counts.len()]
+                } else {
+                    input.counts.to_vec()
+                };
+                let (m, arg) = ops::pillar_max::forward(x, &counts).map_err(err)?;
+                argmax[j] = Some(arg);
+                if *concat_back { concat_pillar_max(x, &m) } else { m }
+            }
+            Op::Scatter { .. } => {
+                let img = ops::scatter::forward(x, &cells(input.coords), ny, nx).map_err(err)?;
+                let sh = img.shape.clone();
+                img.reshape(vec![1, sh[0], sh[1], sh[2]]).map_err(err)?
+            }
+            Op::Concat => {
+                let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| vals[v].as_ref().expect("fetched")).collect();
+                ops::concat::forward(&ins, 1).map_err(err)?
+            }
+        };
+        vals[j + 1] = Some(out);
+    }
+    // The loss on the reached heads.
+    let lerr = |source: OpsError| CalibError::Op {
+        node: "tgpl".into(),
+        source,
+    };
+    let mut grads: Vec<Option<Tensor>> = vec![None; n + 1];
+    let mut total = 0f64;
+    let loc = ctx.cfg.loss.loc_weight;
+    for (t, heads) in graph.tasks.iter().enumerate() {
+        let pos = &s.pos.tasks[t];
+        if down.tainted_value[heads.heatmap] {
+            let hm = vals[heads.heatmap].as_ref().expect("computed");
+            let (l, g) = heatmap_loss(pos, hm).map_err(lerr)?;
+            total += l as f64;
+            add_into(&mut grads[heads.heatmap], g);
+        }
+        let mut first = 0;
+        for &v in &heads.regression {
+            let r = vals[v].as_ref().expect("computed");
+            let c = r.shape[1];
+            if down.tainted_value[v] {
+                let (l, mut g) = regression_loss(pos, first, r, &ctx.cfg.loss.code_weights).map_err(lerr)?;
+                total += (loc * l) as f64;
+                g.data.iter_mut().for_each(|x| *x *= loc);
+                add_into(&mut grads[v], g);
+            }
+            first += c;
+        }
+    }
+    // Back to the unit's output through the nodes that depend on it.
+    for &j in down.nodes.iter().rev() {
+        if !down.tainted_value[j + 1] {
+            continue;
+        }
+        let Some(gy) = grads[j + 1].take() else { continue };
+        let node = &graph.nodes[j];
+        let err = |source: OpsError| CalibError::Op {
+            node: node.name.clone(),
+            source,
+        };
+        let x = vals[node.inputs[0]].as_ref().expect("forward value");
+        match &node.op {
+            Op::Layer(l) => {
+                let yv = vals[j + 1].as_ref().expect("forward value");
+                let g = if l.relu { ops::relu::backward(yv, &gy).map_err(err)? } else { gy };
+                let f = ctx.folded[j].as_ref().expect("layer folded");
+                let gx = input_grad(l.kind, &f.weight, &g, &x.shape).map_err(err)?;
+                if down.tainted_value[node.inputs[0]] {
+                    add_into(&mut grads[node.inputs[0]], gx);
+                }
+            }
+            Op::PillarMax { concat_back, .. } => {
+                let arg = argmax[j].as_ref().expect("pillar max saved");
+                let gx = if *concat_back {
+                    let c = x.shape[2];
+                    let mut parts = ops::concat::backward(&gy, 2, &[c, c]).map_err(err)?;
+                    let g_rep = parts.pop().expect("two parts");
+                    let mut g_direct = parts.pop().expect("two parts");
+                    let gm = ops::repeat_points::backward(&g_rep).map_err(err)?;
+                    let via = ops::pillar_max::backward(arg, &gm).map_err(err)?;
+                    g_direct.data.iter_mut().zip(&via.data).for_each(|(a, b)| *a += b);
+                    g_direct
+                } else {
+                    ops::pillar_max::backward(arg, &gy).map_err(err)?
+                };
+                add_into(&mut grads[node.inputs[0]], gx);
+            }
+            Op::Scatter { .. } => {
+                let sh = gy.shape.clone();
+                let img = gy.reshape(sh[1..].to_vec()).map_err(err)?;
+                let gx = ops::scatter::backward(&img, &cells(input.coords)).map_err(err)?;
+                add_into(&mut grads[node.inputs[0]], gx);
+            }
+            Op::Concat => {
+                let sizes: Vec<usize> = node.inputs.iter().map(|&v| vals[v].as_ref().expect("forward").shape[1]).collect();
+                let parts = ops::concat::backward(&gy, 1, &sizes).map_err(err)?;
+                for (&v, p) in node.inputs.iter().zip(parts) {
+                    if down.tainted_value[v] {
+                        add_into(&mut grads[v], p);
+                    }
+                }
+            }
+        }
+    }
+    let g = grads[unit + 1]
+        .take()
+        .unwrap_or_else(|| Tensor::zeros(&vals[unit + 1].as_ref().expect("unit output").shape));
+    Ok((total, g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{rng, uniform};
+
+    fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        a.data.iter().zip(&b.data).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// The input gradients used by TGPL are the adjoints of the layers:
+    /// <op(x), g> = <x, input_grad(g)> for every kind, odd sizes and strides included.
+    #[test]
+    fn input_gradients_are_adjoints() {
+        let mut r = rng(3);
+        let cases = [
+            (LayerKind::Conv2d { kernel: 3, stride: 1, padding: 1 }, vec![1, 3, 7, 9], vec![4, 3, 3, 3]),
+            (LayerKind::Conv2d { kernel: 3, stride: 2, padding: 1 }, vec![1, 3, 8, 7], vec![4, 3, 3, 3]),
+            (LayerKind::Conv2d { kernel: 2, stride: 2, padding: 0 }, vec![1, 2, 6, 8], vec![5, 2, 2, 2]),
+            (LayerKind::ConvTranspose2d { kernel: 2, stride: 2 }, vec![1, 3, 4, 5], vec![3, 2, 2, 2]),
+            (LayerKind::Linear, vec![4, 3, 5], vec![6, 5]),
+        ];
+        for (kind, xs, ws) in cases {
+            let x = uniform(&mut r, &xs, 1.0);
+            let w = uniform(&mut r, &ws, 1.0);
+            let y = super::super::qnet::weighted_op(kind, &x, &w).unwrap();
+            let g = uniform(&mut r, &y.shape, 1.0);
+            let gx = input_grad(kind, &w, &g, &x.shape).unwrap();
+            assert_eq!(gx.shape, x.shape, "{kind:?}");
+            let (a, b) = (dot(&y, &g), dot(&x, &gx));
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{kind:?}: {a} vs {b}");
+        }
+    }
+
+    /// A cropped convolution reproduces the matching window of the full output.
+    #[test]
+    fn crops_reproduce_the_full_output() {
+        let mut r = rng(5);
+        let bias = [0.1f32, -0.2, 0.3, 0.0];
+        for kind in [
+            LayerKind::Conv2d { kernel: 3, stride: 1, padding: 1 },
+            LayerKind::Conv2d { kernel: 3, stride: 2, padding: 1 },
+            LayerKind::ConvTranspose2d { kernel: 2, stride: 2 },
+        ] {
+            let layer = UnitLayer { kind, relu: true, bias: &bias };
+            let x = uniform(&mut r, &[1, 3, 10, 12], 1.0);
+            let ws = match kind {
+                LayerKind::ConvTranspose2d { .. } => vec![3, 4, 2, 2],
+                _ => vec![4, 3, 3, 3],
+            };
+            let w = uniform(&mut r, &ws, 1.0);
+            let full = layer.forward(&x, &w, &Crop::Full).unwrap();
+            let crop = Crop::Window { y0: 1, x0: 2, h: 3, w: 4 };
+            let xc = layer.crop_input(&x, &crop);
+            let yc = layer.forward(&xc, &w, &crop).unwrap();
+            let want = layer.crop_output(&full, &crop);
+            assert_eq!(yc.shape, want.shape, "{kind:?}");
+            for (a, b) in yc.data.iter().zip(&want.data) {
+                assert!((a - b).abs() < 1e-5, "{kind:?}: {a} vs {b}");
+            }
+        }
+        // Pillar rows.
+        let layer = UnitLayer { kind: LayerKind::Linear, relu: false, bias: &bias };
+        let x = uniform(&mut r, &[6, 2, 3], 1.0);
+        let w = uniform(&mut r, &[4, 3], 1.0);
+        let full = layer.forward(&x, &w, &Crop::Full).unwrap();
+        let crop = Crop::Rows(vec![1, 4]);
+        let yc = layer.forward(&layer.crop_input(&x, &crop), &w, &crop).unwrap();
+        assert_eq!(yc, layer.crop_output(&full, &crop));
+    }
+}
