@@ -77,7 +77,8 @@ pub struct ReconOptions {
     pub warmup: f32,
     pub beta_start: f32,
     pub beta_end: f32,
-    /// Adam learning rates: rounding variables, activation step sizes (cosine decay).
+    /// Adam learning rates: rounding variables, activation step sizes relative to their
+    /// initial value (cosine decay).
     pub lr_v: f32,
     pub lr_act: f32,
     pub tgpl_options: TgplOptions,
@@ -99,7 +100,7 @@ impl Default for ReconOptions {
             beta_start: 20.0,
             beta_end: 2.0,
             lr_v: 1e-3,
-            lr_act: 4e-5,
+            lr_act: 3e-3,
             tgpl_options: TgplOptions::default(),
         }
     }
@@ -605,6 +606,9 @@ fn dequantized(w: &LayerWeights, out_axis: usize) -> Tensor {
     }
 }
 
+/// Smallest step size relative to the initial one (keeps a step from collapsing).
+const MIN_RATIO: f32 = 1e-2;
+
 fn unit_input(states: &[FrameState], f: usize, u: usize) -> &QValue {
     states[f].q[u].as_ref().expect("unit input in the frontier")
 }
@@ -653,6 +657,9 @@ fn optimise_unit(
         UnitWeights::Fixed(dequantized(w0, out_axis))
     };
     let nearest = dequantized(w0, out_axis);
+    // The step size is learnt relative to its initial value (s = s0 * r, Adam on r), so
+    // one learning rate suits every layer whatever the magnitude of its activations.
+    let mut ratio = 1.0f32;
     let mut scale = in0.scale;
     let mut adam_v = match &weights {
         UnitWeights::Ada(a) => Some(Adam::new(a.len())),
@@ -801,9 +808,10 @@ fn optimise_unit(
         }
         if owns {
             let gs = fake_quant_backward(&xc.data, &gx.data, &qp(scale), GradScale::Lsq)?.scale[0];
-            let mut s = [scale];
-            adam_s.step(&mut s, &[gs], cosine_lr(opts.lr_act, 0.0, t, opts.iters))?;
-            scale = s[0].max(MIN_SCALE);
+            let mut r = [ratio];
+            adam_s.step(&mut r, &[gs * in0.scale], cosine_lr(opts.lr_act, 0.0, t, opts.iters))?;
+            ratio = r[0].max(MIN_RATIO);
+            scale = (in0.scale * ratio).max(MIN_SCALE);
         }
         if t % 10 == 0 {
             progress.set_message(format!(
@@ -925,10 +933,10 @@ fn tgpl_downstream(
             add_into(&mut grads[heads.heatmap], g);
         }
         let mut first = 0;
-        for &v in &heads.regression {
-            let r = vals[v].as_ref().expect("computed");
-            let c = r.shape[1];
+        for (&v, sub) in heads.regression.iter().zip(&ctx.cfg.head.sub_heads) {
+            let c = sub.out;
             if down.tainted_value[v] {
+                let r = vals[v].as_ref().expect("computed");
                 let (l, mut g) = regression_loss(pos, first, r, &ctx.cfg.loss.code_weights).map_err(lerr)?;
                 total += (loc * l) as f64;
                 g.data.iter_mut().for_each(|x| *x *= loc);
