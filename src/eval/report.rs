@@ -300,9 +300,16 @@ impl Report {
             self.model, self.frames, self.source
         );
         let bands = &self.settings.distance_bands;
+        let w = self
+            .classes
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(5);
         let _ = write!(
             s,
-            "{:<14} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
+            "{:<w$} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
             "class",
             "gt",
             "dets",
@@ -326,7 +333,7 @@ impl Report {
             let at = |k: &str| num(c.ap_by_threshold.get(k).copied());
             let _ = write!(
                 s,
-                "{:<14} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
+                "{:<w$} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
                 name,
                 c.num_gt,
                 c.num_detections,
