@@ -24,7 +24,12 @@ pub enum DetectorError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error("model file {path}: {message}")]
+    ModelFile { path: String, message: String },
 }
+
+/// Weights-file metadata key holding the model config YAML (as training writes it).
+pub const MODEL_CONFIG_KEY: &str = "config";
 
 /// A CenterPoint detector running on the CPU in FP32.
 pub struct Detector {
@@ -59,6 +64,44 @@ impl Detector {
             message,
         })?;
         let (w, _) = Weights::load(weights, &graph)?;
+        Self::new(cfg, &w)
+    }
+
+    /// Reads a self-describing model file: safetensors weights whose metadata key
+    /// `config` holds the model config YAML. Returns both, checked against each other, so
+    /// callers may adjust the config (thresholds) before building a detector.
+    pub fn read_model_file(path: &Path) -> Result<(ModelConfig, Weights), DetectorError> {
+        let bytes = std::fs::read(path).map_err(|source| {
+            DetectorError::Weights(WeightsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
+        let (w, meta) = Weights::from_bytes(&bytes, path)?;
+        let yaml = meta
+            .get(MODEL_CONFIG_KEY)
+            .ok_or_else(|| DetectorError::ModelFile {
+                path: path.display().to_string(),
+                message: format!(
+                    "no model config embedded (metadata key `{MODEL_CONFIG_KEY}`); \
+                     pass the config YAML separately"
+                ),
+            })?;
+        let cfg = ModelConfig::from_yaml(yaml).map_err(|e| DetectorError::ModelFile {
+            path: path.display().to_string(),
+            message: format!("embedded config: {e}"),
+        })?;
+        let graph = Graph::build(&cfg).map_err(|message| DetectorError::Graph {
+            model: cfg.name.clone(),
+            message,
+        })?;
+        w.validate(&graph)?;
+        Ok((cfg, w))
+    }
+
+    /// Loads a self-describing model file (see [`Self::read_model_file`]).
+    pub fn from_model_file(path: &Path) -> Result<Self, DetectorError> {
+        let (cfg, w) = Self::read_model_file(path)?;
         Self::new(cfg, &w)
     }
 
@@ -115,6 +158,45 @@ mod tests {
             assert!(cfg.classes().contains(&d.class.as_str()));
         }
         assert!(det.last_pillars().len() > 100);
+    }
+
+    #[test]
+    fn model_files_carry_their_config() {
+        let cfg = ModelConfig::from_yaml(TINY).unwrap();
+        let w = random_weights(&Graph::build(&cfg).unwrap(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.safetensors");
+        let meta = std::collections::BTreeMap::from([(
+            MODEL_CONFIG_KEY.to_string(),
+            cfg.to_yaml(),
+        )]);
+        w.save(&path, &meta).unwrap();
+        let mut a = Detector::from_model_file(&path).unwrap();
+        let mut b = Detector::new(cfg.clone(), &w).unwrap();
+        assert_eq!(a.config(), &cfg);
+        let pts = scan(2, 3000);
+        assert_eq!(a.detect(&pts).unwrap(), b.detect(&pts).unwrap());
+
+        // Without the config, or with weights of another model: clear errors.
+        w.save(&path, &Default::default()).unwrap();
+        let e = Detector::from_model_file(&path).err().unwrap().to_string();
+        assert!(e.contains("no model config embedded"), "{e}");
+        let other = ModelConfig::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
+        )
+        .unwrap();
+        let wrong = std::collections::BTreeMap::from([(
+            MODEL_CONFIG_KEY.to_string(),
+            other.to_yaml(),
+        )]);
+        w.save(&path, &wrong).unwrap();
+        let e = Detector::from_model_file(&path).err().unwrap().to_string();
+        assert!(e.contains("weights do not fit the model"), "{e}");
+        let e = Detector::from_model_file(&dir.path().join("none.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("none.safetensors"), "{e}");
     }
 
     #[test]
