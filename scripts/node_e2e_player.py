@@ -65,6 +65,15 @@ def rss_mb(pid):
     return None
 
 
+def alive(pid):
+    """Running (a zombie, exited but not yet reaped by the shell, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def malformed_variants(template):
     """Three broken copies of a real cloud."""
     out = []
@@ -187,6 +196,8 @@ def main():
 
     t0 = time.time()
     while (node.pub.get_subscription_count() == 0 or node.count_publishers(node.det_topic) == 0) and time.time() - t0 < a.wait_s:
+        if not alive(a.node_pid):
+            raise SystemExit("player: the node exited before subscribing (see node.log)")
         time.sleep(0.1)
     if node.pub.get_subscription_count() == 0:
         raise SystemExit("player: the node never subscribed")

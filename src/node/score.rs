@@ -104,7 +104,7 @@ fn map_over(truth: &[&[Object]], dets: &[&[Detection]], classes: &[&str]) -> f64
     let frames: Vec<Frame<'_>> = truth
         .iter()
         .zip(dets)
-        .map(|(gt, d)| Frame { gt, detections: d })
+        .map(|(&gt, &d)| Frame { gt, detections: d })
         .collect();
     nuscenes_eval(&frames, &cfg).map
 }
