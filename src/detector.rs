@@ -166,10 +166,8 @@ mod tests {
         let w = random_weights(&Graph::build(&cfg).unwrap(), 4);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.safetensors");
-        let meta = std::collections::BTreeMap::from([(
-            MODEL_CONFIG_KEY.to_string(),
-            cfg.to_yaml(),
-        )]);
+        let meta =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), cfg.to_yaml())]);
         w.save(&path, &meta).unwrap();
         let mut a = Detector::from_model_file(&path).unwrap();
         let mut b = Detector::new(cfg.clone(), &w).unwrap();
@@ -185,10 +183,8 @@ mod tests {
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
         )
         .unwrap();
-        let wrong = std::collections::BTreeMap::from([(
-            MODEL_CONFIG_KEY.to_string(),
-            other.to_yaml(),
-        )]);
+        let wrong =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), other.to_yaml())]);
         w.save(&path, &wrong).unwrap();
         let e = Detector::from_model_file(&path).err().unwrap().to_string();
         assert!(e.contains("weights do not fit the model"), "{e}");

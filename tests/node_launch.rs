@@ -85,7 +85,12 @@ fn launch_files_reference_the_package_executable_parameters_and_files() {
     let package = std::fs::read_to_string(root.join("package.xml")).unwrap();
     let v = inspect();
     let declared: Vec<&str> = specs().iter().map(|s| s.name).collect();
-    let want_args = ["input_topic", "params_file", "precision", "calibration_mode"];
+    let want_args = [
+        "input_topic",
+        "params_file",
+        "precision",
+        "calibration_mode",
+    ];
 
     for (kind, l) in [("py", &v["py"]), ("xml", &v["xml"])] {
         let nodes = l["nodes"].as_array().unwrap();
@@ -138,7 +143,10 @@ fn launch_files_reference_the_package_executable_parameters_and_files() {
         .unwrap();
     for f in &share {
         assert!(root.join(f).exists(), "{f} missing");
-        assert!(xml_default.ends_with(f.as_str()), "xml default {xml_default}");
+        assert!(
+            xml_default.ends_with(f.as_str()),
+            "xml default {xml_default}"
+        );
         let dir = f.split('/').next().unwrap();
         assert!(
             cargo.contains(&format!("\"{dir}\"")),

@@ -67,9 +67,8 @@ fn node_score_compares_collected_with_offline_detections() {
     let mut det: Detector = lidar_ptq::node::engine::load_fp32(&params).unwrap();
     let scans = score::read_scans(&bag, &params).unwrap();
     assert_eq!(scans.len(), 3);
-    let all =
-        score::detect_offline(&mut det, &scans, &params, &indicatif::ProgressBar::hidden())
-            .unwrap();
+    let all = score::detect_offline(&mut det, &scans, &params, &indicatif::ProgressBar::hidden())
+        .unwrap();
     assert!(all.iter().any(|f| !f.detections.is_empty()));
     let collected: Vec<CollectedFrame> = vec![all[0].clone(), all[2].clone()];
     let collected_path = dir.path().join("collected.json");
@@ -108,8 +107,11 @@ fn node_score_compares_collected_with_offline_detections() {
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["frames_identical"], 1);
-    std::fs::write(&params_file, "lidar_ptq_node:\n  ros__parameters:\n    precision: int4\n")
-        .unwrap();
+    std::fs::write(
+        &params_file,
+        "lidar_ptq_node:\n  ros__parameters:\n    precision: int4\n",
+    )
+    .unwrap();
     let (ok, _, err) = run(&[
         "node-score".as_ref(),
         "--bag".as_ref(),

@@ -149,13 +149,24 @@ impl ScanSelector {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CalibrationState {
     Off,
-    Collecting { have: usize, want: usize },
-    Calibrating { progress: f32 },
+    Collecting {
+        have: usize,
+        want: usize,
+    },
+    Calibrating {
+        progress: f32,
+    },
     /// An INT8 model is in use (loaded from `source`: the cache or a path).
-    Done { source: String },
+    Done {
+        source: String,
+    },
     /// Calibration cannot run in this build or configuration; the node serves FP32.
-    Unavailable { reason: String },
-    Failed { error: String },
+    Unavailable {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 impl CalibrationState {
@@ -259,11 +270,9 @@ mod tests {
             "calibrating 26%"
         );
         assert!(
-            CalibrationState::Unavailable {
-                reason: "x".into()
-            }
-            .describe()
-            .contains("unavailable")
+            CalibrationState::Unavailable { reason: "x".into() }
+                .describe()
+                .contains("unavailable")
         );
     }
 }

@@ -245,7 +245,11 @@ mod tests {
         pts.push(1.0, 2.0, 3.0, 10.0);
         pts.push(-4.0, 5.5, -0.5, 200.0);
         pts.push(7.25, -8.0, 1.0, 0.0);
-        let ours = encode(&pts, Layout::Velodyne, msgs::Header::from_nanos(42, "lidar"));
+        let ours = encode(
+            &pts,
+            Layout::Velodyne,
+            msgs::Header::from_nanos(42, "lidar"),
+        );
         let theirs = cloud_to_r2r(&ours);
         assert_eq!(theirs.header.frame_id, "lidar");
         assert_eq!(theirs.header.stamp.nanosec, 42);

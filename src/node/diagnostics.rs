@@ -139,7 +139,8 @@ pub fn status(s: &Snapshot) -> Status {
         ("latency_ms_p99", ms(s.latency_ms.p99)),
         (
             "since_last_input_s",
-            s.since_input_s.map_or("never".into(), |t| format!("{t:.2}")),
+            s.since_input_s
+                .map_or("never".into(), |t| format!("{t:.2}")),
         ),
     ]
     .into_iter()

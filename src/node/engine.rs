@@ -4,12 +4,12 @@
 //! between two scans, so every scan runs start to end on one engine and no scan waits
 //! for calibration.
 
+use super::calib::CalibrationState;
+use super::params::{CalibrationMode, NodeParams, ParamError, Precision};
 use crate::boxes::Detection;
 use crate::cloud::Points;
 use crate::detector::{Detector, DetectorError};
 use crate::model::ModelConfig;
-use super::calib::CalibrationState;
-use super::params::{CalibrationMode, NodeParams, ParamError, Precision};
 use std::sync::{Arc, Mutex};
 
 /// Numeric precision of an engine.
@@ -141,7 +141,10 @@ pub enum StartError {
 /// The model config the node runs: the file's config with the NMS override, and the
 /// decoder's score floor lowered to the smallest configured threshold so that the
 /// per-class thresholds (applied after decoding) see every candidate they accept.
-pub fn prepare_config(mut cfg: ModelConfig, params: &NodeParams) -> Result<ModelConfig, ParamError> {
+pub fn prepare_config(
+    mut cfg: ModelConfig,
+    params: &NodeParams,
+) -> Result<ModelConfig, ParamError> {
     params.check_classes(&cfg.classes())?;
     if let Some(t) = params.nms_iou_threshold {
         cfg.decode.nms.threshold = t;
@@ -275,14 +278,17 @@ mod tests {
 
     #[test]
     fn start_follows_the_parameters() {
-        let cfg = ModelConfig::from_yaml(include_str!("../../tests/fixtures/tiny_model.yaml")).unwrap();
+        let cfg =
+            ModelConfig::from_yaml(include_str!("../../tests/fixtures/tiny_model.yaml")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny.safetensors");
         let meta = std::collections::BTreeMap::from([(
             crate::detector::MODEL_CONFIG_KEY.to_string(),
             cfg.to_yaml(),
         )]);
-        Weights::init(&Graph::build(&cfg).unwrap(), 3).save(&model, &meta).unwrap();
+        Weights::init(&Graph::build(&cfg).unwrap(), 3)
+            .save(&model, &meta)
+            .unwrap();
         let path = ParamValue::String(model.display().to_string());
         let s = |v: &str| ParamValue::String(v.into());
 
@@ -297,25 +303,43 @@ mod tests {
         assert_eq!(st.engine.precision(), ActivePrecision::Fp32);
         assert_eq!(st.engine.config().decode.score_threshold, 0.05);
         assert_eq!(st.engine.config().decode.nms.threshold, 0.5);
-        assert_eq!(st.calibration, CalibrationState::Collecting { have: 0, want: 8 });
+        assert_eq!(
+            st.calibration,
+            CalibrationState::Collecting { have: 0, want: 8 }
+        );
         assert!(st.notes.is_empty());
 
         // A higher node threshold leaves the model's decoder floor alone.
-        let st = start(&params(&[("model_path", path.clone()), ("precision", s("fp32")), ("calibration.mode", s("online"))])).unwrap();
+        let st = start(&params(&[
+            ("model_path", path.clone()),
+            ("precision", s("fp32")),
+            ("calibration.mode", s("online")),
+        ]))
+        .unwrap();
         assert_eq!(st.engine.config().decode.score_threshold, 0.1);
         assert_eq!(st.calibration, CalibrationState::Off);
         assert!(st.notes[0].contains("no effect"), "{:?}", st.notes);
 
-        let e = start(&params(&[("model_path", path.clone()), ("precision", s("int8"))])).err().unwrap();
+        let e = start(&params(&[
+            ("model_path", path.clone()),
+            ("precision", s("int8")),
+        ]))
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("no INT8 engine"), "{e}");
         let e = start(&params(&[
             ("model_path", path.clone()),
-            ("class_score_thresholds", ParamValue::StringArray(vec!["truck=0.2".into()])),
+            (
+                "class_score_thresholds",
+                ParamValue::StringArray(vec!["truck=0.2".into()]),
+            ),
         ]))
         .err()
         .unwrap();
         assert!(e.to_string().contains("no such class"), "{e}");
-        let e = start(&params(&[("model_path", s("/nonexistent/m.safetensors"))])).err().unwrap();
+        let e = start(&params(&[("model_path", s("/nonexistent/m.safetensors"))]))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("/nonexistent/m.safetensors"), "{e}");
     }
 }

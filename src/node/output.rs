@@ -222,7 +222,9 @@ mod tests {
         assert_eq!(a.detections[1].results[0].score, 0.5);
         assert_eq!(a.detections[1].id, "1");
         // Back through CDR and the independent quaternion -> yaw of msgs.
-        let back = Detection3DArray::from_cdr(&a.to_cdr()).unwrap().to_objects();
+        let back = Detection3DArray::from_cdr(&a.to_cdr())
+            .unwrap()
+            .to_objects();
         for (o, d) in back.iter().zip(&dets) {
             assert_eq!(o.class, d.class);
             assert_eq!(o.bbox.center, d.bbox.center);

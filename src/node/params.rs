@@ -507,17 +507,21 @@ impl NodeParams {
             CalibrationMode::Off
         } else {
             r.choice(
-            "calibration.mode",
-            &[
-                ("off", CalibrationMode::Off),
-                ("online", CalibrationMode::Online),
-                ("from-bag", CalibrationMode::FromBag),
-            ],
-        )?
+                "calibration.mode",
+                &[
+                    ("off", CalibrationMode::Off),
+                    ("online", CalibrationMode::Online),
+                    ("from-bag", CalibrationMode::FromBag),
+                ],
+            )?
         };
         let frames = r.integer("calibration.frames")?;
         if !(1..=10_000).contains(&frames) {
-            return Err(invalid("calibration.frames", frames, "must be in 1..=10000"));
+            return Err(invalid(
+                "calibration.frames",
+                frames,
+                "must be in 1..=10000",
+            ));
         }
         let spacing_s = r.double("calibration.spacing_s")?;
         if spacing_s < 0.0 {
@@ -617,7 +621,8 @@ impl NodeParams {
 
 /// Parameters every ROS node has; they are not ours to validate.
 fn is_ros_builtin(name: &str) -> bool {
-    matches!(name, "use_sim_time" | "start_type_description_service") || name.starts_with("qos_overrides.")
+    matches!(name, "use_sim_time" | "start_type_description_service")
+        || name.starts_with("qos_overrides.")
 }
 
 /// The parameters of `node` in a ROS 2 parameter file (`node: ros__parameters: ...`,
@@ -750,26 +755,53 @@ mod tests {
             ("device", s("tpu"), "must be cpu"),
             ("score_threshold", ParamValue::Double(1.5), "[0, 1]"),
             ("score_threshold", s("high"), "must be a double"),
-            ("class_score_thresholds", ParamValue::StringArray(vec!["car:0.3".into()]), "class=value"),
-            ("class_score_thresholds", ParamValue::StringArray(vec!["car=x".into()]), "not a number"),
-            ("class_score_thresholds", ParamValue::StringArray(vec!["car=0.3".into(), "car=0.4".into()]), "twice"),
+            (
+                "class_score_thresholds",
+                ParamValue::StringArray(vec!["car:0.3".into()]),
+                "class=value",
+            ),
+            (
+                "class_score_thresholds",
+                ParamValue::StringArray(vec!["car=x".into()]),
+                "not a number",
+            ),
+            (
+                "class_score_thresholds",
+                ParamValue::StringArray(vec!["car=0.3".into(), "car=0.4".into()]),
+                "twice",
+            ),
             ("max_range", ParamValue::Double(-1.0), ">= 0"),
             ("nms_iou_threshold", ParamValue::Double(2.0), "<= 1"),
             ("intensity_scale", ParamValue::Double(0.0), "> 0"),
             ("input_topic", s("points with space"), "topic name"),
             ("input_topic", s("/a//b"), "topic name"),
-            ("calibration.mode", s("sometimes"), "off | online | from-bag"),
+            (
+                "calibration.mode",
+                s("sometimes"),
+                "off | online | from-bag",
+            ),
             ("calibration.mode", s("from-bag"), "needs a bag"),
             ("calibration.frames", ParamValue::Integer(0), "1..=10000"),
-            ("calibration.frames", ParamValue::Double(3.0), "must be a integer"),
-            ("calibration.spacing_s", ParamValue::Double(f64::NAN), "finite"),
+            (
+                "calibration.frames",
+                ParamValue::Double(3.0),
+                "must be a integer",
+            ),
+            (
+                "calibration.spacing_s",
+                ParamValue::Double(f64::NAN),
+                "finite",
+            ),
             ("calibration.method", s("magic"), "lidar-ptq | minmax"),
             ("model_path", s(""), "a model is required"),
             ("processing_budget_ms", ParamValue::Integer(0), "> 0"),
         ];
         for (name, value, want) in cases {
             let e = with(&[(name, value.clone())]).unwrap_err().to_string();
-            assert!(e.contains(name) && e.contains(want), "{name}={value:?}: {e}");
+            assert!(
+                e.contains(name) && e.contains(want),
+                "{name}={value:?}: {e}"
+            );
         }
         let e = with(&[("scor_threshold", ParamValue::Double(0.2))])
             .unwrap_err()
@@ -782,7 +814,10 @@ mod tests {
         let p = with(&[
             ("precision", s("INT8")),
             ("score_threshold", ParamValue::Integer(1)),
-            ("class_score_thresholds", ParamValue::StringArray(vec!["pedestrian = 0.25".into()])),
+            (
+                "class_score_thresholds",
+                ParamValue::StringArray(vec!["pedestrian = 0.25".into()]),
+            ),
             ("max_range", ParamValue::Double(40.0)),
             ("frame_id", s("base_link")),
             ("calibration.mode", s("from-bag")),
@@ -798,7 +833,10 @@ mod tests {
         assert_eq!(p.max_range, Some(40.0));
         assert_eq!(p.frame_id.as_deref(), Some("base_link"));
         assert_eq!(p.calibration.bag_path, Some(PathBuf::from("/tmp/bag")));
-        assert_eq!(p.calibration.cache_path, PathBuf::from("/tmp/c.safetensors"));
+        assert_eq!(
+            p.calibration.cache_path,
+            PathBuf::from("/tmp/c.safetensors")
+        );
         assert!(p.check_classes(&["car", "pedestrian"]).is_ok());
         let e = p.check_classes(&["car"]).unwrap_err().to_string();
         assert!(e.contains("no such class"), "{e}");
@@ -831,7 +869,11 @@ other_node:
         assert_eq!(p.threshold_of("car"), 0.5);
         assert_eq!(p.calibration.frames, 16);
         assert!(from_ros_yaml("- a\n- b\n", "n").is_err());
-        let off = from_ros_yaml("n:\n  ros__parameters:\n    calibration: {mode: off}\n", "n").unwrap();
+        let off = from_ros_yaml(
+            "n:\n  ros__parameters:\n    calibration: {mode: off}\n",
+            "n",
+        )
+        .unwrap();
         let p = NodeParams::from_values(&off).unwrap();
         assert_eq!(p.calibration.mode, CalibrationMode::Off);
         assert!(from_ros_yaml("n: {x: 1}\n", "n").is_err());
@@ -839,7 +881,8 @@ other_node:
 
     #[test]
     fn the_shipped_parameter_file_is_valid() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lidar_ptq_node.yaml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lidar_ptq_node.yaml");
         let text = std::fs::read_to_string(&path).unwrap();
         let v = from_ros_yaml(&text, "lidar_ptq_node").unwrap();
         // Every declared parameter is written out in the shipped file, documented there.

@@ -141,11 +141,10 @@ pub fn run() -> Result<(), NodeError> {
     let mailbox: Arc<Mailbox<Job>> = Arc::new(Mailbox::new());
     let restart_calibration = Arc::new(AtomicBool::new(false));
 
-    let det_pub = node
-        .create_publisher::<r2r::vision_msgs::msg::Detection3DArray>(
-            &params.output_topic,
-            QosProfile::default(),
-        )?;
+    let det_pub = node.create_publisher::<r2r::vision_msgs::msg::Detection3DArray>(
+        &params.output_topic,
+        QosProfile::default(),
+    )?;
     let marker_pub = node.create_publisher::<r2r::visualization_msgs::msg::MarkerArray>(
         &params.markers_topic,
         QosProfile::default(),

@@ -165,7 +165,9 @@ pub fn score(
 
 /// Reads a bag's scans (decoded as the node decodes them) with their ground truth.
 pub fn read_scans(bag: &Path, params: &NodeParams) -> Result<Vec<BagScan>, ScoreError> {
-    Ok(read_bag_scans(bag, None, &params.decode_options(), |_| true)?)
+    Ok(read_bag_scans(bag, None, &params.decode_options(), |_| {
+        true
+    })?)
 }
 
 /// Parses collected frames (a JSON array).
@@ -258,13 +260,20 @@ mod tests {
         let offline = vec![frame(100, vec![])];
         let e = score(&scans, &[frame(5, vec![])], &offline, &["car"]).unwrap_err();
         assert!(e.to_string().contains("not a scan of the bag"), "{e}");
-        let e = score(&scans, &[frame(100, vec![]), frame(100, vec![])], &offline, &["car"])
-            .unwrap_err();
+        let e = score(
+            &scans,
+            &[frame(100, vec![]), frame(100, vec![])],
+            &offline,
+            &["car"],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("answered twice"), "{e}");
         let mut f = frame(100, vec![]);
         f.frame_id = "other".into();
         assert_eq!(
-            score(&scans, &[f], &offline, &["car"]).unwrap().frame_id_mismatches,
+            score(&scans, &[f], &offline, &["car"])
+                .unwrap()
+                .frame_id_mismatches,
             1
         );
         assert!(parse_collected("{").is_err());
