@@ -12,6 +12,9 @@ use crate::model::{BundleError, ConfigError, ModelBundle, ModelConfig};
 use std::path::Path;
 use thiserror::Error;
 
+/// Weights-file metadata key holding the model config YAML (as training writes it).
+pub use crate::model::bundle::META_CONFIG as MODEL_CONFIG_KEY;
+
 #[derive(Debug, Error)]
 pub enum DetectorError {
     #[error(transparent)]
@@ -74,6 +77,14 @@ impl Detector {
         Self::new(bundle.config.clone(), &bundle.weights)
     }
 
+    /// The description and weights of a self-describing model file (see [`ModelBundle`]),
+    /// checked against each other, so callers may adjust the config (thresholds) before
+    /// building a detector.
+    pub fn read_model_file(path: &Path) -> Result<(ModelConfig, Weights), DetectorError> {
+        let b = ModelBundle::load(path, None)?;
+        Ok((b.config, b.weights))
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -127,6 +138,41 @@ mod tests {
             assert!(cfg.classes().contains(&d.class.as_str()));
         }
         assert!(det.last_pillars().len() > 100);
+    }
+
+    #[test]
+    fn model_files_carry_their_config() {
+        let cfg = ModelConfig::from_yaml(TINY).unwrap();
+        let w = random_weights(&Graph::build(&cfg).unwrap(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.safetensors");
+        let meta =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), cfg.to_yaml())]);
+        w.save(&path, &meta).unwrap();
+        let mut a = Detector::from_model_file(&path, None).unwrap();
+        let mut b = Detector::new(cfg.clone(), &w).unwrap();
+        assert_eq!(a.config(), &cfg);
+        let pts = scan(2, 3000);
+        assert_eq!(a.detect(&pts).unwrap(), b.detect(&pts).unwrap());
+
+        // Without the config, or with weights of another model: clear errors.
+        w.save(&path, &Default::default()).unwrap();
+        let e = Detector::from_model_file(&path, None).err().unwrap().to_string();
+        assert!(e.contains("no model config embedded"), "{e}");
+        let other = ModelConfig::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
+        )
+        .unwrap();
+        let wrong =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), other.to_yaml())]);
+        w.save(&path, &wrong).unwrap();
+        let e = Detector::from_model_file(&path, None).err().unwrap().to_string();
+        assert!(e.contains("weights do not fit the model"), "{e}");
+        let e = Detector::from_model_file(&dir.path().join("none.safetensors"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("none.safetensors"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod msgs;
+pub mod node;
 pub mod ops;
 pub mod quant;
 pub mod render;

@@ -82,6 +82,26 @@ enum Command {
     Detect(cli::detect::DetectArgs),
     /// Quantize an FP32 model to INT8 on unlabelled scans (LiDAR-PTQ or a baseline).
     Calibrate(Box<cli::calibrate::CalibrateArgs>),
+    /// Score detections collected from lidar_ptq_node on a simulated bag against its
+    /// ground truth, beside the same model run offline with the node's parameters
+    /// (one JSON line on stdout).
+    NodeScore(NodeScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct NodeScoreArgs {
+    /// The bag the node was fed (with its ground-truth topic).
+    #[arg(long)]
+    bag: PathBuf,
+    /// JSON array of collected frames: {stamp_ns, frame_id, detections: [Detection]}.
+    #[arg(long)]
+    detections: PathBuf,
+    /// The node's ROS parameter file (thresholds, intensity field, model path).
+    #[arg(long, default_value = "config/lidar_ptq_node.yaml")]
+    params: PathBuf,
+    /// Overrides the parameter file's model_path.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -220,7 +240,36 @@ fn main() -> Result<()> {
         Command::Eval(args) => cli::eval::run(&args),
         Command::Detect(args) => cli::detect::run(&args),
         Command::Calibrate(args) => cli::calibrate::run(&args),
+        Command::NodeScore(args) => node_score_verb(&args),
     }
+}
+
+fn node_score_verb(a: &NodeScoreArgs) -> Result<()> {
+    use lidar_ptq::node::{NODE_NAME, engine, params, score};
+    let text = std::fs::read_to_string(&a.params)
+        .with_context(|| format!("reading {}", a.params.display()))?;
+    let mut values = params::from_ros_yaml(&text, NODE_NAME)
+        .with_context(|| format!("parameter file {}", a.params.display()))?;
+    if let Some(m) = &a.model {
+        values.insert(
+            "model_path".into(),
+            params::ParamValue::String(m.display().to_string()),
+        );
+    }
+    let p = params::NodeParams::from_values(&values)
+        .with_context(|| format!("parameter file {}", a.params.display()))?;
+    let mut det = engine::load_fp32(&p)?;
+    let scans = score::read_scans(&a.bag, &p)?;
+    let bar = indicatif::ProgressBar::new(scans.len() as u64);
+    let offline = score::detect_offline(&mut det, &scans, &p, &bar)?;
+    bar.finish_and_clear();
+    let collected = std::fs::read_to_string(&a.detections)
+        .with_context(|| format!("reading {}", a.detections.display()))?;
+    let collected = score::parse_collected(&collected)?;
+    let classes = det.config().classes();
+    let s = score::score(&scans, &collected, &offline, &classes)?;
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
 }
 
 fn train_verb(a: &TrainArgs) -> Result<()> {
