@@ -519,6 +519,7 @@ fn reconstruction_lowers_each_units_objective() {
         o.recon.crop_pillars = 0;
         o.recon.tgpl_every = 4;
         o.recon.lr_v = 1e-2;
+        o.recon.report = true;
         let c = calibrate_detailed(&cfg, &w, &fr, &o, &indicatif::ProgressBar::hidden()).unwrap();
         assert!(!c.units.is_empty());
         let before: f64 = c.units.iter().map(|u| u.objective_before()).sum();

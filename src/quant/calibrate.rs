@@ -18,7 +18,7 @@ use super::observers::{MinMax, Observer, ObserverKind};
 use super::qnet::{QValue, QnetError, QuantNet, float_model, weight_out_axis};
 use super::reconstruct::{self, ReconOptions, UnitReport};
 use super::scheme::{Flavour, Grid, QParams};
-use super::tgpl::{Positives, positives};
+use super::tgpl::{Positives, TgplOptions, positives};
 use crate::cloud::Points;
 use crate::engine::fp32::{FoldedLayer, collect_heads, fold_layers};
 use crate::engine::{EngineError, NetInput};
@@ -29,6 +29,7 @@ use crate::model::weights::Weights;
 use crate::ops::{OpsError, Tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -357,6 +358,79 @@ pub fn calibrate(
     calibrate_with_progress(cfg, weights, frames, opts, &indicatif::ProgressBar::hidden())
 }
 
+/// What the FP pass keeps of one frame: the range of every observed value, the observed
+/// values themselves when a histogram or the grid search needs them, and the input and
+/// positives of a reconstruction frame.
+struct FrameObservation {
+    ranges: Vec<(usize, f32, f32)>,
+    data: Vec<(usize, Tensor)>,
+    recon: Option<(FrameInput, Positives)>,
+}
+
+/// Runs the FP network on one frame and collects its observations.
+#[allow(clippy::too_many_arguments)]
+fn fp_frame(
+    cfg: &ModelConfig,
+    graph: &Graph,
+    fp: &QuantNet,
+    last_use: &[usize],
+    observed: &[bool],
+    points: &Points,
+    keep_data: bool,
+    recon: Option<&TgplOptions>,
+) -> Result<FrameObservation, CalibError> {
+    let n = graph.nodes.len();
+    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    let frame = FrameInput::prepare(cfg, &mut vox, points);
+    let input = frame.net_input();
+    let mut obs = FrameObservation {
+        ranges: Vec::new(),
+        data: Vec::new(),
+        recon: None,
+    };
+    let mut observe = |v: usize, x: &QValue| -> Result<(), CalibError> {
+        if !observed[v] {
+            return Ok(());
+        }
+        let QValue::Float(t) = x else {
+            return Err(CalibError::Model("FP pass produced a quantized value".into()));
+        };
+        super::error::check_finite("activation statistics", &t.data)?;
+        if !t.data.is_empty() {
+            let (lo, hi) = t
+                .data
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            obs.ranges.push((v, lo, hi));
+        }
+        if keep_data {
+            obs.data.push((v, t.clone()));
+        }
+        Ok(())
+    };
+    let mut values: Vec<Option<QValue>> = vec![None; n + 1];
+    let x0 = fp.input_value(&input)?;
+    observe(0, &x0)?;
+    values[0] = Some(x0);
+    for i in 0..n {
+        let y = fp.run_node(i, &values, &input)?;
+        observe(i + 1, &y)?;
+        values[i + 1] = Some(y);
+        for &v in &graph.nodes[i].inputs {
+            if last_use[v] == i {
+                values[v] = None;
+            }
+        }
+    }
+    if let Some(tgpl) = recon {
+        let mut floats: Vec<Option<Tensor>> = values.into_iter().map(|v| v.map(QValue::into_float)).collect();
+        let heads = collect_heads(graph, &mut floats)?;
+        let pos = positives(cfg, &heads, tgpl);
+        obs.recon = Some((frame, pos));
+    }
+    Ok(obs)
+}
+
 /// Per group statistics of the FP pass.
 struct GroupStats {
     minmax: MinMax,
@@ -461,59 +535,51 @@ pub fn calibrate_detailed(
             last_use[v] = usize::MAX;
         }
     }
-    let mut vox = Voxelizer::new(cfg, Mode::Test);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let per_frame_samples = opts.grid_samples.div_ceil(opts.grid_frames.max(1));
     progress.set_length(frames.len() as u64);
     progress.set_position(0);
     progress.set_message("FP statistics");
-    for (k, points) in frames.iter().enumerate() {
-        let frame = FrameInput::prepare(cfg, &mut vox, points);
-        let input = frame.net_input();
-        let mut values: Vec<Option<QValue>> = vec![None; n + 1];
-        let mut observe = |v: usize, x: &QValue, rng: &mut ChaCha8Rng| -> Result<(), CalibError> {
-            if !observed[v] {
-                return Ok(());
+    // Frames run in parallel chunks; their observations are merged in frame order, so the
+    // result does not depend on the number of threads.
+    let chunk = rayon::current_num_threads().max(1);
+    for (c, chunk_frames) in frames.chunks(chunk).enumerate() {
+        let outs: Vec<Result<FrameObservation, CalibError>> = chunk_frames
+            .par_iter()
+            .enumerate()
+            .map(|(j, points)| {
+                let k = c * chunk + j;
+                let keep_data = observer_kind.is_some() || (grid_search.is_some() && k < opts.grid_frames);
+                let out = fp_frame(cfg, &graph, &fp, &last_use, &observed, points, keep_data, recon_idx.contains(&k).then_some(&opts.recon.tgpl_options))?;
+                progress.inc(1);
+                Ok(out)
+            })
+            .collect();
+        for (j, out) in outs.into_iter().enumerate() {
+            let k = c * chunk + j;
+            let out = out?;
+            for (v, lo, hi) in out.ranges {
+                let st = stats.get_mut(&plan.group[v]).expect("observed value has stats");
+                st.minmax.observe(&[lo, hi])?;
             }
-            let QValue::Float(t) = x else {
-                return Err(CalibError::Model("FP pass produced a quantized value".into()));
-            };
-            let s = stats.get_mut(&plan.group[v]).expect("observed value has stats");
-            s.minmax.observe(&t.data)?;
-            if let Some(o) = s.observer.as_mut() {
-                o.observe(&t.data)?;
-            }
-            if grid_search.is_some() && k < opts.grid_frames {
-                let nonzero: Vec<f32> = t.data.iter().copied().filter(|&x| x != 0.0).collect();
-                if !nonzero.is_empty() {
-                    for _ in 0..per_frame_samples {
-                        s.samples.push(nonzero[rng.random_range(0..nonzero.len())]);
+            for (v, t) in out.data {
+                let st = stats.get_mut(&plan.group[v]).expect("observed value has stats");
+                if let Some(o) = st.observer.as_mut() {
+                    o.observe(&t.data)?;
+                }
+                if grid_search.is_some() && k < opts.grid_frames {
+                    let nonzero: Vec<f32> = t.data.iter().copied().filter(|&x| x != 0.0).collect();
+                    if !nonzero.is_empty() {
+                        for _ in 0..per_frame_samples {
+                            st.samples.push(nonzero[rng.random_range(0..nonzero.len())]);
+                        }
                     }
                 }
             }
-            Ok(())
-        };
-        let x0 = fp.input_value(&input)?;
-        observe(0, &x0, &mut rng)?;
-        values[0] = Some(x0);
-        for i in 0..n {
-            let y = fp.run_node(i, &values, &input)?;
-            observe(i + 1, &y, &mut rng)?;
-            values[i + 1] = Some(y);
-            for &v in &graph.nodes[i].inputs {
-                if last_use[v] == i {
-                    values[v] = None;
-                }
+            if let Some(r) = out.recon {
+                recon_frames.push(r);
             }
         }
-        if recon_idx.contains(&k) {
-            let mut floats: Vec<Option<Tensor>> =
-                values.into_iter().map(|v| v.map(QValue::into_float)).collect();
-            let heads = collect_heads(&graph, &mut floats)?;
-            let pos = positives(cfg, &heads, &opts.recon.tgpl_options);
-            recon_frames.push((frame, pos));
-        }
-        progress.inc(1);
     }
 
     // Activation parameters per group.

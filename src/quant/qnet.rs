@@ -499,8 +499,11 @@ impl QuantNet {
                 layer.run(l.kind, l.relu, x).map_err(&err)?
             }
             (Op::Layer(l), Plan::Float(f)) => {
-                let x = arg(0)?.to_float();
-                let y = crate::engine::fp32::run_layer(l.kind, &x, f, l.relu).map_err(&err)?;
+                let y = match arg(0)? {
+                    QValue::Float(x) => crate::engine::fp32::run_layer(l.kind, x, f, l.relu),
+                    q => crate::engine::fp32::run_layer(l.kind, &q.to_float(), f, l.relu),
+                }
+                .map_err(&err)?;
                 match self.model.activations[i + 1] {
                     Some(q) => QValue::quantize(&y, q),
                     None => QValue::Float(y),

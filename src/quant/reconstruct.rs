@@ -50,6 +50,8 @@ use crate::ops::pillar_max::ArgMax;
 use crate::ops::{self, OpsError, Tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Options of the reconstruction (LiDAR-PTQ components 2 and 3).
@@ -82,6 +84,9 @@ pub struct ReconOptions {
     pub lr_v: f32,
     pub lr_act: f32,
     pub tgpl_options: TgplOptions,
+    /// Measure every unit's full-map objective before (round-to-nearest, initial step)
+    /// and after its optimisation on the first frame (costs two extra TGPL passes).
+    pub report: bool,
 }
 
 impl Default for ReconOptions {
@@ -89,9 +94,9 @@ impl Default for ReconOptions {
         Self {
             tgpl: true,
             adaround: true,
-            iters: 200,
-            frames: 32,
-            crop: 32,
+            iters: 100,
+            frames: 16,
+            crop: 16,
             crop_pillars: 1024,
             tgpl_every: 25,
             lambda: None,
@@ -99,9 +104,10 @@ impl Default for ReconOptions {
             warmup: 0.2,
             beta_start: 20.0,
             beta_end: 2.0,
-            lr_v: 1e-3,
+            lr_v: 1e-2,
             lr_act: 3e-3,
             tgpl_options: TgplOptions::default(),
+            report: false,
         }
     }
 }
@@ -180,8 +186,9 @@ pub struct Context<'a> {
     pub seed: u64,
 }
 
-/// The objective of one unit on the first reconstruction frame (full map), at
-/// round-to-nearest with the initial step size and after the optimisation (hardened).
+/// What the optimisation of one unit did. The objective on the first reconstruction frame
+/// (full map), at round-to-nearest with the initial step size and after the optimisation
+/// (hardened), is measured with `ReconOptions::report` (NaN otherwise).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitReport {
     pub node: String,
@@ -482,26 +489,39 @@ pub fn reconstruct_with_report(
             let in0 = init.activations[u]
                 .ok_or_else(|| CalibError::Model(format!("{}: quantized input without parameters", node.name)))?;
             // FP outputs of the unit (they also advance the FP frontier).
-            let mut y_fp = Vec::with_capacity(states.len());
-            for s in &states {
-                y_fp.push(fpnet.run_node(i, &s.fp, &s.input.net_input())?.into_float());
-            }
+            let y_fp: Vec<Tensor> = states
+                .par_iter()
+                .map(|s| Ok(fpnet.run_node(i, &s.fp, &s.input.net_input())?.into_float()))
+                .collect::<Result<_, CalibError>>()?;
             let (w, in_params) = if learns(ctx, i) {
                 let k = units.iter().position(|&x| x == i).expect("unit");
                 progress.set_message(format!("unit {}/{} {}", k + 1, units.len(), node.name));
                 let (w, p, report) = optimise_unit(ctx, i, w0, in0, owns, &states, &y_fp, progress)?;
-                log::info!(
-                    "{}: L_rec {:.4e} -> {:.4e}, L_TGPL {:.4e} -> {:.4e} (lambda {:.3e}), step {:.4e} -> {:.4e}, {} roundings flipped",
-                    report.node,
-                    report.rec_before,
-                    report.rec_after,
-                    report.tgpl_before,
-                    report.tgpl_after,
-                    report.lambda,
-                    report.scale_before,
-                    report.scale_after,
-                    report.flipped
-                );
+                if ctx.opts.report {
+                    log::info!(
+                        "{}: objective {:.4e} -> {:.4e} (L_rec {:.4e} -> {:.4e}, L_TGPL {:.4e} -> {:.4e}, lambda {:.3e}), step {:.4e} -> {:.4e}, {} roundings flipped",
+                        report.node,
+                        report.objective_before(),
+                        report.objective_after(),
+                        report.rec_before,
+                        report.rec_after,
+                        report.tgpl_before,
+                        report.tgpl_after,
+                        report.lambda,
+                        report.scale_before,
+                        report.scale_after,
+                        report.flipped
+                    );
+                } else {
+                    log::info!(
+                        "{}: lambda {:.3e}, step {:.4e} -> {:.4e}, {} roundings flipped",
+                        report.node,
+                        report.lambda,
+                        report.scale_before,
+                        report.scale_after,
+                        report.flipped
+                    );
+                }
                 reports.push(report);
                 (w, p)
             } else {
@@ -513,32 +533,37 @@ pub fn reconstruct_with_report(
                 for &v in &members {
                     model.activations[v] = Some(in_params);
                 }
-                for s in &mut states {
+                states.par_iter_mut().for_each(|s| {
                     for &v in &members {
                         if let Some(QValue::Float(t)) = &s.q[v] {
                             s.q[v] = Some(QValue::quantize(t, in_params));
                         }
                     }
-                }
+                });
             }
             qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
-            for (s, y) in states.iter_mut().zip(y_fp) {
-                let out = qnet.run_node(i, &s.q, &s.input.net_input())?;
-                s.q[i + 1] = Some(out);
-                s.fp[i + 1] = Some(QValue::Float(y));
-            }
+            states
+                .par_iter_mut()
+                .zip(y_fp)
+                .try_for_each(|(s, y)| -> Result<(), CalibError> {
+                    let out = qnet.run_node(i, &s.q, &s.input.net_input())?;
+                    s.q[i + 1] = Some(out);
+                    s.fp[i + 1] = Some(QValue::Float(y));
+                    Ok(())
+                })?;
         } else {
             if model.layers[i] != init.layers[i] {
                 model.layers[i] = init.layers[i].clone();
                 qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
             }
-            for s in &mut states {
+            states.par_iter_mut().try_for_each(|s| -> Result<(), CalibError> {
                 let input = s.input.net_input();
                 let out = qnet.run_node(i, &s.q, &input)?;
                 let fout = fpnet.run_node(i, &s.fp, &input)?;
                 s.q[i + 1] = Some(out);
                 s.fp[i + 1] = Some(fout);
-            }
+                Ok(())
+            })?;
         }
         // Free what no later node reads.
         for s in &mut states {
@@ -699,16 +724,15 @@ fn optimise_unit(
         tgpl_downstream(ctx, &down, i, &states[f], y)
     };
 
-    // The objective before: nearest rounding, initial step size, frame 0.
-    let y_before = full_output(0, &nearest, in0.scale)?;
-    let rec_before = rec_loss(&y_before, &y_fp[0]);
-    let (tgpl_before, lambda) = if opts.tgpl {
-        let (l, _) = tgpl(0, y_before)?;
-        let lambda = opts.lambda.map(f64::from).unwrap_or(if l > 0.0 { rec_before / l } else { 0.0 });
-        (l, lambda)
-    } else {
-        (0.0, 0.0)
-    };
+    // The objective before (reports only): nearest rounding, initial step size, frame 0.
+    let (mut rec_before, mut tgpl_before) = (f64::NAN, f64::NAN);
+    if opts.report {
+        let y = full_output(0, &nearest, in0.scale)?;
+        rec_before = rec_loss(&y, &y_fp[0]);
+        tgpl_before = if opts.tgpl { tgpl(0, y)?.0 } else { 0.0 };
+    }
+    // Without a given lambda, the first TGPL pass (iteration 0) sets it.
+    let mut lambda: Option<f64> = if opts.tgpl { opts.lambda.map(f64::from) } else { Some(0.0) };
 
     let frames = states.len();
     let mut g_tgpl: Option<(usize, Tensor)> = None;
@@ -721,9 +745,14 @@ fn optimise_unit(
         if opts.tgpl && t % opts.tgpl_every == 0 {
             let w = weights.current(&shape);
             let y = full_output(f, &w, scale)?;
-            let (_, g) = tgpl(f, y)?;
+            let rec0 = lambda.is_none().then(|| rec_loss(&y, &y_fp[f]));
+            let (l, g) = tgpl(f, y)?;
+            if let Some(r) = rec0 {
+                lambda = Some(if l > 0.0 { r / l } else { 0.0 });
+            }
             g_tgpl = Some((f, g));
         }
+        let lambda = lambda.unwrap_or(0.0);
         // The crop of this iteration.
         let yf = &y_fp[f];
         let crop = match l.kind {
@@ -768,7 +797,14 @@ fn optimise_unit(
                 }
             }
         };
-        let xc = layer.crop_input(&input_of(f).to_float(), &crop);
+        let xc = match input_of(f) {
+            QValue::Float(t) => layer.crop_input(t, &crop),
+            QValue::Quant { centered, params } => {
+                let mut c = layer.crop_input(centered, &crop);
+                c.data.iter_mut().for_each(|v| *v *= params.scale);
+                c
+            }
+        };
         let xq = if owns {
             Tensor {
                 shape: xc.shape.clone(),
@@ -831,9 +867,12 @@ fn optimise_unit(
         UnitWeights::Fixed(_) => w0.codes.clone(),
     };
     let flipped = codes.iter().zip(&w0.codes).filter(|(a, b)| a != b).count();
-    let y_after = full_output(0, &hard, scale)?;
-    let rec_after = rec_loss(&y_after, &y_fp[0]);
-    let tgpl_after = if opts.tgpl { tgpl(0, y_after)?.0 } else { 0.0 };
+    let (mut rec_after, mut tgpl_after) = (f64::NAN, f64::NAN);
+    if opts.report {
+        let y = full_output(0, &hard, scale)?;
+        rec_after = rec_loss(&y, &y_fp[0]);
+        tgpl_after = if opts.tgpl { tgpl(0, y)?.0 } else { 0.0 };
+    }
     let w = LayerWeights {
         bits: w0.bits,
         codes,
@@ -847,7 +886,7 @@ fn optimise_unit(
         rec_after,
         tgpl_before,
         tgpl_after,
-        lambda,
+        lambda: lambda.unwrap_or(0.0),
         scale_before: in0.scale,
         scale_after: scale,
         flipped,
@@ -867,9 +906,10 @@ fn tgpl_downstream(
     let graph = ctx.graph;
     let n = graph.nodes.len();
     let input = s.input.net_input();
-    let mut vals: Vec<Option<Tensor>> = vec![None; n + 1];
+    // Frontier values are borrowed when float, dequantized copies otherwise.
+    let mut vals: Vec<Option<Cow<'_, Tensor>>> = vec![None; n + 1];
     let mut argmax: Vec<Option<ArgMax>> = vec![None; n];
-    vals[unit + 1] = Some(y);
+    vals[unit + 1] = Some(Cow::Owned(y));
     let (ny, nx) = graph.bev;
     for &j in &down.nodes {
         let node = &graph.nodes[j];
@@ -882,10 +922,13 @@ fn tgpl_downstream(
                 let q = s.q[v].as_ref().ok_or_else(|| {
                     CalibError::Model(format!("{} reads value {v}, not in the frontier", node.name))
                 })?;
-                vals[v] = Some(q.to_float());
+                vals[v] = Some(match q {
+                    QValue::Float(t) => Cow::Borrowed(t),
+                    q => Cow::Owned(q.to_float()),
+                });
             }
         }
-        let x = vals[node.inputs[0]].as_ref().expect("fetched");
+        let x = vals[node.inputs[0]].as_deref().expect("fetched");
         let out = match &node.op {
             Op::Layer(l) => {
                 let f = ctx.folded[j].as_ref().expect("layer folded");
@@ -910,11 +953,11 @@ fn tgpl_downstream(
                 img.reshape(vec![1, sh[0], sh[1], sh[2]]).map_err(err)?
             }
             Op::Concat => {
-                let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| vals[v].as_ref().expect("fetched")).collect();
+                let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| vals[v].as_deref().expect("fetched")).collect();
                 ops::concat::forward(&ins, 1).map_err(err)?
             }
         };
-        vals[j + 1] = Some(out);
+        vals[j + 1] = Some(Cow::Owned(out));
     }
     // The loss on the reached heads.
     let lerr = |source: OpsError| CalibError::Op {
@@ -927,7 +970,7 @@ fn tgpl_downstream(
     for (t, heads) in graph.tasks.iter().enumerate() {
         let pos = &s.pos.tasks[t];
         if down.tainted_value[heads.heatmap] {
-            let hm = vals[heads.heatmap].as_ref().expect("computed");
+            let hm = vals[heads.heatmap].as_deref().expect("computed");
             let (l, g) = heatmap_loss(pos, hm).map_err(lerr)?;
             total += l as f64;
             add_into(&mut grads[heads.heatmap], g);
@@ -936,7 +979,7 @@ fn tgpl_downstream(
         for (&v, sub) in heads.regression.iter().zip(&ctx.cfg.head.sub_heads) {
             let c = sub.out;
             if down.tainted_value[v] {
-                let r = vals[v].as_ref().expect("computed");
+                let r = vals[v].as_deref().expect("computed");
                 let (l, mut g) = regression_loss(pos, first, r, &ctx.cfg.loss.code_weights).map_err(lerr)?;
                 total += (loc * l) as f64;
                 g.data.iter_mut().for_each(|x| *x *= loc);
@@ -956,10 +999,10 @@ fn tgpl_downstream(
             node: node.name.clone(),
             source,
         };
-        let x = vals[node.inputs[0]].as_ref().expect("forward value");
+        let x = vals[node.inputs[0]].as_deref().expect("forward value");
         match &node.op {
             Op::Layer(l) => {
-                let yv = vals[j + 1].as_ref().expect("forward value");
+                let yv = vals[j + 1].as_deref().expect("forward value");
                 let g = if l.relu { ops::relu::backward(yv, &gy).map_err(err)? } else { gy };
                 let f = ctx.folded[j].as_ref().expect("layer folded");
                 let gx = input_grad(l.kind, &f.weight, &g, &x.shape).map_err(err)?;
@@ -990,7 +1033,7 @@ fn tgpl_downstream(
                 add_into(&mut grads[node.inputs[0]], gx);
             }
             Op::Concat => {
-                let sizes: Vec<usize> = node.inputs.iter().map(|&v| vals[v].as_ref().expect("forward").shape[1]).collect();
+                let sizes: Vec<usize> = node.inputs.iter().map(|&v| vals[v].as_deref().expect("forward").shape[1]).collect();
                 let parts = ops::concat::backward(&gy, 1, &sizes).map_err(err)?;
                 for (&v, p) in node.inputs.iter().zip(parts) {
                     if down.tainted_value[v] {
@@ -1002,7 +1045,7 @@ fn tgpl_downstream(
     }
     let g = grads[unit + 1]
         .take()
-        .unwrap_or_else(|| Tensor::zeros(&vals[unit + 1].as_ref().expect("unit output").shape));
+        .unwrap_or_else(|| Tensor::zeros(&vals[unit + 1].as_deref().expect("unit output").shape));
     Ok((total, g))
 }
 
