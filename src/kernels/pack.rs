@@ -6,7 +6,7 @@
 //! `w[.., 2p + 1]` in its high i16, the operand `vpmaddwd` multiplies against a pair of
 //! widened activations. Portable code: only the consumers are ISA-specific.
 
-use crate::quant::Requant;
+use super::Epilogue;
 
 /// Rows (output channels) per micro-kernel tile.
 pub(super) const MR: usize = 6;
@@ -15,15 +15,19 @@ pub(super) const MR: usize = 6;
 pub(super) struct GemmWeights {
     /// Rows.
     pub m: usize,
+    /// Depth (K) before pair padding.
+    pub k: usize,
     /// K pairs (`ceil(K / 2)`).
     pub kp: usize,
     /// Packed i16 pairs, `ceil(m / MR) * kp * MR` elements.
     pub wp: Vec<i32>,
     /// `sum_k w[row, k]` (folds the input zero point into the epilogue).
     pub wsum: Vec<i32>,
-    /// Per-row quantized bias and requantizer.
+    /// Per-row quantized bias and epilogue.
     pub bias: Vec<i32>,
-    pub requant: Vec<Requant>,
+    pub epilogue: Epilogue,
+    /// Per-row `s_in * s_w` of a dequantizing epilogue (the factor `dequantize_acc` uses).
+    pub deq_scale: Vec<f32>,
 }
 
 impl GemmWeights {
@@ -32,7 +36,7 @@ impl GemmWeights {
         m: usize,
         k: usize,
         bias: &[i32],
-        requant: &[Requant],
+        epilogue: Epilogue,
         w: impl Fn(usize, usize) -> i8,
     ) -> Self {
         let kp = k.div_ceil(2);
@@ -59,13 +63,23 @@ impl GemmWeights {
         let wsum = (0..m)
             .map(|r| (0..k).fold(0i32, |s, kk| s.wrapping_add(w(r, kk) as i32)))
             .collect();
+        let deq_scale = match &epilogue {
+            Epilogue::Requant(_) => Vec::new(),
+            Epilogue::Dequant {
+                input_scale,
+                weight_scale,
+                ..
+            } => weight_scale.iter().map(|&s| input_scale * s).collect(),
+        };
         Self {
             m,
+            k,
             kp,
             wp,
             wsum,
             bias: bias.to_vec(),
-            requant: requant.to_vec(),
+            epilogue,
+            deq_scale,
         }
     }
 }
