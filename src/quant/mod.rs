@@ -9,6 +9,7 @@ pub mod grid_search;
 pub mod layout;
 pub mod model;
 pub mod observers;
+pub mod quick;
 pub mod scheme;
 
 pub use error::QuantError;
