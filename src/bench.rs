@@ -289,6 +289,11 @@ const STAGE_NECK: usize = 3;
 const STAGE_HEAD: usize = 4;
 const STAGE_DECODE: usize = 5;
 
+/// A pipeline's network step: runs one input into the head maps, calling `mark(node)`
+/// after each node.
+type NetStep<'a> = dyn FnMut(&NetInput<'_>, &mut dyn FnMut(usize), &mut HeadOutputs) -> Result<(), BenchError>
+    + 'a;
+
 /// Per-stage milliseconds of one run.
 type Sample = [f64; 6];
 
@@ -342,7 +347,7 @@ fn time_pipeline(
     frame: &mut Frame,
     opts: &BenchOptions,
     progress: &indicatif::ProgressBar,
-    net: &mut dyn FnMut(&NetInput<'_>, &mut dyn FnMut(usize), &mut HeadOutputs) -> Result<(), BenchError>,
+    net: &mut NetStep<'_>,
 ) -> Result<(Vec<Sample>, usize), BenchError> {
     let mut heads = HeadOutputs {
         tasks: Vec::new(),
@@ -412,7 +417,10 @@ fn summarize(samples: &[Sample], detections: usize, dense_gmac: f64) -> Pipeline
 }
 
 /// Runs the benchmark. `progress` counts runs (warm-up included).
-pub fn run(opts: &BenchOptions, progress: &indicatif::ProgressBar) -> Result<BenchReport, BenchError> {
+pub fn run(
+    opts: &BenchOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<BenchReport, BenchError> {
     if opts.iters == 0 {
         return Err(BenchError::Usage("--iters must be at least 1".into()));
     }
@@ -432,14 +440,22 @@ pub fn run(opts: &BenchOptions, progress: &indicatif::ProgressBar) -> Result<Ben
     progress.set_length((runs * if with_int8 { 2 } else { 1 }) as u64);
 
     let fp32 = Fp32Engine::new(&graph, &weights)?;
-    let (samples, det) = time_pipeline(&cfg, &graph, &pts, &mut frame, opts, progress, &mut |input, mark, heads| {
-        *heads = fp32.run_observed(input, &mut |v, _| {
-            if v > 0 {
-                mark(v - 1)
-            }
-        })?;
-        Ok(())
-    })?;
+    let (samples, det) = time_pipeline(
+        &cfg,
+        &graph,
+        &pts,
+        &mut frame,
+        opts,
+        progress,
+        &mut |input, mark, heads| {
+            *heads = fp32.run_observed(input, &mut |v, _| {
+                if v > 0 {
+                    mark(v - 1)
+                }
+            })?;
+            Ok(())
+        },
+    )?;
     let fp32_times = summarize(&samples, det, dense_gmac);
 
     let qm = match &opts.int8 {
@@ -449,7 +465,9 @@ pub fn run(opts: &BenchOptions, progress: &indicatif::ProgressBar) -> Result<Ben
             let scans: Vec<Points> = (1..=AUTO_SCANS as u64)
                 .map(|k| sim.sample(SCAN_SEED + k).0)
                 .collect();
-            Some(crate::quant::quick::minmax_quick(&cfg, &graph, &weights, &scans)?)
+            Some(crate::quant::quick::minmax_quick(
+                &cfg, &graph, &weights, &scans,
+            )?)
         }
     };
     let mut int8_times = None;
@@ -458,10 +476,15 @@ pub fn run(opts: &BenchOptions, progress: &indicatif::ProgressBar) -> Result<Ben
     if let Some(qm) = &qm {
         let mut engine = Int8Engine::with_isa(&graph, &weights, qm, isa)?;
         let before = panel_stats();
-        let (samples, det) =
-            time_pipeline(&cfg, &graph, &pts, &mut frame, opts, progress, &mut |input, mark, heads| {
-                Ok(engine.run_observed(input, heads, mark)?)
-            })?;
+        let (samples, det) = time_pipeline(
+            &cfg,
+            &graph,
+            &pts,
+            &mut frame,
+            opts,
+            progress,
+            &mut |input, mark, heads| Ok(engine.run_observed(input, heads, mark)?),
+        )?;
         let after = panel_stats();
         let seen = after.0 - before.0;
         uniform = (seen > 0).then(|| (after.1 - before.1) as f64 / seen as f64);
@@ -484,7 +507,9 @@ pub fn run(opts: &BenchOptions, progress: &indicatif::ProgressBar) -> Result<Ben
         int8_ms: int8_times.as_ref().map(|t| t.total_ms),
         int8_dense_ms: int8_times.as_ref().map(|t| t.dense_ms),
         int8_stages: int8_times.as_ref().map(|t| t.stages.clone()),
-        speedup: int8_times.as_ref().map(|t| fp32_times.total_ms / t.total_ms),
+        speedup: int8_times
+            .as_ref()
+            .map(|t| fp32_times.total_ms / t.total_ms),
         int8: int8_times,
         fp32: fp32_times,
         quant_method: qm.map(|q| q.provenance.method),

@@ -12,7 +12,10 @@ fn bench(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn bench_reports_fp32_and_int8_as_json() {
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_model.yaml");
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny_model.yaml"
+    );
     let out = bench(&[
         "--config", cfg, "--int8", "auto", "--iters", "1", "--warmup", "0", "--json",
     ]);
@@ -23,8 +26,16 @@ fn bench_reports_fp32_and_int8_as_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for key in ["fp32_ms", "int8_ms", "int8_dense_ms", "fp32_dense_ms", "dense_gmac"] {
-        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {text}"));
+    for key in [
+        "fp32_ms",
+        "int8_ms",
+        "int8_dense_ms",
+        "fp32_dense_ms",
+        "dense_gmac",
+    ] {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {text}"));
         assert!(x > 0.0 && x.is_finite(), "{key} = {x}");
     }
     for key in ["fp32_stages", "int8_stages"] {
@@ -38,7 +49,10 @@ fn bench_reports_fp32_and_int8_as_json() {
         .map(|s| v["int8_stages"][s].as_f64().unwrap())
         .sum();
     let total = v["int8_ms"].as_f64().unwrap();
-    assert!((stages - total).abs() <= 1e-6 * total.max(1.0), "{stages} vs {total}");
+    assert!(
+        (stages - total).abs() <= 1e-6 * total.max(1.0),
+        "{stages} vs {total}"
+    );
     assert!(v["isa"].is_string() && v["threads"].as_u64().unwrap() >= 1);
     assert_eq!(v["quant_method"], "minmax-quick");
     assert!(v["pillars"].as_u64().unwrap() > 0);
@@ -51,8 +65,18 @@ fn bench_refuses_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset"));
     let out = bench(&["--iters", "1"]);
     assert!(!out.status.success());
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_model.yaml");
-    let out = bench(&["--config", cfg, "--int8", "/no/such/file.json", "--iters", "1"]);
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny_model.yaml"
+    );
+    let out = bench(&[
+        "--config",
+        cfg,
+        "--int8",
+        "/no/such/file.json",
+        "--iters",
+        "1",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.json"));
 }

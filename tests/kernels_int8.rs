@@ -426,9 +426,22 @@ impl Layer {
 
 /// A sparse BEV-like input: every channel holds one constant (`zx`, or a per-channel code
 /// when `constant` is set) except a few random blobs, so most im2col panels are uniform.
-fn sparse_input(r: &mut ChaCha8Rng, c: usize, h: usize, w: usize, zx: u8, constant: bool) -> Vec<u8> {
+fn sparse_input(
+    r: &mut ChaCha8Rng,
+    c: usize,
+    h: usize,
+    w: usize,
+    zx: u8,
+    constant: bool,
+) -> Vec<u8> {
     let fill: Vec<u8> = (0..c)
-        .map(|_| if constant { r.random_range(0..=255u8) } else { zx })
+        .map(|_| {
+            if constant {
+                r.random_range(0..=255u8)
+            } else {
+                zx
+            }
+        })
         .collect();
     let mut x: Vec<u8> = (0..c * h * w).map(|i| fill[i / (h * w)]).collect();
     for _ in 0..3 {
@@ -457,6 +470,7 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
         return;
     }
     let mut r = ChaCha8Rng::seed_from_u64(7);
+    let reused_before = lidar_ptq::kernels::panel_stats().1;
     let mut i = 0;
     for (cin, cout, k, stride, pad) in [
         (3, 7, 3, 1, 1),
@@ -467,15 +481,26 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
     ] {
         for constant in [false, true] {
             for (h, w) in [(37, 41), (8, 150), (20, 33)] {
-                let zx = if i % 2 == 0 { 0 } else { r.random_range(1..=255) };
+                let zx = if i % 2 == 0 {
+                    0
+                } else {
+                    r.random_range(1..=255)
+                };
                 let l = Layer::random(&mut r, cout * cin * k * k, cout, cin * k * k, zx);
                 let x = sparse_input(&mut r, cin, h, w, zx, constant);
                 let shape = [1, cin, h, w];
                 let case = format!("cin {cin} cout {cout} k {k} s {stride} p {pad} {h}x{w}");
                 let geo = ((stride, stride), (pad, pad));
                 let rq = Epilogue::Requant(l.requant());
-                let p = PackedConv::with_epilogue(&l.w, [cout, cin, k, k], &l.bias_q(), rq, geo.0, geo.1)
-                    .unwrap();
+                let p = PackedConv::with_epilogue(
+                    &l.w,
+                    [cout, cin, k, k],
+                    &l.bias_q(),
+                    rq,
+                    geo.0,
+                    geo.1,
+                )
+                .unwrap();
                 let n: usize = p.output_shape(shape).unwrap().iter().product();
                 let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
                 p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
@@ -491,13 +516,19 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
                 )
                 .unwrap();
                 let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
-                p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+                p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
+                    .unwrap();
                 p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
                 assert_eq!(bits(&got), bits(&want), "sparse conv f32 {case}");
                 // The transposed conv (upsampling) on the same input.
                 let t = PackedConvTranspose::with_epilogue(
                     &l.w[..cin * cout * 4.min(k * k)],
-                    [cin, cout, if k * k >= 4 { 2 } else { 1 }, if k * k >= 4 { 2 } else { 1 }],
+                    [
+                        cin,
+                        cout,
+                        if k * k >= 4 { 2 } else { 1 },
+                        if k * k >= 4 { 2 } else { 1 },
+                    ],
                     &l.bias_q(),
                     Epilogue::Requant(l.requant()),
                     if k * k >= 4 { (2, 2) } else { (1, 1) },
@@ -513,6 +544,8 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
             }
         }
     }
+    // The inputs were sparse enough for the uniform-panel path to run.
+    assert!(lidar_ptq::kernels::panel_stats().1 > reused_before + 100);
 }
 
 /// The dequantizing epilogue on dense random inputs: AVX2 == scalar bit for bit, and the
@@ -521,7 +554,11 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
 fn dequantizing_epilogue_is_exact() {
     let mut r = ChaCha8Rng::seed_from_u64(8);
     let avx2 = Isa::Avx2.is_available();
-    for (cin, cout, k, s, pad, zx) in [(3, 7, 3, 1, 1, 0u8), (17, 5, 3, 2, 1, 131), (8, 12, 1, 1, 0, 7)] {
+    for (cin, cout, k, s, pad, zx) in [
+        (3, 7, 3, 1, 1, 0u8),
+        (17, 5, 3, 2, 1, 131),
+        (8, 12, 1, 1, 0, 7),
+    ] {
         let l = Layer::random(&mut r, cout * cin * k * k, cout, cin * k * k, zx);
         let p = PackedConv::with_epilogue(
             &l.w,
@@ -557,7 +594,9 @@ fn dequantizing_epilogue_is_exact() {
                                     continue;
                                 }
                                 let xv = l.x_real(x[(ci * h + iy - pad) * w + ix - pad]);
-                                y += xv * l.s_w[co] as f64 * l.w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                y += xv
+                                    * l.s_w[co] as f64
+                                    * l.w[((co * cin + ci) * k + ky) * k + kx] as f64;
                             }
                         }
                     }
@@ -583,13 +622,21 @@ fn dequantizing_epilogue_is_exact() {
     }
     let (cin, cout, k, zx) = (9, 5, 2, 44u8);
     let l = Layer::random(&mut r, cin * cout * k * k, cout, cin, zx);
-    let p = PackedConvTranspose::with_epilogue(&l.w, [cin, cout, k, k], &l.bias_q(), l.dequant(), (k, k), (0, 0))
-        .unwrap();
+    let p = PackedConvTranspose::with_epilogue(
+        &l.w,
+        [cin, cout, k, k],
+        &l.bias_q(),
+        l.dequant(),
+        (k, k),
+        (0, 0),
+    )
+    .unwrap();
     let shape = [1, cin, 9, 21];
     let x = random_input(&mut r, shape.iter().product());
     let n: usize = p.output_shape(shape).unwrap().iter().product();
     let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
-    p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+    p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
+        .unwrap();
     p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
     assert_eq!(bits(&got), bits(&want), "conv_transpose f32");
 }
@@ -608,9 +655,17 @@ fn output_type_must_match_the_epilogue() {
         },
     )
     .unwrap();
-    let e = l.forward(Isa::Scalar, &[0; 2], 1, 0, &mut [0u8; 1]).unwrap_err();
-    assert!(matches!(e, KernelError::Invalid { arg: "output", .. }), "{e}");
-    assert!(l.forward_f32(Isa::Scalar, &[0; 2], 1, 0, &mut [0f32; 1]).is_ok());
+    let e = l
+        .forward(Isa::Scalar, &[0; 2], 1, 0, &mut [0u8; 1])
+        .unwrap_err();
+    assert!(
+        matches!(e, KernelError::Invalid { arg: "output", .. }),
+        "{e}"
+    );
+    assert!(
+        l.forward_f32(Isa::Scalar, &[0; 2], 1, 0, &mut [0f32; 1])
+            .is_ok()
+    );
     let bad = Epilogue::Dequant {
         input_scale: f32::INFINITY,
         weight_scale: vec![0.2],
@@ -618,6 +673,9 @@ fn output_type_must_match_the_epilogue() {
     };
     assert!(matches!(
         PackedLinear::with_epilogue(&[1, 2], 1, 2, &[0], bad),
-        Err(KernelError::Invalid { arg: "weight_scale", .. })
+        Err(KernelError::Invalid {
+            arg: "weight_scale",
+            ..
+        })
     ));
 }

@@ -69,7 +69,10 @@ enum IntKernel {
 
 enum Step {
     /// Integer layer; `zx` is the input zero point.
-    Int { kernel: IntKernel, zx: u8 },
+    Int {
+        kernel: IntKernel,
+        zx: u8,
+    },
     /// Kept-float layer with its folded FP32 parameters.
     Float {
         kind: LayerKind,
@@ -82,7 +85,9 @@ enum Step {
     },
     Scatter,
     /// `aliased`: the inputs were written into the output's buffer already.
-    Concat { aliased: bool },
+    Concat {
+        aliased: bool,
+    },
 }
 
 /// The INT8 CPU engine.
@@ -197,9 +202,9 @@ impl Int8Engine {
                 }
                 (Op::Layer(l), _) => Step::Float {
                     kind: l.kind,
-                    folded: folded[i]
-                        .take()
-                        .ok_or_else(|| EngineError::Internal(format!("{} not folded", node.name)))?,
+                    folded: folded[i].take().ok_or_else(|| {
+                        EngineError::Internal(format!("{} not folded", node.name))
+                    })?,
                     relu: l.relu,
                 },
                 (
@@ -322,9 +327,7 @@ impl Int8Engine {
                         }
                         Shape::new(&[pp, nn, k.cout])
                     }
-                    IntKernel::Conv(k) => {
-                        Shape::new(&k.output_shape(xs.nchw()).map_err(kerr)?)
-                    }
+                    IntKernel::Conv(k) => Shape::new(&k.output_shape(xs.nchw()).map_err(kerr)?),
                     IntKernel::ConvTranspose(k) => {
                         Shape::new(&k.output_shape(xs.nchw()).map_err(kerr)?)
                     }
@@ -339,16 +342,20 @@ impl Int8Engine {
                             buf.resize(yl.offset + len, Default::default());
                         }
                         let y = &mut buf[yl.offset..yl.offset + len];
-                        let r = view(&self.u8_slots, xl, xs.len()).and_then(|xin| match kernel {
-                            IntKernel::Linear(k) => {
-                                k.$fwd(isa, xin, xs.dims[0] * xs.dims[1], *zx, y)
+                        let r = view(&self.u8_slots, xl, xs.len()).and_then(|xin| {
+                            match kernel {
+                                IntKernel::Linear(k) => {
+                                    k.$fwd(isa, xin, xs.dims[0] * xs.dims[1], *zx, y)
+                                }
+                                IntKernel::Conv(k) => {
+                                    k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ())
+                                }
+                                IntKernel::ConvTranspose(k) => {
+                                    k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ())
+                                }
                             }
-                            IntKernel::Conv(k) => k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ()),
-                            IntKernel::ConvTranspose(k) => {
-                                k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ())
-                            }
-                        }
-                        .map_err(kerr));
+                            .map_err(kerr)
+                        });
                         self.$pool[yl.slot] = buf;
                         r?;
                     }};
@@ -371,9 +378,10 @@ impl Int8Engine {
                         .collect(),
                     None => view(&self.f32_slots, xl, xs.len())?.to_vec(),
                 };
-                let t = Tensor::new(xs.dims().to_vec(), data)
-                    .map_err(|e| EngineError::op(name, e))?;
-                let y = run_layer(*kind, &t, folded, *relu).map_err(|e| EngineError::op(name, e))?;
+                let t =
+                    Tensor::new(xs.dims().to_vec(), data).map_err(|e| EngineError::op(name, e))?;
+                let y =
+                    run_layer(*kind, &t, folded, *relu).map_err(|e| EngineError::op(name, e))?;
                 let os = Shape::new(&y.shape);
                 match out_q {
                     Some(q) => slot(&mut self.u8_slots, yl, y.data.len())
@@ -398,7 +406,14 @@ impl Int8Engine {
                 match out_q {
                     Some(q) => {
                         let (xin, y) = pair(&mut self.u8_slots, xl, xs.len(), yl, os.len())?;
-                        pillar_max(xin, [pp, nn, c], counts, q.zero_point as u8, *concat_back, y);
+                        pillar_max(
+                            xin,
+                            [pp, nn, c],
+                            counts,
+                            q.zero_point as u8,
+                            *concat_back,
+                            y,
+                        );
                     }
                     None => {
                         let (xin, y) = pair(&mut self.f32_slots, xl, xs.len(), yl, os.len())?;
@@ -738,7 +753,10 @@ fn plan_memory(
             pools.free(s, u8_pool);
         }
     }
-    let loc = loc.into_iter().map(|l| l.expect("every value planned")).collect();
+    let loc = loc
+        .into_iter()
+        .map(|l| l.expect("every value planned"))
+        .collect();
     (loc, pools.n_u8, pools.n_f32)
 }
 
@@ -752,7 +770,8 @@ fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
             Op::Scatter { channels } => Some(Shape::new(&[1, *channels, ny, nx])),
             Op::Concat => {
                 let c: Option<usize> = n.inputs.iter().map(|&u| s[u].map(|d| d.dims[1])).sum();
-                x.zip(c).map(|(x, c)| Shape::new(&[1, c, x.dims[2], x.dims[3]]))
+                x.zip(c)
+                    .map(|(x, c)| Shape::new(&[1, c, x.dims[2], x.dims[3]]))
             }
             Op::PillarMax { .. } => None,
             Op::Layer(l) => x.and_then(|x| {
@@ -854,7 +873,9 @@ mod tests {
             let oq = qm.activations[i + 1];
             let out = match (&node.op, &qm.layers[i]) {
                 (Op::Layer(l), Some(LayerPlan::Int(lw))) => {
-                    let Val::Q(xq, xs) = x else { panic!("int layer on floats") };
+                    let Val::Q(xq, xs) = x else {
+                        panic!("int layer on floats")
+                    };
                     let iq = qm.activations[node.inputs[0]].unwrap();
                     let zp = iq.zero_point;
                     let wq = |idx: usize| lw.codes[idx] as i32;
@@ -895,13 +916,20 @@ mod tests {
                                                 for kx in 0..k {
                                                     let iy = (oy * s + ky) as isize - pd as isize;
                                                     let ix = (ox * s + kx) as isize - pd as isize;
-                                                    let v = if iy < 0 || ix < 0 || iy >= h || ix >= wd {
+                                                    let v = if iy < 0
+                                                        || ix < 0
+                                                        || iy >= h
+                                                        || ix >= wd
+                                                    {
                                                         zp
                                                     } else {
-                                                        xq[((ci as isize * h + iy) * wd + ix) as usize]
+                                                        xq[((ci as isize * h + iy) * wd + ix)
+                                                            as usize]
                                                     };
                                                     acc = acc.wrapping_add(
-                                                        (v - zp) * wq(((co * ci_n + ci) * k + ky) * k + kx),
+                                                        (v - zp)
+                                                            * wq(((co * ci_n + ci) * k + ky) * k
+                                                                + kx),
                                                     );
                                                 }
                                             }
@@ -911,7 +939,10 @@ mod tests {
                                 }
                             }
                         }
-                        LayerKind::ConvTranspose2d { kernel: k, stride: s } => {
+                        LayerKind::ConvTranspose2d {
+                            kernel: k,
+                            stride: s,
+                        } => {
                             let (ci_n, h, wd, co_n) = (xs[1], xs[2], xs[3], l.out_channels);
                             let (ho, wo) = ((h - 1) * s + k, (wd - 1) * s + k);
                             os = vec![1, co_n, ho, wo];
@@ -923,17 +954,24 @@ mod tests {
                                         for co in 0..co_n {
                                             for ky in 0..k {
                                                 for kx in 0..k {
-                                                    let o = (co * ho + iy * s + ky) * wo + ix * s + kx;
-                                                    a[o] = a[o].wrapping_add(
-                                                        d * wq(((ci * co_n + co) * k + ky) * k + kx),
-                                                    );
+                                                    let o =
+                                                        (co * ho + iy * s + ky) * wo + ix * s + kx;
+                                                    a[o] =
+                                                        a[o].wrapping_add(
+                                                            d * wq(((ci * co_n + co) * k + ky) * k
+                                                                + kx),
+                                                        );
                                                 }
                                             }
                                         }
                                     }
                                 }
                             }
-                            accs = a.iter().enumerate().map(|(o, &v)| (o / (ho * wo), v)).collect();
+                            accs = a
+                                .iter()
+                                .enumerate()
+                                .map(|(o, &v)| (o / (ho * wo), v))
+                                .collect();
                         }
                     }
                     let bq = |c: usize| quantize_bias(lw.bias[c], iq.scale, lw.scales[c]);
@@ -941,7 +979,8 @@ mod tests {
                         Some(q) => Val::Q(
                             accs.iter()
                                 .map(|&(c, acc)| {
-                                    Requant::new(iq.scale, lw.scales[c], &q, l.relu).apply(acc, bq(c))
+                                    Requant::new(iq.scale, lw.scales[c], &q, l.relu)
+                                        .apply(acc, bq(c))
                                 })
                                 .collect(),
                             os,
@@ -972,17 +1011,30 @@ mod tests {
                         None => Val::F(y.data, y.shape),
                     }
                 }
-                (Op::PillarMax { concat_back, include_padding }, _) => {
+                (
+                    Op::PillarMax {
+                        concat_back,
+                        include_padding,
+                    },
+                    _,
+                ) => {
                     let s = x.shape().to_vec();
                     let (pp, nn, c) = (s[0], s[1], s[2]);
                     // Generic over codes and reals via f64 (exact for both).
                     let (data, empty): (Vec<f64>, f64) = match &x {
-                        Val::Q(d, _) => (d.iter().map(|&v| v as f64).collect(), oq.unwrap().zero_point as f64),
+                        Val::Q(d, _) => (
+                            d.iter().map(|&v| v as f64).collect(),
+                            oq.unwrap().zero_point as f64,
+                        ),
                         Val::F(d, _) => (d.iter().map(|&v| v as f64).collect(), 0.0),
                     };
                     let mut y = Vec::new();
                     for pi in 0..pp {
-                        let k = if *include_padding { nn } else { input.counts[pi] as usize };
+                        let k = if *include_padding {
+                            nn
+                        } else {
+                            input.counts[pi] as usize
+                        };
                         let m: Vec<f64> = (0..c)
                             .map(|ch| {
                                 (0..k)
@@ -993,14 +1045,20 @@ mod tests {
                             .collect();
                         if *concat_back {
                             for j in 0..nn {
-                                y.extend_from_slice(&data[(pi * nn + j) * c..(pi * nn + j + 1) * c]);
+                                y.extend_from_slice(
+                                    &data[(pi * nn + j) * c..(pi * nn + j + 1) * c],
+                                );
                                 y.extend_from_slice(&m);
                             }
                         } else {
                             y.extend_from_slice(&m);
                         }
                     }
-                    let shape = if *concat_back { vec![pp, nn, 2 * c] } else { vec![pp, c] };
+                    let shape = if *concat_back {
+                        vec![pp, nn, 2 * c]
+                    } else {
+                        vec![pp, c]
+                    };
                     match x {
                         Val::Q(..) => Val::Q(y.iter().map(|&v| v as i32).collect(), shape),
                         Val::F(..) => Val::F(y.iter().map(|&v| v as f32).collect(), shape),
@@ -1014,7 +1072,8 @@ mod tests {
                         let mut img = vec![empty; c * ny * nx];
                         for (pi, cell) in input.coords.iter().enumerate() {
                             for ch in 0..c {
-                                img[(ch * ny + cell[1] as usize) * nx + cell[2] as usize] = d[pi * c + ch];
+                                img[(ch * ny + cell[1] as usize) * nx + cell[2] as usize] =
+                                    d[pi * c + ch];
                             }
                         }
                         img
@@ -1032,17 +1091,31 @@ mod tests {
                     }
                 }
                 (Op::Concat, _) => {
-                    let ins: Vec<Val> = node.inputs.iter().map(|&u| vals[u].clone().unwrap()).collect();
+                    let ins: Vec<Val> = node
+                        .inputs
+                        .iter()
+                        .map(|&u| vals[u].clone().unwrap())
+                        .collect();
                     let s0 = ins[0].shape().to_vec();
                     let c: usize = ins.iter().map(|v| v.shape()[1]).sum();
                     let shape = vec![1, c, s0[2], s0[3]];
                     match &ins[0] {
                         Val::Q(..) => Val::Q(
-                            ins.iter().flat_map(|v| match v { Val::Q(d, _) => d.clone(), _ => panic!() }).collect(),
+                            ins.iter()
+                                .flat_map(|v| match v {
+                                    Val::Q(d, _) => d.clone(),
+                                    _ => panic!(),
+                                })
+                                .collect(),
                             shape,
                         ),
                         Val::F(..) => Val::F(
-                            ins.iter().flat_map(|v| match v { Val::F(d, _) => d.clone(), _ => panic!() }).collect(),
+                            ins.iter()
+                                .flat_map(|v| match v {
+                                    Val::F(d, _) => d.clone(),
+                                    _ => panic!(),
+                                })
+                                .collect(),
                             shape,
                         ),
                     }
@@ -1065,7 +1138,10 @@ mod tests {
             let (heatmap, s) = real(t.heatmap);
             (h, wd) = (s[2], s[3]);
             let regression = t.regression.iter().flat_map(|&v| real(v).0).collect();
-            tasks.push(TaskMaps { heatmap, regression });
+            tasks.push(TaskMaps {
+                heatmap,
+                regression,
+            });
         }
         HeadOutputs { tasks, h, w: wd }
     }
@@ -1091,7 +1167,11 @@ mod tests {
             vox.voxelize(pts, None, &mut pillars);
             let mut dec = Vec::new();
             let width = decorate(cfg, &pillars, &mut dec);
-            Frame { pillars, dec, width }
+            Frame {
+                pillars,
+                dec,
+                width,
+            }
         }
 
         fn input(&self) -> NetInput<'_> {
@@ -1170,7 +1250,10 @@ mod tests {
         }
         // Not a constant map: another scan changes the outputs.
         let mut e = Int8Engine::new(&graph, &w, &qm).unwrap();
-        assert_ne!(e.run(&dense.input()).unwrap(), e.run(&sparse.input()).unwrap());
+        assert_ne!(
+            e.run(&dense.input()).unwrap(),
+            e.run(&sparse.input()).unwrap()
+        );
     }
 
     #[test]
@@ -1184,8 +1267,14 @@ mod tests {
             }
         }
         let f = Frame::new(&cfg, &scan(2, 2000));
-        let want = Fp32Engine::new(&graph, &w).unwrap().run(&f.input()).unwrap();
-        let got = Int8Engine::new(&graph, &w, &qm).unwrap().run(&f.input()).unwrap();
+        let want = Fp32Engine::new(&graph, &w)
+            .unwrap()
+            .run(&f.input())
+            .unwrap();
+        let got = Int8Engine::new(&graph, &w, &qm)
+            .unwrap()
+            .run(&f.input())
+            .unwrap();
         assert_eq!(bits(&got), bits(&want));
     }
 
@@ -1198,7 +1287,11 @@ mod tests {
         let (cfg, graph, w) = tiny();
         let qm = minmax_quick(&cfg, &graph, &w, &[scan(1, 800)]).unwrap();
         let mut e = Int8Engine::new(&graph, &w, &qm).unwrap();
-        assert!(e.steps.iter().any(|s| matches!(s, Step::Concat { aliased: true })));
+        assert!(
+            e.steps
+                .iter()
+                .any(|s| matches!(s, Step::Concat { aliased: true }))
+        );
         let f = Frame::new(&cfg, &scan(2, 2000));
         let mut out = e.run(&f.input()).unwrap();
         let ptrs = |e: &Int8Engine, o: &HeadOutputs| -> Vec<usize> {
@@ -1226,7 +1319,9 @@ mod tests {
         assert!(matches!(e, EngineError::QuantModel(_)), "{e}");
         let mut unquantized_input = qm.clone();
         unquantized_input.activations[0] = None;
-        let e = Int8Engine::new(&graph, &w, &unquantized_input).err().unwrap();
+        let e = Int8Engine::new(&graph, &w, &unquantized_input)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("quantized input"), "{e}");
         // A model of another graph.
         let default = ModelConfig::load(
@@ -1241,14 +1336,23 @@ mod tests {
         let f = Frame::new(&cfg, &scan(2, 500));
         let mut coords = f.pillars.coords.clone();
         coords[0] = [0, 999, 0];
-        let bad = NetInput { coords: &coords, ..f.input() };
+        let bad = NetInput {
+            coords: &coords,
+            ..f.input()
+        };
         let err = e.run(&bad).unwrap_err().to_string();
         assert!(err.contains("outside"), "{err}");
         coords[0] = coords[1];
-        let bad = NetInput { coords: &coords, ..f.input() };
+        let bad = NetInput {
+            coords: &coords,
+            ..f.input()
+        };
         let err = e.run(&bad).unwrap_err().to_string();
         assert!(err.contains("repeats"), "{err}");
-        let bad = NetInput { decorated: &f.dec[1..], ..f.input() };
+        let bad = NetInput {
+            decorated: &f.dec[1..],
+            ..f.input()
+        };
         assert!(matches!(e.run(&bad), Err(EngineError::Input(_))));
         // And the engine still works afterwards.
         assert!(e.run(&f.input()).is_ok());

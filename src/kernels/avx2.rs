@@ -52,6 +52,10 @@ thread_local! {
 /// Numbers kernel calls, so a worker's cache never outlives the call that filled it.
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
+/// Panels seen and panels written from the uniform cache, over the process.
+pub(super) static PANELS_SEEN: AtomicU64 = AtomicU64::new(0);
+pub(super) static PANELS_REUSED: AtomicU64 = AtomicU64::new(0);
+
 /// An output element the SIMD epilogue writes.
 pub(super) trait SimdOut: OutElem {
     /// Epilogue of 8 accumulator lanes of GEMM row `row` into `dst[..8]`.
@@ -278,7 +282,19 @@ unsafe fn drive<T: SimdOut>(
             }
             fill(n0, len, &mut s.col[..col_len]);
             // SAFETY: the caller guarantees AVX2; buffers were sized above.
-            unsafe { band(w, &s.col[..col_len], &mut s.xp[..xp_len], &mut s.cache, n0, len, zx, out, store) }
+            unsafe {
+                band(
+                    w,
+                    &s.col[..col_len],
+                    &mut s.xp[..xp_len],
+                    &mut s.cache,
+                    n0,
+                    len,
+                    zx,
+                    out,
+                    store,
+                )
+            }
         })
     });
 }
@@ -320,6 +336,12 @@ unsafe fn band<T: SimdOut>(
             refill = Some(j);
         }
     }
+    let reused = kinds[..panels]
+        .iter()
+        .filter(|k| **k == Panel::Cached)
+        .count();
+    PANELS_SEEN.fetch_add(panels as u64, Ordering::Relaxed);
+    PANELS_REUSED.fetch_add(reused as u64, Ordering::Relaxed);
     // SAFETY: AVX2 is enabled here; buffer sizes were set by `drive`.
     unsafe {
         pack_panels(col, w.kp, &kinds[..panels], xp);
@@ -382,7 +404,11 @@ unsafe fn pack_panels(col: &[u8], kp: usize, kinds: &[Panel], xp: &mut [i32]) {
     assert!(col.len() >= 2 * kp * BAND && xp.len() >= panels * kp * NR && panels * NR <= BAND);
     let (src, dst) = (col.as_ptr(), xp.as_mut_ptr());
     for p in 0..kp {
-        for (j, _) in kinds.iter().enumerate().filter(|(_, k)| **k == Panel::Compute) {
+        for (j, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Panel::Compute)
+        {
             // SAFETY: indices bounded by the assert above.
             unsafe {
                 let a = _mm_loadu_si128(src.add(2 * p * BAND + j * NR) as *const __m128i);
@@ -465,7 +491,11 @@ unsafe fn band_gemm<T: SimdOut>(
     for blk in 0..w.m.div_ceil(MR) {
         // SAFETY: bounded by the assert above.
         let wp = unsafe { w.wp.as_ptr().add(blk * w.kp * MR) };
-        for (j, _) in kinds.iter().enumerate().filter(|(_, k)| **k == Panel::Compute) {
+        for (j, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Panel::Compute)
+        {
             // SAFETY: bounded by the assert above.
             let acc = unsafe { tile(wp, xp.as_ptr().add(j * w.kp * NR), w.kp) };
             for (i, acc) in acc.iter().enumerate() {

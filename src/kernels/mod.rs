@@ -95,6 +95,23 @@ impl Isa {
     }
 }
 
+/// SIMD GEMM panels run so far in this process, and how many of them were written from
+/// the uniform-region cache instead of being multiplied (diagnostics for the bench).
+pub fn panel_stats() -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            avx2::PANELS_SEEN.load(Relaxed),
+            avx2::PANELS_REUSED.load(Relaxed),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (0, 0)
+    }
+}
+
 /// How an output channel's `acc + bias_q` becomes the layer's output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Epilogue {
@@ -736,14 +753,7 @@ impl PackedLinear {
         self.run(isa, x, rows, zx, out)
     }
 
-    fn run<T: Out>(
-        &self,
-        isa: Isa,
-        x: &[u8],
-        rows: usize,
-        zx: u8,
-        out: &mut [T],
-    ) -> Result<()> {
+    fn run<T: Out>(&self, isa: Isa, x: &[u8], rows: usize, zx: u8, out: &mut [T]) -> Result<()> {
         let op = Self::OP;
         check_isa(op, isa)?;
         check_output::<T>(op, &self.epilogue)?;

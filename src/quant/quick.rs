@@ -29,9 +29,7 @@ pub fn minmax_quick(
     scans: &[Points],
 ) -> Result<QuantModel, EngineError> {
     if scans.is_empty() {
-        return Err(EngineError::Input(
-            "min-max needs at least one scan".into(),
-        ));
+        return Err(EngineError::Input("min-max needs at least one scan".into()));
     }
     let engine = Fp32Engine::new(graph, weights)?;
     let nv = graph.nodes.len() + 1;
@@ -40,7 +38,13 @@ pub fn minmax_quick(
     let (mut pillars, mut dec) = (Pillars::default(), Vec::new());
     let mut digest = Sha256::new();
     for pts in scans {
-        for v in pts.x.iter().chain(&pts.y).chain(&pts.z).chain(&pts.intensity) {
+        for v in pts
+            .x
+            .iter()
+            .chain(&pts.y)
+            .chain(&pts.z)
+            .chain(&pts.intensity)
+        {
             digest.update(v.to_le_bytes());
         }
         vox.voxelize(pts, None, &mut pillars);
