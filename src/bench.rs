@@ -152,6 +152,11 @@ pub struct BenchReport {
     pub quant_method: Option<String>,
     /// Fraction of INT8 GEMM panels written from the uniform-region cache.
     pub uniform_panels: Option<f64>,
+    /// Resident parameter bytes of the folded FP32 layers and of the INT8 engine.
+    pub fp32_weight_bytes: usize,
+    pub int8_weight_bytes: Option<usize>,
+    /// INT8 / FP32 parameter bytes.
+    pub int8_weight_ratio: Option<f64>,
 }
 
 /// CPU features that matter to the kernels, as detected at run time.
@@ -470,11 +475,18 @@ pub fn run(
             )?)
         }
     };
+    let fp32_weight_bytes: usize = crate::engine::fp32::fold_layers(&graph, &weights)?
+        .iter()
+        .flatten()
+        .map(|f| 4 * (f.weight.data.len() + f.bias.len()))
+        .sum();
+    let mut int8_weight_bytes = None;
     let mut int8_times = None;
     let mut uniform = None;
     let isa = Isa::detect();
     if let Some(qm) = &qm {
         let mut engine = Int8Engine::with_isa(&graph, &weights, qm, isa)?;
+        int8_weight_bytes = Some(engine.weight_bytes());
         let before = panel_stats();
         let (samples, det) = time_pipeline(
             &cfg,
@@ -514,6 +526,9 @@ pub fn run(
         fp32: fp32_times,
         quant_method: qm.map(|q| q.provenance.method),
         uniform_panels: uniform,
+        fp32_weight_bytes,
+        int8_weight_bytes,
+        int8_weight_ratio: int8_weight_bytes.map(|b| b as f64 / fp32_weight_bytes as f64),
     })
 }
 
@@ -571,6 +586,15 @@ pub fn format_report(r: &BenchReport) -> String {
             "INT8 ({m}) speed-up end to end: {sp:.2}x; dense part {:.2}x; uniform panels reused {:.1}%",
             r.fp32_dense_ms / r.int8_dense_ms.unwrap_or(f64::NAN),
             100.0 * r.uniform_panels.unwrap_or(0.0)
+        );
+    }
+    if let (Some(b), Some(q)) = (r.int8_weight_bytes, r.int8_weight_ratio) {
+        let _ = writeln!(
+            s,
+            "parameters: FP32 {:.2} MB, INT8 {:.2} MB ({:.1}% of FP32)",
+            r.fp32_weight_bytes as f64 / 1e6,
+            b as f64 / 1e6,
+            100.0 * q
         );
     }
     s

@@ -55,6 +55,8 @@ fn bench_reports_fp32_and_int8_as_json() {
     );
     assert!(v["isa"].is_string() && v["threads"].as_u64().unwrap() >= 1);
     assert_eq!(v["quant_method"], "minmax-quick");
+    let ratio = v["int8_weight_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.2 && ratio < 0.6, "{ratio}");
     assert!(v["pillars"].as_u64().unwrap() > 0);
 }
 

@@ -247,6 +247,23 @@ impl Int8Engine {
         self.isa
     }
 
+    /// Resident bytes of the parameters: packed integer layers (one byte per weight plus
+    /// per-channel terms) and the f32 weights of kept-float layers.
+    pub fn weight_bytes(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Int { kernel, .. } => match kernel {
+                    IntKernel::Linear(k) => k.weight_bytes(),
+                    IntKernel::Conv(k) => k.weight_bytes(),
+                    IntKernel::ConvTranspose(k) => k.weight_bytes(),
+                },
+                Step::Float { folded, .. } => 4 * (folded.weight.data.len() + folded.bias.len()),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Runs the network on one frame's decorated pillars.
     pub fn run(&mut self, input: &NetInput<'_>) -> Result<HeadOutputs, EngineError> {
         let mut out = HeadOutputs {
@@ -1307,6 +1324,16 @@ mod tests {
         assert_eq!(out, first);
         // Fewer slots than values: liveness shares them.
         assert!(e.u8_slots.len() + e.f32_slots.len() < graph.nodes.len() / 2);
+        // INT8 weights: about a quarter of the folded FP32 ones (per-channel terms and
+        // row padding of the tiny model's 1- to 3-channel head convs on top).
+        let fp32: usize = fold_layers(&graph, &w)
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|f| 4 * (f.weight.data.len() + f.bias.len()))
+            .sum();
+        let ratio = e.weight_bytes() as f64 / fp32 as f64;
+        assert!(ratio > 0.25 && ratio < 0.6, "{ratio}");
     }
 
     #[test]

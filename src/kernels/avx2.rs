@@ -42,6 +42,8 @@ struct UniformCache {
 struct Scratch {
     col: Vec<u8>,
     xp: Vec<i32>,
+    /// One row block of weights widened to i16 pairs.
+    wb: Vec<i32>,
     cache: UniformCache,
 }
 
@@ -276,6 +278,9 @@ unsafe fn drive<T: SimdOut>(
             if s.xp.len() < xp_len {
                 s.xp.resize(xp_len, 0);
             }
+            if s.wb.len() < w.kp * MR {
+                s.wb.resize(w.kp * MR, 0);
+            }
             if s.cache.call != call {
                 s.cache.call = call;
                 s.cache.valid = false;
@@ -287,6 +292,7 @@ unsafe fn drive<T: SimdOut>(
                     w,
                     &s.col[..col_len],
                     &mut s.xp[..xp_len],
+                    &mut s.wb[..w.kp * MR],
                     &mut s.cache,
                     n0,
                     len,
@@ -314,6 +320,7 @@ unsafe fn band<T: SimdOut>(
     w: &GemmWeights,
     col: &[u8],
     xp: &mut [i32],
+    wb: &mut [i32],
     cache: &mut UniformCache,
     n0: usize,
     len: usize,
@@ -345,7 +352,7 @@ unsafe fn band<T: SimdOut>(
     // SAFETY: AVX2 is enabled here; buffer sizes were set by `drive`.
     unsafe {
         pack_panels(col, w.kp, &kinds[..panels], xp);
-        band_gemm(w, xp, &kinds[..panels], n0, len, zx, out, store);
+        band_gemm(w, xp, wb, &kinds[..panels], n0, len, zx, out, store);
     }
     for (j, _) in kinds[..panels]
         .iter()
@@ -479,6 +486,7 @@ unsafe fn epi8_f32(acc: __m256i, off: i32, scale: f32, relu: bool, dst: *mut f32
 unsafe fn band_gemm<T: SimdOut>(
     w: &GemmWeights,
     xp: &[i32],
+    wb: &mut [i32],
     kinds: &[Panel],
     n0: usize,
     len: usize,
@@ -487,10 +495,18 @@ unsafe fn band_gemm<T: SimdOut>(
     store: Store,
 ) {
     let panels = kinds.len();
-    assert!(xp.len() >= panels * w.kp * NR && w.wp.len() >= w.m.div_ceil(MR) * w.kp * MR);
+    let blk_len = w.kp * MR;
+    assert!(
+        xp.len() >= panels * w.kp * NR
+            && w.wp.len() >= w.m.div_ceil(MR) * blk_len * 2
+            && wb.len() >= blk_len
+    );
+    if !kinds.contains(&Panel::Compute) {
+        return;
+    }
     for blk in 0..w.m.div_ceil(MR) {
-        // SAFETY: bounded by the assert above.
-        let wp = unsafe { w.wp.as_ptr().add(blk * w.kp * MR) };
+        widen_block(&w.wp[blk * blk_len * 2..(blk + 1) * blk_len * 2], wb);
+        let wp = wb.as_ptr();
         for (j, _) in kinds
             .iter()
             .enumerate()
@@ -515,6 +531,27 @@ unsafe fn band_gemm<T: SimdOut>(
                 }
             }
         }
+    }
+}
+
+/// Sign-extends a block of i8 weight pairs into i16 pairs (one i32 lane per pair).
+#[target_feature(enable = "avx2")]
+fn widen_block(src: &[i8], dst: &mut [i32]) {
+    assert!(dst.len() * 2 >= src.len());
+    let mut i = 0;
+    while i + 16 <= src.len() {
+        // SAFETY: 16 bytes read at `i` and 8 lanes written at `i / 2`, both in bounds.
+        unsafe {
+            let v = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            let d = dst.as_mut_ptr().add(i / 2) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_cvtepi8_epi16(v));
+        }
+        i += 16;
+    }
+    while i < src.len() {
+        let (lo, hi) = (src[i] as i16 as u16 as u32, src[i + 1] as i16 as u16 as u32);
+        dst[i / 2] = (lo | (hi << 16)) as i32;
+        i += 2;
     }
 }
 

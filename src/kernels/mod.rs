@@ -10,8 +10,8 @@
 //!
 //! # Kernels and ISA selection
 //! Weights are packed once at load ([`PackedConv`], [`PackedConvTranspose`],
-//! [`PackedLinear`]): the raw i8 tensor for the reference, plus a GEMM-ready copy
-//! (`pack::GemmWeights`: i16 pairs along K, per-row weight sums). Each call picks an
+//! [`PackedLinear`]) into one GEMM-ready i8 store (`pack::GemmWeights`: pairs along K in
+//! row blocks, per-row weight sums) that every kernel family reads, one byte per weight. Each call picks an
 //! [`Isa`]: [`Isa::detect`] takes the best one this CPU runs unless the environment variable
 //! [`ISA_ENV`] is `scalar`; tests and benches pass an `Isa` explicitly.
 //!
@@ -347,8 +347,6 @@ pub struct PackedConv {
     pub stride: (usize, usize),
     /// (vertical, horizontal); padded taps read the input zero point.
     pub padding: (usize, usize),
-    /// `[cout, cin, kh, kw]`, the reference's operand.
-    weight: Vec<i8>,
     bias: Vec<i32>,
     epilogue: Epilogue,
     gemm: GemmWeights,
@@ -404,7 +402,6 @@ impl PackedConv {
             kw,
             stride,
             padding,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
             epilogue,
             gemm,
@@ -452,6 +449,11 @@ impl PackedConv {
     pub fn output_shape(&self, input: [usize; 4]) -> Result<[usize; 4]> {
         let g = self.geom(input)?;
         Ok([input[0], self.cout, g.ho, g.wo])
+    }
+
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
     }
 
     /// `out = requant(conv(x - zx, w) + bias)`: `x` is `[n, cin, h, w]` = `input`, `out`
@@ -523,8 +525,6 @@ pub struct PackedConvTranspose {
     pub kw: usize,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
-    /// `[cin, cout, kh, kw]`.
-    weight: Vec<i8>,
     bias: Vec<i32>,
     epilogue: Epilogue,
     /// Rows `(co, ky, kx)`, K = cin.
@@ -588,7 +588,6 @@ impl PackedConvTranspose {
             kw,
             stride,
             padding,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
             epilogue,
             gemm,
@@ -622,6 +621,11 @@ impl PackedConvTranspose {
                 format!("{h}x{w} leaves no output with padding {:?}", self.padding),
             )),
         }
+    }
+
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
     }
 
     fn is_upsampling(&self) -> bool {
@@ -690,7 +694,6 @@ impl PackedConvTranspose {
 pub struct PackedLinear {
     pub cout: usize,
     pub cin: usize,
-    weight: Vec<i8>,
     bias: Vec<i32>,
     epilogue: Epilogue,
     gemm: GemmWeights,
@@ -729,11 +732,15 @@ impl PackedLinear {
         Ok(Self {
             cout,
             cin,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
             epilogue,
             gemm,
         })
+    }
+
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
     }
 
     /// `x` is `[rows, cin]` row-major, `out` `[rows, cout]`.

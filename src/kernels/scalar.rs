@@ -1,5 +1,6 @@
 //! The portable scalar reference: the definition of every INT8 kernel. Plain loops, no
-//! packing, no blocking, so that it is obviously the semantics of `quant::scheme`:
+//! blocking (weights read element by element from the packed store, in the layer's
+//! logical layout), so that it is obviously the semantics of `quant::scheme`:
 //! `acc = sum (x_q - zx) * w_q` (padding reads `zx`, so it contributes nothing), then
 //! the epilogue (`Requant::apply(acc, bias_q)` or `dequantize_acc`, see `OutElem`). Integer sums wrap like SIMD adds, so every faster
 //! kernel must agree with these bit for bit.
@@ -26,7 +27,7 @@ pub(super) fn conv2d<T: OutElem>(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom,
                             } else {
                                 zx
                             };
-                            let wq = p.weight[((co * p.cin + ci) * kh + ky) * kw + kx] as i32;
+                            let wq = p.gemm.at(co, (ci * kh + ky) * kw + kx) as i32;
                             acc = acc.wrapping_add((xq - zx).wrapping_mul(wq));
                         }
                     }
@@ -75,7 +76,7 @@ pub(super) fn conv_transpose2d<T: OutElem>(
                                 continue;
                             }
                             let xq = x[(ci * h + iy) * w + ix] as i32;
-                            let wq = p.weight[((ci * p.cout + co) * kh + ky) * kw + kx] as i32;
+                            let wq = p.gemm.at((co * kh + ky) * kw + kx, ci) as i32;
                             acc = acc.wrapping_add((xq - zx).wrapping_mul(wq));
                         }
                     }
@@ -94,7 +95,7 @@ pub(super) fn linear<T: OutElem>(p: &PackedLinear, x: &[u8], zx: u8, rows: usize
             let mut acc = 0i32;
             for ci in 0..p.cin {
                 let d = x[r * p.cin + ci] as i32 - zx;
-                acc = acc.wrapping_add(d.wrapping_mul(p.weight[co * p.cin + ci] as i32));
+                acc = acc.wrapping_add(d.wrapping_mul(p.gemm.at(co, ci) as i32));
             }
             out[r * p.cout + co] = T::reference(&p.epilogue, co, acc, p.bias[co]);
         }
