@@ -157,7 +157,10 @@ mod tests {
 
         // Without the config, or with weights of another model: clear errors.
         w.save(&path, &Default::default()).unwrap();
-        let e = Detector::from_model_file(&path, None).err().unwrap().to_string();
+        let e = Detector::from_model_file(&path, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("no model config embedded"), "{e}");
         let other = ModelConfig::load(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
@@ -166,7 +169,10 @@ mod tests {
         let wrong =
             std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), other.to_yaml())]);
         w.save(&path, &wrong).unwrap();
-        let e = Detector::from_model_file(&path, None).err().unwrap().to_string();
+        let e = Detector::from_model_file(&path, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("weights do not fit the model"), "{e}");
         let e = Detector::from_model_file(&dir.path().join("none.safetensors"), None)
             .err()

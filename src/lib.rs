@@ -4,6 +4,7 @@
 //! Each module owns one concept; ROS types stay at the edge.
 
 pub mod bag;
+pub mod bench;
 pub mod boxes;
 pub mod cdr;
 pub mod cloud;

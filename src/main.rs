@@ -86,6 +86,38 @@ enum Command {
     /// ground truth, beside the same model run offline with the node's parameters
     /// (one JSON line on stdout).
     NodeScore(NodeScoreArgs),
+    /// Time the FP32 and INT8 pipelines (end to end and per stage) on a simulated scan.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Weights (safetensors); the model config is the one embedded in the file unless
+    /// --config is given.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// Model description (YAML); random seeded weights unless --model is given.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Built-in model with random seeded weights: nuscenes-pillar, default, autoware-pillar.
+    #[arg(long)]
+    preset: Option<String>,
+    /// INT8 model: a quantized model file (JSON), `auto` (a quick min-max model built on
+    /// a few simulated scans, timing only) or `none`.
+    #[arg(long, default_value = "auto")]
+    int8: String,
+    /// Timed runs per pipeline (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Simulated sensor (default: HDL-32E for nuScenes models, HDL-64E otherwise).
+    #[arg(long, value_enum)]
+    lidar: Option<lidar_ptq::sim::LidarModel>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -241,6 +273,7 @@ fn main() -> Result<()> {
         Command::Detect(args) => cli::detect::run(&args),
         Command::Calibrate(args) => cli::calibrate::run(&args),
         Command::NodeScore(args) => node_score_verb(&args),
+        Command::Bench(args) => bench_verb(&args),
     }
 }
 
@@ -269,6 +302,40 @@ fn node_score_verb(a: &NodeScoreArgs) -> Result<()> {
     let classes = det.config().classes();
     let s = score::score(&scans, &collected, &offline, &classes)?;
     println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}
+
+fn bench_verb(a: &BenchArgs) -> Result<()> {
+    use lidar_ptq::bench::{self, BenchOptions, Int8Source, ModelSource};
+    let model = match (&a.model, &a.config, &a.preset) {
+        (Some(path), config, None) => ModelSource::Weights {
+            path: path.clone(),
+            config: config.clone(),
+        },
+        (None, Some(config), None) => ModelSource::Config(config.clone()),
+        (None, None, Some(p)) => ModelSource::Preset(p.clone()),
+        _ => anyhow::bail!("bench needs --model, --config or --preset"),
+    };
+    let int8 = match a.int8.as_str() {
+        "auto" => Int8Source::Auto,
+        "none" => Int8Source::None,
+        path => Int8Source::File(PathBuf::from(path)),
+    };
+    let opts = BenchOptions {
+        model,
+        int8,
+        iters: a.iters,
+        warmup: a.warmup,
+        lidar: a.lidar,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    let report = bench::run(&opts, &bar)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::format_report(&report));
+    }
     Ok(())
 }
 
