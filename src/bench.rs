@@ -247,22 +247,17 @@ pub fn load_model(src: &ModelSource) -> Result<(ModelConfig, Graph, Weights), Be
 }
 
 /// Reads a quantized model (JSON) and checks that it was calibrated from `weights`.
-pub fn load_quant_model(path: &PathBuf, weights: &Weights) -> Result<QuantModel, BenchError> {
-    let text = std::fs::read_to_string(path).map_err(|source| BenchError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let qm: QuantModel = serde_json::from_str(&text).map_err(|e| BenchError::QuantModel {
+pub fn load_quant_model(
+    path: &PathBuf,
+    cfg: &ModelConfig,
+    weights: &Weights,
+) -> Result<QuantModel, BenchError> {
+    // The INT8 model file of `lidar_ptq calibrate`: refused when calibrated for other
+    // FP32 weights or another config.
+    crate::quant::file::load_for(path, cfg, weights).map_err(|e| BenchError::QuantModel {
         path: path.clone(),
         message: e.to_string(),
-    })?;
-    if qm.provenance.fp32_digest != weights.digest() {
-        return Err(BenchError::QuantModel {
-            path: path.clone(),
-            message: "calibrated from other FP32 weights (digest mismatch)".into(),
-        });
-    }
-    Ok(qm)
+    })
 }
 
 /// The sensor the model was made for, unless chosen.
@@ -465,7 +460,7 @@ pub fn run(
 
     let qm = match &opts.int8 {
         Int8Source::None => None,
-        Int8Source::File(p) => Some(load_quant_model(p, &weights)?),
+        Int8Source::File(p) => Some(load_quant_model(p, &cfg, &weights)?),
         Int8Source::Auto => {
             let scans: Vec<Points> = (1..=AUTO_SCANS as u64)
                 .map(|k| sim.sample(SCAN_SEED + k).0)

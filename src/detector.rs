@@ -3,12 +3,13 @@
 
 use crate::boxes::Detection;
 use crate::cloud::Points;
-use crate::engine::{EngineError, Fp32Engine, HeadOutputs, NetInput};
+use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
 use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
 use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
 use crate::model::weights::{Weights, WeightsError};
 use crate::model::{BundleError, ConfigError, ModelBundle, ModelConfig};
+use crate::quant::QuantModel;
 use std::path::Path;
 use thiserror::Error;
 
@@ -31,11 +32,17 @@ pub enum DetectorError {
     Bundle(#[from] BundleError),
 }
 
-/// A CenterPoint detector running on the CPU in FP32.
+/// The network backend a detector runs: FP32, or the INT8 engine of a calibrated model.
+enum Backend {
+    Fp32(Fp32Engine),
+    Int8(Box<Int8Engine>),
+}
+
+/// A CenterPoint detector running on the CPU in FP32 or INT8.
 pub struct Detector {
     cfg: ModelConfig,
     voxelizer: Voxelizer,
-    engine: Fp32Engine,
+    engine: Backend,
     pillars: Pillars,
     decorated: Vec<f32>,
 }
@@ -46,7 +53,7 @@ impl Detector {
             model: cfg.name.clone(),
             message,
         })?;
-        let engine = Fp32Engine::new(&graph, weights)?;
+        let engine = Backend::Fp32(Fp32Engine::new(&graph, weights)?);
         Ok(Self {
             voxelizer: Voxelizer::new(&cfg, Mode::Test),
             cfg,
@@ -85,6 +92,30 @@ impl Detector {
         Ok((b.config, b.weights))
     }
 
+    /// A detector running the INT8 engine of `quant`, a model calibrated for `weights`
+    /// (checked by the caller, e.g. with `quant::file::load_for`).
+    pub fn new_int8(
+        cfg: ModelConfig,
+        weights: &Weights,
+        quant: &QuantModel,
+    ) -> Result<Self, DetectorError> {
+        let mut d = Self::new(cfg, weights)?;
+        let graph = Graph::build(&d.cfg).map_err(|message| DetectorError::Graph {
+            model: d.cfg.name.clone(),
+            message,
+        })?;
+        d.engine = Backend::Int8(Box::new(Int8Engine::new(&graph, weights, quant)?));
+        Ok(d)
+    }
+
+    /// "fp32" or "int8".
+    pub fn precision(&self) -> &'static str {
+        match self.engine {
+            Backend::Fp32(_) => "fp32",
+            Backend::Int8(_) => "int8",
+        }
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -105,7 +136,10 @@ impl Detector {
             counts: &self.pillars.counts,
             coords: &self.pillars.coords,
         };
-        Ok(self.engine.run(&input)?)
+        Ok(match &mut self.engine {
+            Backend::Fp32(e) => e.run(&input)?,
+            Backend::Int8(e) => e.run(&input)?,
+        })
     }
 
     /// Detects objects in one scan.

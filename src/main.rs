@@ -102,7 +102,7 @@ struct BenchArgs {
     /// Built-in model with random seeded weights: nuscenes-pillar, default, autoware-pillar.
     #[arg(long)]
     preset: Option<String>,
-    /// INT8 model: a quantized model file (JSON), `auto` (a quick min-max model built on
+    /// INT8 model: a file written by `lidar_ptq calibrate`, `auto` (a quick min-max model built on
     /// a few simulated scans, timing only) or `none`.
     #[arg(long, default_value = "auto")]
     int8: String,

@@ -22,6 +22,10 @@ pub struct EvalArgs {
     /// it must describe the same model.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Run the INT8 engine of this calibrated model (written by `lidar_ptq calibrate` for
+    /// the same FP32 model) instead of FP32.
+    #[arg(long)]
+    int8: Option<PathBuf>,
     /// Evaluate on a rosbag2 bag with PointCloud2 scans and Detection3DArray ground truth.
     #[arg(long)]
     bag: Option<PathBuf>,
@@ -59,7 +63,13 @@ pub struct EvalArgs {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let bundle = ModelBundle::load(&a.model, a.config.as_deref())?;
-    let mut detector = lidar_ptq::detector::Detector::from_bundle(&bundle)?;
+    let mut detector = match &a.int8 {
+        None => lidar_ptq::detector::Detector::from_bundle(&bundle)?,
+        Some(q) => {
+            let quant = lidar_ptq::quant::file::load_for(q, &bundle.config, &bundle.weights)?;
+            lidar_ptq::detector::Detector::new_int8(bundle.config.clone(), &bundle.weights, &quant)?
+        }
+    };
     let set = if let Some(path) = &a.bag {
         EvalSet::Bag {
             path: path.clone(),
@@ -84,7 +94,16 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     );
     let run = lidar_ptq::eval::sets::run(&mut detector, &set, a.frames, &bar)?;
     bar.finish_and_clear();
-    let report = run.score(&format!("{} ({})", bundle.config.name, a.model.display()));
+    let model = match &a.int8 {
+        None => format!("{} ({}, fp32)", bundle.config.name, a.model.display()),
+        Some(q) => format!(
+            "{} ({}, int8 {})",
+            bundle.config.name,
+            a.model.display(),
+            q.display()
+        ),
+    };
+    let report = run.score(&model);
     let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
     if let Some(out) = &a.out {
         lidar_ptq::fsutil::write_atomic(out, format!("{json}\n").as_bytes())
