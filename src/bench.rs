@@ -248,14 +248,14 @@ pub fn load_model(src: &ModelSource) -> Result<(ModelConfig, Graph, Weights), Be
 
 /// Reads a quantized model (JSON) and checks that it was calibrated from `weights`.
 pub fn load_quant_model(
-    path: &PathBuf,
+    path: &std::path::Path,
     cfg: &ModelConfig,
     weights: &Weights,
 ) -> Result<QuantModel, BenchError> {
     // The INT8 model file of `lidar_ptq calibrate`: refused when calibrated for other
     // FP32 weights or another config.
     crate::quant::file::load_for(path, cfg, weights).map_err(|e| BenchError::QuantModel {
-        path: path.clone(),
+        path: path.to_path_buf(),
         message: e.to_string(),
     })
 }

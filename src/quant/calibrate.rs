@@ -557,8 +557,8 @@ pub fn calibrate_detailed(
         _ => None,
     };
     let mut stats: BTreeMap<usize, GroupStats> = BTreeMap::new();
-    for v in 0..=n {
-        if observed[v] && !stats.contains_key(&plan.group[v]) {
+    for (v, &seen) in observed.iter().enumerate().take(n + 1) {
+        if seen && !stats.contains_key(&plan.group[v]) {
             stats.insert(
                 plan.group[v],
                 GroupStats {
