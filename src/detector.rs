@@ -195,7 +195,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("no model config embedded"), "{e}");
+        assert!(e.contains("carries no model description"), "{e}");
         let other = ModelConfig::load(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
         )
