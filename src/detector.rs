@@ -36,6 +36,8 @@ pub enum DetectorError {
 enum Backend {
     Fp32(Fp32Engine),
     Int8(Box<Int8Engine>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::engine::cuda::CudaEngine>),
 }
 
 /// A CenterPoint detector running on the CPU in FP32 or INT8.
@@ -108,11 +110,42 @@ impl Detector {
         Ok(d)
     }
 
-    /// "fp32" or "int8".
+    /// A detector on GPU `ordinal` (feature `cuda`): FP32, FP16, or INT8 with `quant`, a
+    /// model calibrated for `weights`.
+    #[cfg(feature = "cuda")]
+    pub fn new_cuda(
+        cfg: ModelConfig,
+        weights: &Weights,
+        precision: crate::engine::cuda::CudaPrecision<'_>,
+        ordinal: usize,
+    ) -> Result<Self, DetectorError> {
+        let mut d = Self::new(cfg, weights)?;
+        let graph = Graph::build(&d.cfg).map_err(|message| DetectorError::Graph {
+            model: d.cfg.name.clone(),
+            message,
+        })?;
+        d.engine = Backend::Cuda(Box::new(crate::engine::cuda::CudaEngine::new(
+            &graph, weights, precision, ordinal,
+        )?));
+        Ok(d)
+    }
+
+    /// "fp32", "int8" (or on the GPU "fp16").
     pub fn precision(&self) -> &'static str {
-        match self.engine {
+        match &self.engine {
             Backend::Fp32(_) => "fp32",
             Backend::Int8(_) => "int8",
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(e) => e.precision(),
+        }
+    }
+
+    /// "cpu", or the GPU's name.
+    pub fn device(&self) -> String {
+        match &self.engine {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(e) => e.device(),
+            _ => "cpu".into(),
         }
     }
 
@@ -139,6 +172,8 @@ impl Detector {
         Ok(match &mut self.engine {
             Backend::Fp32(e) => e.run(&input)?,
             Backend::Int8(e) => e.run(&input)?,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(e) => e.run(&input)?,
         })
     }
 

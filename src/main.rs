@@ -118,6 +118,10 @@ struct BenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// cpu (FP32 and INT8 kernels on this CPU), or cuda / cuda:N (FP32, FP16 and INT8 on
+    /// that GPU; builds with feature `cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: cli::Device,
 }
 
 #[derive(clap::Args)]
@@ -329,6 +333,23 @@ fn bench_verb(a: &BenchArgs) -> Result<()> {
         lidar: a.lidar,
     };
     let bar = indicatif::ProgressBar::new(0);
+    if let cli::Device::Cuda(ordinal) = a.device {
+        #[cfg(feature = "cuda")]
+        {
+            let report = bench::cuda::run(&opts, ordinal, &bar)?;
+            bar.finish_and_clear();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench::cuda::format_report(&report));
+            }
+            return Ok(());
+        }
+        #[cfg(not(feature = "cuda"))]
+        anyhow::bail!(
+            "GPU {ordinal}: this lidar_ptq was built without GPU support: rebuild with `--features cuda`"
+        );
+    }
     let report = bench::run(&opts, &bar)?;
     bar.finish_and_clear();
     if a.json {

@@ -26,6 +26,12 @@ pub struct EvalArgs {
     /// the same FP32 model) instead of FP32.
     #[arg(long)]
     int8: Option<PathBuf>,
+    /// Where the network runs: cpu, cuda (GPU 0) or cuda:N (builds with feature `cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: super::Device,
+    /// GPU only: run in FP16 (f16 weights and GEMM inputs, f32 accumulation).
+    #[arg(long)]
+    fp16: bool,
     /// Evaluate on a rosbag2 bag with PointCloud2 scans and Detection3DArray ground truth.
     #[arg(long)]
     bag: Option<PathBuf>,
@@ -63,13 +69,7 @@ pub struct EvalArgs {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let bundle = ModelBundle::load(&a.model, a.config.as_deref())?;
-    let mut detector = match &a.int8 {
-        None => lidar_ptq::detector::Detector::from_bundle(&bundle)?,
-        Some(q) => {
-            let quant = lidar_ptq::quant::file::load_for(q, &bundle.config, &bundle.weights)?;
-            lidar_ptq::detector::Detector::new_int8(bundle.config.clone(), &bundle.weights, &quant)?
-        }
-    };
+    let mut detector = super::detector(&bundle, a.int8.as_deref(), a.device, a.fp16)?;
     let set = if let Some(path) = &a.bag {
         EvalSet::Bag {
             path: path.clone(),
@@ -94,10 +94,19 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     );
     let run = lidar_ptq::eval::sets::run(&mut detector, &set, a.frames, &bar)?;
     bar.finish_and_clear();
+    let on = match a.device {
+        super::Device::Cpu => String::new(),
+        super::Device::Cuda(_) => format!(", on {}", detector.device()),
+    };
     let model = match &a.int8 {
-        None => format!("{} ({}, fp32)", bundle.config.name, a.model.display()),
+        None => format!(
+            "{} ({}, {}{on})",
+            bundle.config.name,
+            a.model.display(),
+            detector.precision()
+        ),
         Some(q) => format!(
-            "{} ({}, int8 {})",
+            "{} ({}, int8 {}{on})",
             bundle.config.name,
             a.model.display(),
             q.display()

@@ -579,7 +579,7 @@ fn pair<T: Copy + Default>(
 }
 
 /// Checks the frame's arrays against each other (the kernels check the rest).
-fn check_input(input: &NetInput<'_>) -> Result<(), EngineError> {
+pub(crate) fn check_input(input: &NetInput<'_>) -> Result<(), EngineError> {
     let (p, n, f) = (input.counts.len(), input.max_points, input.width);
     if input.decorated.len() != p * n * f {
         return Err(EngineError::Input(format!(
@@ -603,7 +603,7 @@ fn check_input(input: &NetInput<'_>) -> Result<(), EngineError> {
 }
 
 /// Every cell inside the grid and used once (as `ops::scatter` requires).
-fn check_cells(
+pub(crate) fn check_cells(
     coords: &[[u32; 3]],
     (ny, nx): (usize, usize),
     stamp: &mut [u32],

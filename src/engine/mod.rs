@@ -1,6 +1,8 @@
 //! Execution of the network graph. Every engine interprets the same `model::graph::Graph`
 //! and returns the same `HeadOutputs`; FP32 is the first, INT8 and CUDA follow.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fp32;
 pub mod int8;
 
@@ -11,6 +13,7 @@ use thiserror::Error;
 
 pub use fp32::Fp32Engine;
 pub use int8::Int8Engine;
+pub(crate) use int8::{check_cells, check_input};
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -29,6 +32,9 @@ pub enum EngineError {
     Input(String),
     #[error("engine: {0}")]
     Internal(String),
+    /// The GPU, its driver or a CUDA library (missing, refused, failed).
+    #[error("GPU: {0}")]
+    Device(String),
 }
 
 impl EngineError {

@@ -7,6 +7,9 @@
 //! NMS). The dense part is backbone + neck + head, whose multiply-accumulates
 //! (`Graph::dense_macs`) give the GOP/s figures.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use crate::cloud::Points;
 use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
 use crate::kernels::{Isa, panel_stats};
@@ -26,12 +29,12 @@ use thiserror::Error;
 pub const PRESETS: [(&str, &str); 3] = [
     (
         "nuscenes-pillar",
-        include_str!("../config/models/nuscenes_pillar.yaml"),
+        include_str!("../../config/models/nuscenes_pillar.yaml"),
     ),
-    ("default", include_str!("../config/models/default.yaml")),
+    ("default", include_str!("../../config/models/default.yaml")),
     (
         "autoware-pillar",
-        include_str!("../config/models/autoware_pillar.yaml"),
+        include_str!("../../config/models/autoware_pillar.yaml"),
     ),
 ];
 

@@ -1,0 +1,263 @@
+// Device kernels of the CUDA engine, compiled at run time with NVRTC (no CUDA headers:
+// f16 conversion and dp4a are inline PTX). The integer kernels implement quant::scheme's
+// semantics exactly: round-half-to-even (rintf), f32 products rounded once (__fmul_rn),
+// clamping before the zero point is added, i32 sums that wrap.
+//
+// Layout conventions (see engine/cuda/mod.rs): values are NCHW (batch 1) or, before the
+// scatter, channels-last rows; float GEMM operands are "k-major" (col[k * ldp + p]) so
+// cuBLAS runs them untransposed; int8 operands are "pixel-major" (col[p * kpad + k], kpad a
+// multiple of 4) for cuBLAS's TN int8 GEMM.
+
+typedef unsigned char u8;
+typedef signed char s8;
+typedef unsigned short f16raw;
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ f16raw to_half(float f) {
+    f16raw h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// ---- conversions ----------------------------------------------------------------------
+
+extern "C" __global__ void cast_f16(const float* x, long long n, f16raw* y) {
+    GRID_STRIDE(i, n) { y[i] = to_half(x[i]); }
+}
+
+// real = scale * (q - zp), as QParams::dequantize.
+extern "C" __global__ void dequant_u8(const u8* x, long long n, float scale, int zp, float* y) {
+    GRID_STRIDE(i, n) { y[i] = __fmul_rn(scale, (float)((int)x[i] - zp)); }
+}
+
+// QParams::quantize: round(x / scale) half-to-even, NaN -> 0, clamped, plus the zero point.
+extern "C" __global__ void quant_f32(const float* x, long long n, float scale, int zp,
+                                     int qmin, int qmax, u8* y) {
+    GRID_STRIDE(i, n) {
+        float q = rintf(__fdiv_rn(x[i], scale));
+        if (q != q) q = 0.0f;
+        q = fminf(fmaxf(q, (float)(qmin - zp)), (float)(qmax - zp));
+        y[i] = (u8)((int)q + zp);
+    }
+}
+
+extern "C" __global__ void fill_f32(float* y, long long n, float v) {
+    GRID_STRIDE(i, n) { y[i] = v; }
+}
+
+// ---- im2col ---------------------------------------------------------------------------
+
+// Float, k-major: col[k * ldp + p], k = (ci * kk + ky) * kk + kx, p = oy * wo + ox.
+extern "C" __global__ void im2col_f32(const float* x, int c, int h, int w, int kk, int stride,
+                                      int pad, int ho, int wo, float* col) {
+    long long plane = (long long)ho * wo;
+    long long n = (long long)c * kk * kk * plane;
+    GRID_STRIDE(i, n) {
+        long long p = i % plane;
+        int k = (int)(i / plane);
+        int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
+        int oy = (int)(p / wo), ox = (int)(p % wo);
+        int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+        float v = 0.0f;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
+        col[i] = v;
+    }
+}
+
+extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int kk, int stride,
+                                      int pad, int ho, int wo, f16raw* col) {
+    long long plane = (long long)ho * wo;
+    long long n = (long long)c * kk * kk * plane;
+    GRID_STRIDE(i, n) {
+        long long p = i % plane;
+        int k = (int)(i / plane);
+        int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
+        int oy = (int)(p / wo), ox = (int)(p % wo);
+        int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+        float v = 0.0f;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
+        col[i] = to_half(v);
+    }
+}
+
+// Int8, pixel-major: col[p * kpad + k] = code - 128 (padding: the zero point, also - 128;
+// k >= c * kk * kk: 0). Shifting by 128 makes u8 codes signed for the s8 x s8 GEMM; the
+// epilogue adds (128 - zx) * sum(w) back.
+extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, int stride,
+                                     int pad, int ho, int wo, int kpad, int zx, s8* col) {
+    long long plane = (long long)ho * wo;
+    long long n = plane * kpad;
+    int kreal = c * kk * kk;
+    GRID_STRIDE(i, n) {
+        int k = (int)(i % kpad);
+        long long p = i / kpad;
+        int v = 0;
+        if (k < kreal) {
+            int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
+            int oy = (int)(p / wo), ox = (int)(p % wo);
+            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+            int code = zx;
+            if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
+            v = code - 128;
+        }
+        col[i] = (s8)v;
+    }
+}
+
+// Channels-last rows [r, cin] of codes -> [r, kpad] shifted by 128 (the int8 linear's B).
+extern "C" __global__ void rows_s8(const u8* x, long long r, int cin, int kpad, s8* y) {
+    GRID_STRIDE(i, r * kpad) {
+        int k = (int)(i % kpad);
+        long long row = i / kpad;
+        y[i] = k < cin ? (s8)((int)x[row * cin + k] - 128) : (s8)0;
+    }
+}
+
+// ---- int8 GEMM fallback ---------------------------------------------------------------
+
+// c[j * ldc + i] = sum_k a[i * lda + k] * b[j * ldb + k] (cuBLAS's TN int8 GEMM), used
+// when cuBLAS refuses a shape. k, lda, ldb are multiples of 4; a, b 4-byte aligned.
+extern "C" __global__ void gemm_s8_tn(const s8* a, const s8* b, int m, int n, int k, int lda,
+                                      int ldb, int* c, int ldc) {
+    GRID_STRIDE(t, (long long)m * n) {
+        int i = (int)(t % m), j = (int)(t / m);
+        const int* ar = (const int*)(a + (long long)i * lda);
+        const int* br = (const int*)(b + (long long)j * ldb);
+        int s = 0;
+        for (int q = 0; q < k / 4; ++q) s = dp4a(ar[q], br[q], s);
+        c[(long long)j * ldc + i] = s;
+    }
+}
+
+// ---- epilogues ------------------------------------------------------------------------
+
+// Where output element o reads its accumulator, and the accumulator column (the GEMM
+// output channel) it belongs to.
+//   mode 0, linear rows:   o = r * cout + ch,     acc[r * ldc + ch]
+//   mode 1, conv NCHW:      o = ch * plane + p,    acc[ch * ldc + p]
+//   mode 2, transposed conv (kernel == stride = s), output plane ho x wo:
+//                          acc[((ch * s + ky) * s + kx) * ldc + y * (wo / s) + x]
+__device__ __forceinline__ void locate(int mode, long long o, int cout, long long plane,
+                                       int wo, int s, long long ldc, int* ch, int* col,
+                                       long long* a) {
+    if (mode == 0) {
+        long long r = o / cout;
+        int c = (int)(o % cout);
+        *ch = c; *col = c; *a = r * ldc + c;
+    } else if (mode == 1) {
+        int c = (int)(o / plane);
+        long long p = o % plane;
+        *ch = c; *col = c; *a = (long long)c * ldc + p;
+    } else {
+        int c = (int)(o / plane);
+        long long q = o % plane;
+        int oy = (int)(q / wo), ox = (int)(q % wo), win = wo / s;
+        int y = oy / s, ky = oy % s, x = ox / s, kx = ox % s;
+        int j = (c * s + ky) * s + kx;
+        *ch = c; *col = j; *a = (long long)j * ldc + (long long)y * win + x;
+    }
+}
+
+extern "C" __global__ void epi_f32(const float* acc, const float* bias, int relu, int mode,
+                                   long long n, int cout, long long plane, int wo, int s,
+                                   long long ldc, float* y) {
+    GRID_STRIDE(o, n) {
+        int ch, col;
+        long long a;
+        locate(mode, o, cout, plane, wo, s, ldc, &ch, &col, &a);
+        float v = acc[a] + bias[ch];
+        if (relu) v = fmaxf(v, 0.0f);
+        y[o] = v;
+    }
+}
+
+// The zero-point-corrected accumulator plus the quantized bias, wrapping like the CPU.
+__device__ __forceinline__ int int_acc(const int* acc, long long a, const int* wsum, int col,
+                                       int corr, const int* bias_q, int ch) {
+    unsigned v = (unsigned)acc[a] + (unsigned)corr * (unsigned)wsum[col] + (unsigned)bias_q[ch];
+    return (int)v;
+}
+
+// Requant::apply per output channel.
+extern "C" __global__ void epi_requant(const int* acc, const int* wsum, int corr,
+                                       const int* bias_q, const float* mult, int zp, int lo,
+                                       int hi, int mode, long long n, int cout,
+                                       long long plane, int wo, int s, long long ldc, u8* y) {
+    GRID_STRIDE(o, n) {
+        int ch, col;
+        long long a;
+        locate(mode, o, cout, plane, wo, s, ldc, &ch, &col, &a);
+        int v = int_acc(acc, a, wsum, col, corr, bias_q, ch);
+        float f = rintf(__fmul_rn((float)v, mult[ch]));
+        f = fminf(fmaxf(f, (float)(lo - zp)), (float)(hi - zp));
+        y[o] = (u8)((int)f + zp);
+    }
+}
+
+// dequantize_acc with scale[ch] = s_in * s_w[ch] (computed on the host in f32), then ReLU.
+extern "C" __global__ void epi_dequant(const int* acc, const int* wsum, int corr,
+                                       const int* bias_q, const float* scale, int relu, int mode,
+                                       long long n, int cout, long long plane, int wo, int s,
+                                       long long ldc, float* y) {
+    GRID_STRIDE(o, n) {
+        int ch, col;
+        long long a;
+        locate(mode, o, cout, plane, wo, s, ldc, &ch, &col, &a);
+        int v = int_acc(acc, a, wsum, col, corr, bias_q, ch);
+        float f = __fmul_rn((float)v, scale[ch]);
+        if (relu) f = fmaxf(f, 0.0f);
+        y[o] = f;
+    }
+}
+
+// ---- glue ops -------------------------------------------------------------------------
+
+// Max over each pillar's first counts[p] points (all n when counts is null); an empty
+// pillar gets `empty`. With concat, [P, N, 2C]: each point's features, then the max.
+#define PILLAR_MAX(NAME, T)                                                                  \
+    extern "C" __global__ void NAME(const T* x, const unsigned* counts, int p, int n, int c, \
+                                    int concat, T empty, T* y) {                             \
+        GRID_STRIDE(i, (long long)p * c) {                                                   \
+            int pi = (int)(i / c), ch = (int)(i % c);                                        \
+            int k = counts ? (int)counts[pi] : n;                                            \
+            const T* px = x + (long long)pi * n * c + ch;                                    \
+            T m = k > 0 ? px[0] : empty;                                                     \
+            for (int j = 1; j < k; ++j) {                                                    \
+                T v = px[(long long)j * c];                                                  \
+                if (v > m) m = v;                                                            \
+            }                                                                                \
+            if (concat) {                                                                    \
+                T* py = y + (long long)pi * n * 2 * c + ch;                                  \
+                for (int j = 0; j < n; ++j) {                                                \
+                    py[(long long)j * 2 * c] = px[(long long)j * c];                         \
+                    py[(long long)j * 2 * c + c] = m;                                        \
+                }                                                                            \
+            } else {                                                                         \
+                y[(long long)pi * c + ch] = m;                                               \
+            }                                                                                \
+        }                                                                                    \
+    }
+PILLAR_MAX(pillar_max_f32, float)
+PILLAR_MAX(pillar_max_u8, u8)
+
+// Pillar features [P, C] into the BEV image [C, plane] at cells[p] = y * nx + x (the image
+// was filled with the empty value first).
+#define SCATTER(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(const T* x, const unsigned* cells, int p, int c,          \
+                                    long long plane, T* y) {                                  \
+        GRID_STRIDE(i, (long long)p * c) {                                                   \
+            int pi = (int)(i / c), ch = (int)(i % c);                                        \
+            y[(long long)ch * plane + cells[pi]] = x[i];                                     \
+        }                                                                                    \
+    }
+SCATTER(scatter_f32, float)
+SCATTER(scatter_u8, u8)

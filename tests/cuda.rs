@@ -1,0 +1,224 @@
+//! The CUDA engine against the CPU engines (feature `cuda`). Tests that need a GPU are
+//! `#[ignore]`d with the reason, so a machine without one reports them as ignored rather
+//! than passing them; on a GPU machine run `cargo test --features cuda --test cuda --
+//! --include-ignored` (scripts/gpu-check.sh does this and the benchmarks).
+#![cfg(feature = "cuda")]
+
+use lidar_ptq::cloud::Points;
+use lidar_ptq::engine::cuda::{CudaEngine, CudaPrecision, Gpu, driver_present};
+use lidar_ptq::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine};
+use lidar_ptq::model::ModelConfig;
+use lidar_ptq::model::bundle::ModelBundle;
+use lidar_ptq::model::decode::decode;
+use lidar_ptq::model::graph::Graph;
+use lidar_ptq::model::voxelize::{Mode, Voxelizer};
+use lidar_ptq::model::weights::Weights;
+use lidar_ptq::quant::Flavour;
+use lidar_ptq::quant::calibrate::{CalibOptions, FrameInput, Method, calibrate};
+use lidar_ptq::sim::{LidarModel, SimConfig, Simulator};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+
+const TINY: &str = include_str!("fixtures/tiny_model.yaml");
+
+/// The repository root at run time (the test binary may run on another machine).
+fn root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn tiny() -> (ModelConfig, Graph, Weights) {
+    let cfg = ModelConfig::from_yaml(TINY).unwrap();
+    let graph = Graph::build(&cfg).unwrap();
+    let mut w = Weights::init(&graph, 21);
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    for (name, t) in w.tensors.iter_mut() {
+        if name.ends_with("running_var") {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..2.0));
+        } else if name.ends_with("running_mean") || name.contains("norm.bias") {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(-0.3..0.3));
+        }
+    }
+    (cfg, graph, w)
+}
+
+fn default_model() -> (ModelConfig, Graph, Weights) {
+    let b = ModelBundle::load(&root().join("models/default.safetensors"), None).unwrap();
+    let graph = Graph::build(&b.config).unwrap();
+    (b.config, graph, b.weights)
+}
+
+fn random_scan(seed: u64) -> Points {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut p = Points::default();
+    for _ in 0..3000 {
+        p.push(
+            rng.random_range(-13.0..13.0),
+            rng.random_range(-13.0..13.0),
+            rng.random_range(-2.0..1.0),
+            rng.random_range(0.0..1.0),
+        );
+    }
+    p
+}
+
+/// Simulated scans like the validation bags' (seeds from 1000000).
+fn sim_scans(n: usize) -> Vec<Points> {
+    let sim = Simulator::new(SimConfig::new(LidarModel::Hdl64));
+    (0..n as u64).map(|k| sim.sample(1_000_000 + k).0).collect()
+}
+
+fn inputs(cfg: &ModelConfig, scans: &[Points]) -> Vec<FrameInput> {
+    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    scans
+        .iter()
+        .map(|s| FrameInput::prepare(cfg, &mut vox, s))
+        .collect()
+}
+
+/// Largest `|a - b| / (1 + |b|)` over all head maps.
+fn max_rel(a: &HeadOutputs, b: &HeadOutputs) -> f32 {
+    assert_eq!((a.h, a.w, a.tasks.len()), (b.h, b.w, b.tasks.len()));
+    let mut m = 0.0f32;
+    for (x, y) in a.tasks.iter().zip(&b.tasks) {
+        assert_eq!(x.heatmap.len(), y.heatmap.len());
+        assert_eq!(x.regression.len(), y.regression.len());
+        for (p, q) in x
+            .heatmap
+            .iter()
+            .chain(&x.regression)
+            .zip(y.heatmap.iter().chain(&y.regression))
+        {
+            m = m.max((p - q).abs() / (1.0 + q.abs()));
+        }
+    }
+    m
+}
+
+#[test]
+fn without_a_gpu_opening_one_is_a_clear_error() {
+    match Gpu::open(0) {
+        Ok(g) => assert!(!g.describe().is_empty()),
+        Err(EngineError::Device(m)) => {
+            if !driver_present() {
+                assert!(m.contains("libcuda"), "{m}");
+            }
+        }
+        Err(e) => panic!("not a device error: {e}"),
+    }
+    // An ordinal past the last GPU is refused, never a panic.
+    if let Err(e) = Gpu::open(1 << 20) {
+        assert!(matches!(e, EngineError::Device(_)), "{e}");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fp32_matches_the_cpu_engine() {
+    for (cfg, graph, w) in [tiny(), default_model()] {
+        let cpu = Fp32Engine::new(&graph, &w).unwrap();
+        let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp32, 0).unwrap();
+        let scans = if cfg.name == "default" || graph.bev.0 > 64 {
+            sim_scans(2)
+        } else {
+            vec![random_scan(1), random_scan(2)]
+        };
+        for f in inputs(&cfg, &scans) {
+            let want = cpu.run(&f.net_input()).unwrap();
+            let got = gpu.run(&f.net_input()).unwrap();
+            let e = max_rel(&got, &want);
+            eprintln!("{} fp32 max rel error {e:.2e}", cfg.name);
+            assert!(e <= 1e-4, "{}: {e}", cfg.name);
+        }
+        // A second run of the same engine (buffers reused) gives the same maps.
+        let f = &inputs(&cfg, &scans[..1])[0];
+        assert_eq!(
+            gpu.run(&f.net_input()).unwrap(),
+            gpu.run(&f.net_input()).unwrap()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fp16_stays_close_to_fp32() {
+    let (cfg, graph, w) = default_model();
+    let cpu = Fp32Engine::new(&graph, &w).unwrap();
+    let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp16, 0).unwrap();
+    for f in inputs(&cfg, &sim_scans(3)) {
+        let want = cpu.run(&f.net_input()).unwrap();
+        let got = gpu.run(&f.net_input()).unwrap();
+        let e = max_rel(&got, &want);
+        eprintln!("fp16 max rel error {e:.2e}");
+        assert!(e <= 5e-2, "{e}");
+        let (a, b) = (
+            decode(&cfg, &got.views()).unwrap(),
+            decode(&cfg, &want.views()).unwrap(),
+        );
+        eprintln!("fp16 detections {} vs fp32 {}", a.len(), b.len());
+    }
+}
+
+/// Calibrations with different shapes of integer model: min-max W8A8; 4-bit weights
+/// with symmetric activations; a kept-float neck layer and head.
+fn calibrations() -> Vec<CalibOptions> {
+    let mut out = vec![CalibOptions::new(Method::MinMax)];
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.weight_bits = 4;
+    o.flavour = Flavour::Symmetric;
+    out.push(o);
+    let mut o = CalibOptions::new(Method::Percentile {
+        percentile: 99.9,
+        occupied_only: true,
+    });
+    o.keep_float = vec!["backbone_2d.deblocks.1".into()];
+    out.push(o);
+    out
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn int8_equals_the_cpu_int8_engine_bit_for_bit() {
+    let (cfg, graph, w) = tiny();
+    let calib: Vec<Points> = (10..14).map(random_scan).collect();
+    for opts in calibrations() {
+        let qm = calibrate(&cfg, &w, &calib, &opts).unwrap();
+        let mut cpu = Int8Engine::new(&graph, &w, &qm).unwrap();
+        let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+        for f in inputs(&cfg, &[random_scan(30), random_scan(31)]) {
+            let want = cpu.run(&f.net_input()).unwrap();
+            let got = gpu.run(&f.net_input()).unwrap();
+            assert_eq!(got, want, "{:?}", opts.method);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn int8_detections_equal_the_cpu_on_validation_scans() {
+    let (cfg, graph, w) = default_model();
+    let sim = Simulator::new(SimConfig::new(LidarModel::Hdl64));
+    let calib: Vec<Points> = (0..4).map(|k| sim.sample(2_000_000 + k).0).collect();
+    let qm = calibrate(&cfg, &w, &calib, &CalibOptions::new(Method::MinMax)).unwrap();
+    let mut cpu = Int8Engine::new(&graph, &w, &qm).unwrap();
+    let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+    let mut boxes = 0;
+    for f in inputs(&cfg, &sim_scans(8)) {
+        let want = cpu.run(&f.net_input()).unwrap();
+        let got = gpu.run(&f.net_input()).unwrap();
+        assert_eq!(got, want);
+        let (a, b) = (
+            decode(&cfg, &got.views()).unwrap(),
+            decode(&cfg, &want.views()).unwrap(),
+        );
+        assert_eq!(a, b);
+        boxes += a.len();
+    }
+    assert!(boxes > 0, "the scans produced no detections to compare");
+}
