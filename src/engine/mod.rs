@@ -13,6 +13,7 @@ use thiserror::Error;
 
 pub use fp32::Fp32Engine;
 pub use int8::Int8Engine;
+#[cfg(feature = "cuda")]
 pub(crate) use int8::{check_cells, check_input};
 
 #[derive(Debug, Error)]
