@@ -4,7 +4,7 @@ pub mod calibrate;
 pub mod detect;
 pub mod eval;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lidar_ptq::detector::Detector;
 use lidar_ptq::model::ModelBundle;
 use std::path::Path;
@@ -66,7 +66,7 @@ pub fn detector(
                 (None, false) => CudaPrecision::Fp32,
             };
             let d = Detector::new_cuda(bundle.config.clone(), &bundle.weights, precision, ordinal)
-                .context("starting the CUDA engine")?;
+                .map_err(|e| anyhow::anyhow!("starting the CUDA engine: {e}"))?;
             log::info!("running on {} in {}", d.device(), d.precision());
             Ok(d)
         }
