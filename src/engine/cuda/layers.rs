@@ -1,0 +1,605 @@
+//! Layer execution on the GPU: im2col, the GEMMs and the fused epilogues, for FP32,
+//! FP16 and INT8 layers, and for groups of sibling convolutions that read the same input
+//! (the head's sub-heads), which run as one GEMM.
+
+use super::device::Arg::{F, I, L, P};
+use super::device::{DBuf, GemmKind, Gpu};
+use super::Shape;
+use crate::engine::EngineError;
+use crate::engine::fp32::FoldedLayer;
+use crate::model::graph::LayerKind;
+use crate::quant::{QParams, Requant, quantize_bias};
+
+pub(super) enum IntEpi {
+    Requant {
+        mult: DBuf,
+        zp: i32,
+        lo: i32,
+        hi: i32,
+    },
+    Dequant {
+        scale: DBuf,
+    },
+}
+
+pub(super) enum Exec {
+    /// Folded f32 weights in the GEMM's layout (as stored: conv `[Cout, K]`, transposed
+    /// conv `[Cin, Cout*k*k]`, linear `[Cout, Cin]`), f16 copies when `half`.
+    Float { w: DBuf, bias: DBuf, half: bool },
+    /// s8 weights `[cols, kpad]` (cols = GEMM output columns: Cout, or Cout*k*k taps for
+    /// the transposed conv), their sums per column, the quantized bias per channel.
+    Int {
+        w: DBuf,
+        kpad: usize,
+        wsum: DBuf,
+        bias_q: DBuf,
+        zx: i32,
+        epi: IntEpi,
+    },
+}
+
+/// Scratch buffers shared by the layers.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// im2col / converted GEMM input.
+    pub(super) col: DBuf,
+    /// GEMM output before the epilogue.
+    pub(super) acc: DBuf,
+    /// A kept-float layer's dequantized input and its f32 output.
+    pub(super) fin: DBuf,
+    pub(super) fout: DBuf,
+    pub(super) counts: DBuf,
+    pub(super) cells: DBuf,
+}
+
+pub(super) fn int_err(v: usize) -> EngineError {
+    EngineError::Internal(format!("size {v} out of range for a GPU kernel"))
+}
+
+pub(super) fn i32_of(v: usize) -> Result<i32, EngineError> {
+    i32::try_from(v).map_err(|_| int_err(v))
+}
+
+pub(super) fn i64_of(v: usize) -> Result<i64, EngineError> {
+    i64::try_from(v).map_err(|_| int_err(v))
+}
+
+pub(super) fn float_exec(g: &Gpu, f: &FoldedLayer, half: bool) -> Result<Exec, EngineError> {
+    let w = if half {
+        let h: Vec<u16> = f
+            .weight
+            .data
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect();
+        g.alloc_from(&h)?
+    } else {
+        g.alloc_from(&f.weight.data)?
+    };
+    Ok(Exec::Float {
+        w,
+        bias: g.alloc_from(&f.bias)?,
+        half,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn int_exec(
+    g: &Gpu,
+    kind: LayerKind,
+    cin: usize,
+    cout: usize,
+    lw: &crate::quant::LayerWeights,
+    inp: &QParams,
+    out: Option<&QParams>,
+    relu: bool,
+) -> Result<Exec, EngineError> {
+    // GEMM columns and their K: conv [Cout, Cin*k*k]; transposed conv taps
+    // [(Cout, ky, kx), Cin]; linear [Cout, Cin].
+    let (cols, k, taps) = match kind {
+        LayerKind::Linear => (cout, cin, 1),
+        LayerKind::Conv2d { kernel, .. } => (cout, cin * kernel * kernel, 1),
+        LayerKind::ConvTranspose2d { kernel, .. } => (cout * kernel * kernel, cin, kernel * kernel),
+    };
+    if lw.codes.len() != cols * k {
+        return Err(EngineError::QuantModel(format!(
+            "{} weight codes for a {cols} x {k} layer",
+            lw.codes.len()
+        )));
+    }
+    let kpad = k.next_multiple_of(4);
+    let mut w = vec![0i8; cols * kpad];
+    for j in 0..cols {
+        for q in 0..k {
+            w[j * kpad + q] = match kind {
+                LayerKind::ConvTranspose2d { .. } => {
+                    // codes [Cin, Cout, k, k]; column j = co * taps + t.
+                    let (co, t) = (j / taps, j % taps);
+                    lw.codes[(q * cout + co) * taps + t]
+                }
+                _ => lw.codes[j * k + q],
+            };
+        }
+    }
+    let wsum: Vec<i32> = (0..cols)
+        .map(|j| w[j * kpad..(j + 1) * kpad].iter().map(|&c| c as i32).sum())
+        .collect();
+    let bias_q: Vec<i32> = lw
+        .bias
+        .iter()
+        .zip(&lw.scales)
+        .map(|(&b, &s)| quantize_bias(b, inp.scale, s))
+        .collect();
+    let epi = match out {
+        Some(o) => {
+            let rq: Vec<Requant> = lw
+                .scales
+                .iter()
+                .map(|&s| Requant::new(inp.scale, s, o, relu))
+                .collect();
+            let mult: Vec<f32> = rq.iter().map(|r| r.multiplier).collect();
+            IntEpi::Requant {
+                mult: g.alloc_from(&mult)?,
+                zp: rq[0].zero_point,
+                lo: rq[0].lo,
+                hi: rq[0].hi,
+            }
+        }
+        None => {
+            // dequantize_acc's product, computed here exactly as the CPU computes it.
+            let scale: Vec<f32> = lw.scales.iter().map(|&s| inp.scale * s).collect();
+            IntEpi::Dequant {
+                scale: g.alloc_from(&scale)?,
+            }
+        }
+    };
+    Ok(Exec::Int {
+        w: g.alloc_from(&w)?,
+        kpad,
+        wsum: g.alloc_from(&wsum)?,
+        bias_q: g.alloc_from(&bias_q)?,
+        zx: inp.zero_point,
+        epi,
+    })
+}
+
+pub(super) struct LayerCall<'a> {
+    pub(super) kind: LayerKind,
+    pub(super) relu: bool,
+    pub(super) cout: usize,
+    pub(super) exec: &'a Exec,
+    pub(super) xs: Shape,
+    /// Input pointer and its parameters (codes when `Some`).
+    pub(super) x: (u64, Option<QParams>),
+    pub(super) os: Shape,
+    /// Output pointer and its parameters.
+    pub(super) y: (u64, Option<QParams>),
+}
+
+/// The epilogue's index mapping (see `locate` in kernels.cu).
+pub(super) struct EpiMap {
+    pub(super) mode: i32,
+    pub(super) n: i64,
+    pub(super) cout: i32,
+    pub(super) plane: i64,
+    pub(super) wo: i32,
+    pub(super) s: i32,
+    pub(super) ldc: i64,
+}
+
+pub(super) fn run_layer(g: &Gpu, sc: &mut Scratch, c: LayerCall<'_>) -> Result<(), EngineError> {
+    match c.exec {
+        Exec::Float { w, bias, half } => run_float(g, sc, &c, w, bias, *half),
+        Exec::Int {
+            w,
+            kpad,
+            wsum,
+            bias_q,
+            zx,
+            epi,
+        } => run_int(g, sc, &c, w, *kpad, wsum, bias_q, *zx, epi),
+    }
+}
+
+pub(super) fn run_float(
+    g: &Gpu,
+    sc: &mut Scratch,
+    c: &LayerCall<'_>,
+    w: &DBuf,
+    bias: &DBuf,
+    half: bool,
+) -> Result<(), EngineError> {
+    let xs = c.xs;
+    // The input in f32: dequantized codes of an INT8 model's kept-float layer.
+    let xin = match c.x.1 {
+        Some(q) => {
+            let n = xs.len();
+            g.ensure(&mut sc.fin, 4 * n)?;
+            let (src, dst, ni) = (c.x.0, sc.fin.ptr, i64_of(n)?);
+            let (scale, zp) = (q.scale, q.zero_point);
+            g.launch("dequant_u8", n, &[P(src), L(ni), F(scale), I(zp), P(dst)])?;
+            sc.fin.ptr
+        }
+        None => c.x.0,
+    };
+    let out_len = c.os.len();
+    let yout = match c.y.1 {
+        Some(_) => {
+            g.ensure(&mut sc.fout, 4 * out_len)?;
+            sc.fout.ptr
+        }
+        None => c.y.0,
+    };
+    let kind = if half { GemmKind::F16 } else { GemmKind::F32 };
+    let esz = if half { 2 } else { 4 };
+    // f16 copy of a GEMM operand that is the input itself.
+    let as_half = |sc: &mut Scratch, n: usize| -> Result<u64, EngineError> {
+        g.ensure(&mut sc.col, 2 * n)?;
+        let (src, dst, ni) = (xin, sc.col.ptr, i64_of(n)?);
+        g.launch("cast_f16", n, &[P(src), L(ni), P(dst)])?;
+        Ok(sc.col.ptr)
+    };
+    let cout = c.cout;
+    let epi = match c.kind {
+        LayerKind::Linear => {
+            let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
+            let b = if half { as_half(sc, r * cin)? } else { xin };
+            // Y[r, cout] (col-major [cout, r]) = W^T-op: (W [cout, cin]) x (X [r, cin]).
+            gemm_checked(
+                g,
+                kind,
+                (true, false),
+                (cout, r, cin),
+                (w.ptr, cin),
+                (b, cin),
+                (yout, cout),
+            )?;
+            EpiMap {
+                mode: 0,
+                n: i64_of(r * cout)?,
+                cout: i32_of(cout)?,
+                plane: 0,
+                wo: 0,
+                s: 1,
+                ldc: i64_of(cout)?,
+            }
+        }
+        LayerKind::Conv2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
+            let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
+            let plane = ho * wo;
+            let k = ci * kernel * kernel;
+            let a = if kernel == 1 && stride == 1 && padding == 0 {
+                if half { as_half(sc, k * plane)? } else { xin }
+            } else {
+                g.ensure(&mut sc.col, esz * k * plane)?;
+                let dst = sc.col.ptr;
+                let v = [ci, h, wd, kernel, stride, padding, ho, wo];
+                let mut args = [0i32; 8];
+                for (d, &s) in args.iter_mut().zip(&v) {
+                    *d = i32_of(s)?;
+                }
+                let name = if half { "im2col_f16" } else { "im2col_f32" };
+                let mut list = vec![P(xin)];
+                list.extend(args.iter().map(|&v| I(v)));
+                list.push(P(dst));
+                g.launch(name, k * plane, &list)?;
+                dst
+            };
+            // Y[cout, plane] (col-major [plane, cout]) = col [K, plane] x W [cout, K].
+            gemm_checked(
+                g,
+                kind,
+                (false, false),
+                (plane, cout, k),
+                (a, plane),
+                (w.ptr, k),
+                (yout, plane),
+            )?;
+            EpiMap {
+                mode: 1,
+                n: i64_of(cout * plane)?,
+                cout: i32_of(cout)?,
+                plane: i64_of(plane)?,
+                wo: i32_of(wo)?,
+                s: 1,
+                ldc: i64_of(plane)?,
+            }
+        }
+        LayerKind::ConvTranspose2d { kernel, stride } => {
+            let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
+            let plane_in = h * wd;
+            let taps = cout * kernel * kernel;
+            let a = if half {
+                as_half(sc, ci * plane_in)?
+            } else {
+                xin
+            };
+            g.ensure(&mut sc.acc, 4 * taps * plane_in)?;
+            // ACC[(co, tap), p] (col-major [p, taps]) = X [ci, p] x W [ci, taps]^T-op.
+            gemm_checked(
+                g,
+                kind,
+                (false, true),
+                (plane_in, taps, ci),
+                (a, plane_in),
+                (w.ptr, taps),
+                (sc.acc.ptr, plane_in),
+            )?;
+            let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
+            EpiMap {
+                mode: 2,
+                n: i64_of(cout * ho * wo)?,
+                cout: i32_of(cout)?,
+                plane: i64_of(ho * wo)?,
+                wo: i32_of(wo)?,
+                s: i32_of(stride)?,
+                ldc: i64_of(plane_in)?,
+            }
+        }
+    };
+    let acc = if epi.mode == 2 { sc.acc.ptr } else { yout };
+    let relu = c.relu as i32;
+    let bp = bias.ptr;
+    g.launch(
+        "epi_f32",
+        epi.n as usize,
+        &[
+            P(acc),
+            P(bp),
+            I(relu),
+            I(epi.mode),
+            L(epi.n),
+            I(epi.cout),
+            L(epi.plane),
+            I(epi.wo),
+            I(epi.s),
+            L(epi.ldc),
+            P(yout),
+        ],
+    )?;
+    if let Some(q) = c.y.1 {
+        let (src, dst, ni) = (yout, c.y.0, i64_of(out_len)?);
+        let (scale, zp, qmin, qmax) = (q.scale, q.zero_point, q.grid.qmin, q.grid.qmax);
+        g.launch(
+            "quant_f32",
+            out_len,
+            &[P(src), L(ni), F(scale), I(zp), I(qmin), I(qmax), P(dst)],
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn gemm_checked(
+    g: &Gpu,
+    kind: GemmKind,
+    t: (bool, bool),
+    mnk: (usize, usize, usize),
+    a: (u64, usize),
+    b: (u64, usize),
+    c: (u64, usize),
+) -> Result<(), EngineError> {
+    if g.gemm(kind, t, mnk, a, b, c)? {
+        Ok(())
+    } else {
+        Err(EngineError::Device(format!(
+            "cuBLAS does not support the {kind:?} GEMM {mnk:?}"
+        )))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_int(
+    g: &Gpu,
+    sc: &mut Scratch,
+    c: &LayerCall<'_>,
+    w: &DBuf,
+    kpad: usize,
+    wsum: &DBuf,
+    bias_q: &DBuf,
+    zx: i32,
+    epi: &IntEpi,
+) -> Result<(), EngineError> {
+    if c.x.1.is_none() {
+        return Err(EngineError::Internal(
+            "integer layer on a float input".into(),
+        ));
+    }
+    let xs = c.xs;
+    let xin = c.x.0;
+    let cout = c.cout;
+    let zxi = zx;
+    let kp = i32_of(kpad)?;
+    // im2col into pixel-major s8 rows [rows, kpad].
+    let im2col = |sc: &mut Scratch,
+                  (ci, h, wd): (usize, usize, usize),
+                  (kernel, stride, padding): (usize, usize, usize),
+                  (ho, wo): (usize, usize)|
+     -> Result<u64, EngineError> {
+        let rows = ho * wo;
+        g.ensure(&mut sc.col, rows * kpad)?;
+        let dst = sc.col.ptr;
+        let v = [ci, h, wd, kernel, stride, padding, ho, wo];
+        let mut a = [0i32; 8];
+        for (d, &s) in a.iter_mut().zip(&v) {
+            *d = i32_of(s)?;
+        }
+        let mut list = vec![P(xin)];
+        list.extend(a.iter().map(|&v| I(v)));
+        list.extend([I(kp), I(zxi), P(dst)]);
+        g.launch("im2col_s8", rows * kpad, &list)?;
+        Ok(dst)
+    };
+    // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
+    let map = match c.kind {
+        LayerKind::Linear => {
+            let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
+            g.ensure(&mut sc.col, r * kpad)?;
+            let (dst, rr, ci) = (sc.col.ptr, i64_of(r)?, i32_of(cin)?);
+            g.launch("rows_s8", r * kpad, &[P(xin), L(rr), I(ci), I(kp), P(dst)])?;
+            let ldc = cout.next_multiple_of(4);
+            g.ensure(&mut sc.acc, 4 * ldc * r)?;
+            gemm_i8(
+                g,
+                (cout, r, kpad),
+                (w.ptr, kpad),
+                (dst, kpad),
+                (sc.acc.ptr, ldc),
+            )?;
+            EpiMap {
+                mode: 0,
+                n: i64_of(r * cout)?,
+                cout: i32_of(cout)?,
+                plane: 0,
+                wo: 0,
+                s: 1,
+                ldc: i64_of(ldc)?,
+            }
+        }
+        LayerKind::Conv2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
+            let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
+            let plane = ho * wo;
+            let col = im2col(sc, (ci, h, wd), (kernel, stride, padding), (ho, wo))?;
+            let ldc = plane.next_multiple_of(4);
+            g.ensure(&mut sc.acc, 4 * ldc * cout)?;
+            gemm_i8(
+                g,
+                (plane, cout, kpad),
+                (col, kpad),
+                (w.ptr, kpad),
+                (sc.acc.ptr, ldc),
+            )?;
+            EpiMap {
+                mode: 1,
+                n: i64_of(cout * plane)?,
+                cout: i32_of(cout)?,
+                plane: i64_of(plane)?,
+                wo: i32_of(wo)?,
+                s: 1,
+                ldc: i64_of(ldc)?,
+            }
+        }
+        LayerKind::ConvTranspose2d { kernel, stride } => {
+            let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
+            let plane_in = h * wd;
+            let taps = cout * kernel * kernel;
+            // Pixel-major rows of the input itself (a 1x1 im2col).
+            let col = im2col(sc, (ci, h, wd), (1, 1, 0), (h, wd))?;
+            let ldc = plane_in.next_multiple_of(4);
+            g.ensure(&mut sc.acc, 4 * ldc * taps)?;
+            gemm_i8(
+                g,
+                (plane_in, taps, kpad),
+                (col, kpad),
+                (w.ptr, kpad),
+                (sc.acc.ptr, ldc),
+            )?;
+            let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
+            EpiMap {
+                mode: 2,
+                n: i64_of(cout * ho * wo)?,
+                cout: i32_of(cout)?,
+                plane: i64_of(ho * wo)?,
+                wo: i32_of(wo)?,
+                s: i32_of(stride)?,
+                ldc: i64_of(ldc)?,
+            }
+        }
+    };
+    let corr = 128 - zx;
+    let (acc, ws, bq, y) = (sc.acc.ptr, wsum.ptr, bias_q.ptr, c.y.0);
+    match (epi, c.y.1) {
+        (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => {
+            let m = mult.ptr;
+            g.launch(
+                "epi_requant",
+                map.n as usize,
+                &[
+                    P(acc),
+                    P(ws),
+                    I(corr),
+                    P(bq),
+                    P(m),
+                    I(*zp),
+                    I(*lo),
+                    I(*hi),
+                    I(map.mode),
+                    L(map.n),
+                    I(map.cout),
+                    L(map.plane),
+                    I(map.wo),
+                    I(map.s),
+                    L(map.ldc),
+                    P(y),
+                ],
+            )
+        }
+        (IntEpi::Dequant { scale }, None) => {
+            let (s, relu) = (scale.ptr, c.relu as i32);
+            g.launch(
+                "epi_dequant",
+                map.n as usize,
+                &[
+                    P(acc),
+                    P(ws),
+                    I(corr),
+                    P(bq),
+                    P(s),
+                    I(relu),
+                    I(map.mode),
+                    L(map.n),
+                    I(map.cout),
+                    L(map.plane),
+                    I(map.wo),
+                    I(map.s),
+                    L(map.ldc),
+                    P(y),
+                ],
+            )
+        }
+        _ => Err(EngineError::Internal(
+            "integer epilogue does not match the output's parameters".into(),
+        )),
+    }
+}
+
+/// The TN int8 GEMM `C[m, n] = A^T B` (A stored `[m, k]`, B `[n, k]`, rows of `k` bytes),
+/// on cuBLAS, or on our dp4a kernel when cuBLAS refuses the shape.
+pub(super) fn gemm_i8(
+    g: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    a: (u64, usize),
+    b: (u64, usize),
+    c: (u64, usize),
+) -> Result<(), EngineError> {
+    if g.gemm(GemmKind::I8, (true, false), (m, n, k), a, b, c)? {
+        return Ok(());
+    }
+    log::debug!("cuBLAS refused the int8 GEMM {m}x{n}x{k}: fallback kernel");
+    let (mi, ni, ki) = (i32_of(m)?, i32_of(n)?, i32_of(k)?);
+    let (lda, ldb, ldc) = (i32_of(a.1)?, i32_of(b.1)?, i32_of(c.1)?);
+    g.launch(
+        "gemm_s8_tn",
+        m * n,
+        &[
+            P(a.0),
+            P(b.0),
+            I(mi),
+            I(ni),
+            I(ki),
+            I(lda),
+            I(ldb),
+            P(c.0),
+            I(ldc),
+        ],
+    )
+}
