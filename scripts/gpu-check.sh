@@ -35,7 +35,7 @@ export LD_LIBRARY_PATH
 export CARGO_MANIFEST_DIR=$PWD RUST_LOG=${RUST_LOG:-info}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 status=0
-"$BIN/cuda-tests" --include-ignored --test-threads=1 2>&1 | tee "$OUT/tests.log" || status=1
+"$BIN/cuda-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" || status=1
 "$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 --warmup 5 --json \
     > "$OUT/bench_nuscenes_pillar.json" 2> "$OUT/bench.log" || status=1
 cat "$OUT/bench_nuscenes_pillar.json"

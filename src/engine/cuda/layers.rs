@@ -83,19 +83,15 @@ pub(super) fn float_exec(g: &Gpu, f: &FoldedLayer, half: bool) -> Result<Exec, E
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn int_exec(
-    g: &Gpu,
+/// s8 weight rows in the GEMM's layout, `[cols, kpad]` with K padded to a multiple of 4:
+/// conv `[Cout, Cin*k*k]`; transposed conv taps `[(Cout, ky, kx), Cin]`; linear
+/// `[Cout, Cin]`.
+pub(super) fn int_weight_rows(
     kind: LayerKind,
     cin: usize,
     cout: usize,
     lw: &crate::quant::LayerWeights,
-    inp: &QParams,
-    out: Option<&QParams>,
-    relu: bool,
-) -> Result<Exec, EngineError> {
-    // GEMM columns and their K: conv [Cout, Cin*k*k]; transposed conv taps
-    // [(Cout, ky, kx), Cin]; linear [Cout, Cin].
+) -> Result<(Vec<i8>, usize), EngineError> {
     let (cols, k, taps) = match kind {
         LayerKind::Linear => (cout, cin, 1),
         LayerKind::Conv2d { kernel, .. } => (cout, cin * kernel * kernel, 1),
@@ -121,6 +117,22 @@ pub(super) fn int_exec(
             };
         }
     }
+    Ok((w, kpad))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn int_exec(
+    g: &Gpu,
+    kind: LayerKind,
+    cin: usize,
+    cout: usize,
+    lw: &crate::quant::LayerWeights,
+    inp: &QParams,
+    out: Option<&QParams>,
+    relu: bool,
+) -> Result<Exec, EngineError> {
+    let (w, kpad) = int_weight_rows(kind, cin, cout, lw)?;
+    let cols = w.len() / kpad;
     let wsum: Vec<i32> = (0..cols)
         .map(|j| w[j * kpad..(j + 1) * kpad].iter().map(|&c| c as i32).sum())
         .collect();
@@ -231,7 +243,6 @@ pub(super) fn run_float(
         None => c.y.0,
     };
     let kind = if half { GemmKind::F16 } else { GemmKind::F32 };
-    let esz = if half { 2 } else { 4 };
     // f16 copy of a GEMM operand that is the input itself.
     let as_half = |sc: &mut Scratch, n: usize| -> Result<u64, EngineError> {
         g.ensure(&mut sc.col, 2 * n)?;
@@ -276,19 +287,7 @@ pub(super) fn run_float(
             let a = if kernel == 1 && stride == 1 && padding == 0 {
                 if half { as_half(sc, k * plane)? } else { xin }
             } else {
-                g.ensure(&mut sc.col, esz * k * plane)?;
-                let dst = sc.col.ptr;
-                let v = [ci, h, wd, kernel, stride, padding, ho, wo];
-                let mut args = [0i32; 8];
-                for (d, &s) in args.iter_mut().zip(&v) {
-                    *d = i32_of(s)?;
-                }
-                let name = if half { "im2col_f16" } else { "im2col_f32" };
-                let mut list = vec![P(xin)];
-                list.extend(args.iter().map(|&v| I(v)));
-                list.push(P(dst));
-                g.launch(name, k * plane, &list)?;
-                dst
+                im2col_float(g, sc, xin, half, (ci, h, wd), (kernel, stride, padding), (ho, wo))?
             };
             // Y[cout, plane] (col-major [plane, cout]) = col [K, plane] x W [cout, K].
             gemm_checked(
@@ -343,25 +342,7 @@ pub(super) fn run_float(
         }
     };
     let acc = if epi.mode == 2 { sc.acc.ptr } else { yout };
-    let relu = c.relu as i32;
-    let bp = bias.ptr;
-    g.launch(
-        "epi_f32",
-        epi.n as usize,
-        &[
-            P(acc),
-            P(bp),
-            I(relu),
-            I(epi.mode),
-            L(epi.n),
-            I(epi.cout),
-            L(epi.plane),
-            I(epi.wo),
-            I(epi.s),
-            L(epi.ldc),
-            P(yout),
-        ],
-    )?;
+    epi_float(g, acc, bias, c.relu, &epi, yout)?;
     if let Some(q) = c.y.1 {
         let (src, dst, ni) = (yout, c.y.0, i64_of(out_len)?);
         let (scale, zp, qmin, qmax) = (q.scale, q.zero_point, q.grid.qmin, q.grid.qmax);
@@ -412,28 +393,9 @@ pub(super) fn run_int(
     let xs = c.xs;
     let xin = c.x.0;
     let cout = c.cout;
-    let zxi = zx;
     let kp = i32_of(kpad)?;
     // im2col into pixel-major s8 rows [rows, kpad].
-    let im2col = |sc: &mut Scratch,
-                  (ci, h, wd): (usize, usize, usize),
-                  (kernel, stride, padding): (usize, usize, usize),
-                  (ho, wo): (usize, usize)|
-     -> Result<u64, EngineError> {
-        let rows = ho * wo;
-        g.ensure(&mut sc.col, rows * kpad)?;
-        let dst = sc.col.ptr;
-        let v = [ci, h, wd, kernel, stride, padding, ho, wo];
-        let mut a = [0i32; 8];
-        for (d, &s) in a.iter_mut().zip(&v) {
-            *d = i32_of(s)?;
-        }
-        let mut list = vec![P(xin)];
-        list.extend(a.iter().map(|&v| I(v)));
-        list.extend([I(kp), I(zxi), P(dst)]);
-        g.launch("im2col_s8", rows * kpad, &list)?;
-        Ok(dst)
-    };
+    let im2col = |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx);
     // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
     let map = match c.kind {
         LayerKind::Linear => {
@@ -515,57 +477,141 @@ pub(super) fn run_int(
             }
         }
     };
+    epi_int(g, sc.acc.ptr, (wsum, bias_q, zx), epi, c.relu, &map, c.y)
+}
+
+/// Float im2col of an NCHW input into the `col` scratch, k-major `[C*k*k, ho*wo]`, in
+/// f32 or f16.
+pub(super) fn im2col_float(
+    g: &Gpu,
+    sc: &mut Scratch,
+    x: u64,
+    half: bool,
+    (ci, h, wd): (usize, usize, usize),
+    (kernel, stride, padding): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+) -> Result<u64, EngineError> {
+    let n = ci * kernel * kernel * ho * wo;
+    g.ensure(&mut sc.col, if half { 2 } else { 4 } * n)?;
+    let dst = sc.col.ptr;
+    let mut list = vec![P(x)];
+    for v in [ci, h, wd, kernel, stride, padding, ho, wo] {
+        list.push(I(i32_of(v)?));
+    }
+    list.push(P(dst));
+    g.launch(if half { "im2col_f16" } else { "im2col_f32" }, n, &list)?;
+    Ok(dst)
+}
+
+/// Int8 im2col of NCHW codes into the `col` scratch, pixel-major `[ho*wo, kpad]`, shifted
+/// by 128 (padding: the zero point `zx`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn im2col_int(
+    g: &Gpu,
+    sc: &mut Scratch,
+    x: u64,
+    (ci, h, wd): (usize, usize, usize),
+    (kernel, stride, padding): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    kpad: usize,
+    zx: i32,
+) -> Result<u64, EngineError> {
+    let n = ho * wo * kpad;
+    g.ensure(&mut sc.col, n)?;
+    let dst = sc.col.ptr;
+    let mut list = vec![P(x)];
+    for v in [ci, h, wd, kernel, stride, padding, ho, wo, kpad] {
+        list.push(I(i32_of(v)?));
+    }
+    list.extend([I(zx), P(dst)]);
+    g.launch("im2col_s8", n, &list)?;
+    Ok(dst)
+}
+
+/// The float epilogue: `y = acc + bias`, ReLU, through the index mapping `m`.
+pub(super) fn epi_float(
+    g: &Gpu,
+    acc: u64,
+    bias: &DBuf,
+    relu: bool,
+    m: &EpiMap,
+    y: u64,
+) -> Result<(), EngineError> {
+    g.launch(
+        "epi_f32",
+        m.n as usize,
+        &[
+            P(acc),
+            P(bias.ptr),
+            I(relu as i32),
+            I(m.mode),
+            L(m.n),
+            I(m.cout),
+            L(m.plane),
+            I(m.wo),
+            I(m.s),
+            L(m.ldc),
+            P(y),
+        ],
+    )
+}
+
+/// The integer epilogue: zero-point correction, bias, then requantization into the
+/// output's codes or dequantization into reals (with ReLU).
+pub(super) fn epi_int(
+    g: &Gpu,
+    acc: u64,
+    (wsum, bias_q, zx): (&DBuf, &DBuf, i32),
+    epi: &IntEpi,
+    relu: bool,
+    map: &EpiMap,
+    y: (u64, Option<QParams>),
+) -> Result<(), EngineError> {
     let corr = 128 - zx;
-    let (acc, ws, bq, y) = (sc.acc.ptr, wsum.ptr, bias_q.ptr, c.y.0);
-    match (epi, c.y.1) {
-        (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => {
-            let m = mult.ptr;
-            g.launch(
-                "epi_requant",
-                map.n as usize,
-                &[
-                    P(acc),
-                    P(ws),
-                    I(corr),
-                    P(bq),
-                    P(m),
-                    I(*zp),
-                    I(*lo),
-                    I(*hi),
-                    I(map.mode),
-                    L(map.n),
-                    I(map.cout),
-                    L(map.plane),
-                    I(map.wo),
-                    I(map.s),
-                    L(map.ldc),
-                    P(y),
-                ],
-            )
-        }
-        (IntEpi::Dequant { scale }, None) => {
-            let (s, relu) = (scale.ptr, c.relu as i32);
-            g.launch(
-                "epi_dequant",
-                map.n as usize,
-                &[
-                    P(acc),
-                    P(ws),
-                    I(corr),
-                    P(bq),
-                    P(s),
-                    I(relu),
-                    I(map.mode),
-                    L(map.n),
-                    I(map.cout),
-                    L(map.plane),
-                    I(map.wo),
-                    I(map.s),
-                    L(map.ldc),
-                    P(y),
-                ],
-            )
-        }
+    let (ws, bq) = (wsum.ptr, bias_q.ptr);
+    match (epi, y.1) {
+        (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => g.launch(
+            "epi_requant",
+            map.n as usize,
+            &[
+                P(acc),
+                P(ws),
+                I(corr),
+                P(bq),
+                P(mult.ptr),
+                I(*zp),
+                I(*lo),
+                I(*hi),
+                I(map.mode),
+                L(map.n),
+                I(map.cout),
+                L(map.plane),
+                I(map.wo),
+                I(map.s),
+                L(map.ldc),
+                P(y.0),
+            ],
+        ),
+        (IntEpi::Dequant { scale }, None) => g.launch(
+            "epi_dequant",
+            map.n as usize,
+            &[
+                P(acc),
+                P(ws),
+                I(corr),
+                P(bq),
+                P(scale.ptr),
+                I(relu as i32),
+                I(map.mode),
+                L(map.n),
+                I(map.cout),
+                L(map.plane),
+                I(map.wo),
+                I(map.s),
+                L(map.ldc),
+                P(y.0),
+            ],
+        ),
         _ => Err(EngineError::Internal(
             "integer epilogue does not match the output's parameters".into(),
         )),

@@ -17,7 +17,7 @@ mod layers;
 
 pub use device::{Gpu, compile_kernels, driver_present, nvrtc_present};
 
-use super::fp32::fold_layers;
+use super::fp32::{FoldedLayer, fold_layers};
 use super::{EngineError, HeadOutputs, NetInput, TaskMaps, check_cells, check_input};
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
@@ -25,7 +25,11 @@ use crate::quant::{LayerPlan, QParams, QuantModel};
 use cudarc::driver::CudaEvent;
 use device::Arg::{B, F, I, L, P};
 use device::DBuf;
-use layers::{Exec, LayerCall, Scratch, float_exec, i32_of, i64_of, int_exec, run_layer};
+use device::GemmKind;
+use layers::{
+    EpiMap, Exec, LayerCall, Scratch, epi_float, epi_int, float_exec, gemm_checked, gemm_i8,
+    i32_of, i64_of, im2col_float, im2col_int, int_exec, int_weight_rows, run_layer,
+};
 use rayon::prelude::*;
 
 /// What a [`CudaEngine`] computes in.
@@ -79,6 +83,8 @@ enum Step {
         cin: usize,
         cout: usize,
         exec: Box<Exec>,
+        /// Member of a sibling group: (group, whether this node leads it).
+        group: Option<(usize, bool)>,
     },
     PillarMax {
         concat_back: bool,
@@ -89,6 +95,22 @@ enum Step {
 }
 
 
+/// Sibling convolutions reading the same input with the same geometry (the head's
+/// sub-heads): one im2col and one GEMM over their stacked weights, then each member's
+/// own epilogue on its slice of the output channels.
+struct Group {
+    members: Vec<usize>,
+    /// Output-channel offset of each member in the stacked GEMM output.
+    offsets: Vec<usize>,
+    cout_total: usize,
+    /// Stacked weights `[cout_total, k]` (f32, f16 or s8 rows).
+    w: DBuf,
+    /// GEMM depth: C*k*k, padded to 4 for s8.
+    k: usize,
+    int: bool,
+    half: bool,
+}
+
 /// The CUDA engine.
 pub struct CudaEngine {
     gpu: Gpu,
@@ -98,6 +120,7 @@ pub struct CudaEngine {
     /// with parameters is u8 codes on the device, otherwise f32.
     acts: Vec<Option<QParams>>,
     steps: Vec<Step>,
+    groups: Vec<Group>,
     vals: Vec<DBuf>,
     shapes: Vec<Shape>,
     scratch: Scratch,
@@ -145,6 +168,7 @@ impl CudaEngine {
             _ => (vec![None; nv], vec![None; graph.nodes.len()]),
         };
         let half = matches!(precision, CudaPrecision::Fp16);
+        let (groups, group_of) = plan_groups(&gpu, graph, &plans, &acts, &folded, half)?;
         let mut steps = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
             let step = match &node.op {
@@ -190,6 +214,7 @@ impl CudaEngine {
                         cin: l.in_channels,
                         cout: l.out_channels,
                         exec: Box::new(exec),
+                        group: group_of[i],
                     }
                 }
                 Op::PillarMax {
@@ -217,6 +242,7 @@ impl CudaEngine {
             precision: precision.name(),
             acts,
             steps,
+            groups,
             vals: (0..nv).map(|_| DBuf::default()).collect(),
             shapes: vec![Shape::default(); nv],
             scratch: Scratch::default(),
@@ -341,11 +367,22 @@ impl CudaEngine {
         let g = &self.gpu;
         let shape = match &self.steps[i] {
             Step::Layer {
+                kind, cout, group: Some((gid, lead)), ..
+            } => {
+                let os = out_shape(*kind, &xs, *cout)
+                    .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
+                if *lead {
+                    self.run_group(*gid, x, xs, os)?;
+                }
+                os
+            }
+            Step::Layer {
                 kind,
                 relu,
                 cin,
                 cout,
                 exec,
+                group: None,
             } => {
                 let os = out_shape(*kind, &xs, *cout)
                     .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
@@ -488,6 +525,111 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// Runs every member of sibling group `gid` (at its first member): one im2col of the
+    /// shared input `x`, one GEMM, the members' epilogues into their own values.
+    fn run_group(&mut self, gid: usize, x: usize, xs: Shape, os: Shape) -> Result<(), EngineError> {
+        let Self {
+            gpu: g,
+            graph,
+            acts,
+            steps,
+            groups,
+            vals,
+            scratch: sc,
+            ..
+        } = self;
+        let grp = &groups[gid];
+        let Op::Layer(l) = &graph.nodes[grp.members[0]].op else {
+            return Err(EngineError::Internal("group of a non-layer".into()));
+        };
+        let LayerKind::Conv2d {
+            kernel,
+            stride,
+            padding,
+        } = l.kind
+        else {
+            return Err(EngineError::Internal("group of a non-convolution".into()));
+        };
+        let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
+        let (ho, wo) = (os.dims[2], os.dims[3]);
+        let plane = ho * wo;
+        for &m in &grp.members {
+            let Step::Layer { cout, .. } = &steps[m] else {
+                return Err(EngineError::Internal("group member is not a layer".into()));
+            };
+            let elem = if acts[m + 1].is_some() { 1 } else { 4 };
+            g.ensure(&mut vals[m + 1], elem * cout * plane)?;
+        }
+        let ksp = (kernel, stride, padding);
+        let ldc = if grp.int {
+            let zx = acts[x]
+                .ok_or_else(|| EngineError::Internal("integer group on floats".into()))?
+                .zero_point;
+            let col = im2col_int(g, sc, vals[x].ptr, (ci, h, wd), ksp, (ho, wo), grp.k, zx)?;
+            let ldc = plane.next_multiple_of(4);
+            g.ensure(&mut sc.acc, 4 * ldc * grp.cout_total)?;
+            gemm_i8(
+                g,
+                (plane, grp.cout_total, grp.k),
+                (col, grp.k),
+                (grp.w.ptr, grp.k),
+                (sc.acc.ptr, ldc),
+            )?;
+            ldc
+        } else {
+            let col = im2col_float(g, sc, vals[x].ptr, grp.half, (ci, h, wd), ksp, (ho, wo))?;
+            g.ensure(&mut sc.acc, 4 * plane * grp.cout_total)?;
+            let kind = if grp.half { GemmKind::F16 } else { GemmKind::F32 };
+            gemm_checked(
+                g,
+                kind,
+                (false, false),
+                (plane, grp.cout_total, grp.k),
+                (col, plane),
+                (grp.w.ptr, grp.k),
+                (sc.acc.ptr, plane),
+            )?;
+            plane
+        };
+        for (&m, &off) in grp.members.iter().zip(&grp.offsets) {
+            let Step::Layer {
+                cout, relu, exec, ..
+            } = &steps[m]
+            else {
+                return Err(EngineError::Internal("group member is not a layer".into()));
+            };
+            let map = EpiMap {
+                mode: 1,
+                n: i64_of(cout * plane)?,
+                cout: i32_of(*cout)?,
+                plane: i64_of(plane)?,
+                wo: i32_of(wo)?,
+                s: 1,
+                ldc: i64_of(ldc)?,
+            };
+            let acc = sc.acc.ptr + (4 * off * ldc) as u64;
+            match &**exec {
+                Exec::Int {
+                    wsum,
+                    bias_q,
+                    zx,
+                    epi,
+                    ..
+                } => epi_int(
+                    g,
+                    acc,
+                    (wsum, bias_q, *zx),
+                    epi,
+                    *relu,
+                    &map,
+                    (vals[m + 1].ptr, acts[m + 1]),
+                )?,
+                Exec::Float { bias, .. } => epi_float(g, acc, bias, *relu, &map, vals[m + 1].ptr)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Downloads the head values into `out` (codes dequantized on the host, as the CPU
     /// INT8 engine does).
     fn collect(&mut self, out: &mut HeadOutputs) -> Result<(), EngineError> {
@@ -583,3 +725,101 @@ fn out_shape(kind: LayerKind, xs: &Shape, cout: usize) -> Option<Shape> {
     })
 }
 
+
+type GroupPlan = (Vec<Group>, Vec<Option<(usize, bool)>>);
+
+/// Finds the sibling groups: convolutions with the same input value and geometry, all
+/// integer or all float (float: on an f32 input, to an f32 output), and uploads their
+/// stacked weights.
+fn plan_groups(
+    g: &Gpu,
+    graph: &Graph,
+    plans: &[Option<&LayerPlan>],
+    acts: &[Option<QParams>],
+    folded: &[Option<FoldedLayer>],
+    half: bool,
+) -> Result<GroupPlan, EngineError> {
+    let mut by_key: Vec<((usize, LayerKind, usize, bool), Vec<usize>)> = Vec::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let Op::Layer(l) = &node.op else { continue };
+        if !matches!(l.kind, LayerKind::Conv2d { .. }) {
+            continue;
+        }
+        let x = node.inputs[0];
+        let int = matches!(plans[i], Some(LayerPlan::Int(_)));
+        if !int && (acts[x].is_some() || acts[i + 1].is_some()) {
+            continue;
+        }
+        let key = (x, l.kind, l.in_channels, int);
+        match by_key.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i),
+            None => by_key.push((key, vec![i])),
+        }
+    }
+    let mut groups = Vec::new();
+    let mut group_of = vec![None; graph.nodes.len()];
+    for ((_, kind, cin, int), members) in by_key {
+        if members.len() < 2 {
+            continue;
+        }
+        let couts: Vec<usize> = members
+            .iter()
+            .map(|&m| match &graph.nodes[m].op {
+                Op::Layer(l) => l.out_channels,
+                _ => 0,
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        let mut total = 0;
+        for c in &couts {
+            offsets.push(total);
+            total += c;
+        }
+        let (w, k) = if int {
+            let mut rows = Vec::new();
+            let mut kpad = 0;
+            for (&m, &cout) in members.iter().zip(&couts) {
+                let Some(LayerPlan::Int(lw)) = plans[m] else {
+                    return Err(EngineError::Internal("integer group member".into()));
+                };
+                let (r, kp) = int_weight_rows(kind, cin, cout, lw)?;
+                rows.extend_from_slice(&r);
+                kpad = kp;
+            }
+            (g.alloc_from(&rows)?, kpad)
+        } else {
+            let mut rows: Vec<f32> = Vec::new();
+            for &m in &members {
+                let f = folded[m]
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("float group member".into()))?;
+                rows.extend_from_slice(&f.weight.data);
+            }
+            let k = rows.len() / total;
+            let buf = if half {
+                let h: Vec<u16> = rows
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                g.alloc_from(&h)?
+            } else {
+                g.alloc_from(&rows)?
+            };
+            (buf, k)
+        };
+        let gid = groups.len();
+        for (j, &m) in members.iter().enumerate() {
+            group_of[m] = Some((gid, j == 0));
+        }
+        groups.push(Group {
+            members,
+            offsets,
+            cout_total: total,
+            w,
+            k,
+            int,
+            half,
+        });
+    }
+    Ok((groups, group_of))
+}
