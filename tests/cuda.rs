@@ -124,6 +124,10 @@ fn fp32_matches_the_cpu_engine() {
     for (cfg, graph, w) in [tiny(), default_model()] {
         let cpu = Fp32Engine::new(&graph, &w).unwrap();
         let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp32, 0).unwrap();
+        if cfg.name != "default" {
+            // The tiny head's sub-head convs run fused: grouped and batched.
+            assert_eq!(gpu.fusions(), (1, 1), "{}", cfg.name);
+        }
         let scans = if cfg.name == "default" || graph.bev.0 > 64 {
             sim_scans(2)
         } else {
@@ -148,20 +152,31 @@ fn fp32_matches_the_cpu_engine() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn fp16_stays_close_to_fp32() {
-    let (cfg, graph, w) = default_model();
-    let cpu = Fp32Engine::new(&graph, &w).unwrap();
-    let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp16, 0).unwrap();
-    for f in inputs(&cfg, &sim_scans(3)) {
-        let want = cpu.run(&f.net_input()).unwrap();
-        let got = gpu.run(&f.net_input()).unwrap();
-        let e = max_rel(&got, &want);
-        eprintln!("fp16 max rel error {e:.2e}");
-        assert!(e <= 5e-2, "{e}");
-        let (a, b) = (
-            decode(&cfg, &got.views()).unwrap(),
-            decode(&cfg, &want.views()).unwrap(),
-        );
-        eprintln!("fp16 detections {} vs fp32 {}", a.len(), b.len());
+    for (cfg, graph, w) in [tiny(), default_model()] {
+        let cpu = Fp32Engine::new(&graph, &w).unwrap();
+        let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp16, 0).unwrap();
+        let scans = if cfg.name == "tiny" {
+            vec![random_scan(3), random_scan(4)]
+        } else {
+            sim_scans(3)
+        };
+        for f in inputs(&cfg, &scans) {
+            let want = cpu.run(&f.net_input()).unwrap();
+            let got = gpu.run(&f.net_input()).unwrap();
+            let e = max_rel(&got, &want);
+            eprintln!("{} fp16 max rel error {e:.2e}", cfg.name);
+            assert!(e <= 5e-2, "{}: {e}", cfg.name);
+            let (a, b) = (
+                decode(&cfg, &got.views()).unwrap(),
+                decode(&cfg, &want.views()).unwrap(),
+            );
+            eprintln!(
+                "{} fp16 detections {} vs fp32 {}",
+                cfg.name,
+                a.len(),
+                b.len()
+            );
+        }
     }
 }
 
@@ -191,6 +206,7 @@ fn int8_equals_the_cpu_int8_engine_bit_for_bit() {
         let qm = calibrate(&cfg, &w, &calib, &opts).unwrap();
         let mut cpu = Int8Engine::new(&graph, &w, &qm).unwrap();
         let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+        assert_eq!(gpu.fusions(), (1, 1));
         for f in inputs(&cfg, &[random_scan(30), random_scan(31)]) {
             let want = cpu.run(&f.net_input()).unwrap();
             let got = gpu.run(&f.net_input()).unwrap();

@@ -122,6 +122,24 @@ pub fn run(
             }
             progress.inc(1);
         }
+        if std::env::var_os("LIDAR_PTQ_CUDA_PROFILE").is_some() {
+            // A few more runs with an event after every node: where the time goes.
+            engine.enable_profile();
+            for _ in 0..5 {
+                let width = frame.prepare(&cfg, &pts);
+                engine.run_into(&frame.input(width), &mut heads)?;
+            }
+            let mut prof = engine.profile();
+            let total: f64 = prof.iter().map(|p| p.1).sum();
+            prof.sort_by(|a, b| b.1.total_cmp(&a.1));
+            eprintln!(
+                "{} per-node GPU ms (sum {total:.3}), largest first:",
+                p.name()
+            );
+            for (name, t) in prof.iter().take(25) {
+                eprintln!("  {t:8.4}  {name}");
+            }
+        }
         let col = |k: usize| median(samples.iter().map(|s| s[k]).collect());
         let dense = col(3);
         runs.push(GpuTimes {

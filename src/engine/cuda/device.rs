@@ -240,15 +240,29 @@ impl Gpu {
     /// `C[m x n] = op(A) op(B)` in cuBLAS's column-major convention, with the operand
     /// and compute types of `kind`. Returns `Ok(false)` when cuBLAS refuses the shape
     /// (NOT_SUPPORTED), so the caller can fall back.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
+        &self,
+        kind: GemmKind,
+        t: (bool, bool),
+        mnk: (usize, usize, usize),
+        a: (u64, usize),
+        b: (u64, usize),
+        c: (u64, usize),
+    ) -> Result<bool, EngineError> {
+        self.gemm_batched(kind, t, mnk, (a.0, a.1, 0), (b.0, b.1, 0), (c.0, c.1, 0), 1)
+    }
+
+    /// `batch` GEMMs whose operands are `stride` elements apart (strided batched).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_batched(
         &self,
         kind: GemmKind,
         (ta, tb): (bool, bool),
         (m, n, k): (usize, usize, usize),
-        (a, lda): (u64, usize),
-        (b, ldb): (u64, usize),
-        (c, ldc): (u64, usize),
+        (a, lda, sa): (u64, usize, usize),
+        (b, ldb, sb): (u64, usize, usize),
+        (c, ldc, scc): (u64, usize, usize),
+        batch: usize,
     ) -> Result<bool, EngineError> {
         use blas_sys::cublasComputeType_t as Ct;
         use blas_sys::cublasOperation_t as Op;
@@ -274,30 +288,61 @@ impl Gpu {
         let int = |v: usize| -> Result<i32, EngineError> {
             i32::try_from(v).map_err(|_| EngineError::Internal(format!("GEMM size {v}")))
         };
+        let long = |v: usize| -> Result<i64, EngineError> {
+            i64::try_from(v).map_err(|_| EngineError::Internal(format!("GEMM stride {v}")))
+        };
         // SAFETY: the operands are live device buffers sized for these dimensions by the
         // engine's plan; alpha and beta are host scalars of the compute type.
         let r = unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                op(ta),
-                op(tb),
-                int(m)?,
-                int(n)?,
-                int(k)?,
-                alpha,
-                a as *const c_void,
-                ab,
-                int(lda)?,
-                b as *const c_void,
-                ab,
-                int(ldb)?,
-                beta,
-                c as *mut c_void,
-                ct,
-                int(ldc)?,
-                comp,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            )
+            if batch == 1 {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    op(ta),
+                    op(tb),
+                    int(m)?,
+                    int(n)?,
+                    int(k)?,
+                    alpha,
+                    a as *const c_void,
+                    ab,
+                    int(lda)?,
+                    b as *const c_void,
+                    ab,
+                    int(ldb)?,
+                    beta,
+                    c as *mut c_void,
+                    ct,
+                    int(ldc)?,
+                    comp,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )
+            } else {
+                blas::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    op(ta),
+                    op(tb),
+                    int(m)?,
+                    int(n)?,
+                    int(k)?,
+                    alpha,
+                    a as *const c_void,
+                    ab,
+                    int(lda)?,
+                    long(sa)?,
+                    b as *const c_void,
+                    ab,
+                    int(ldb)?,
+                    long(sb)?,
+                    beta,
+                    c as *mut c_void,
+                    ct,
+                    int(ldc)?,
+                    long(scc)?,
+                    int(batch)?,
+                    comp,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )
+            }
         };
         match r {
             Ok(()) => Ok(true),
@@ -369,6 +414,18 @@ pub struct DBuf {
     pub(super) ptr: u64,
     pub(super) bytes: usize,
     _mem: Option<CudaSlice<u8>>,
+}
+
+impl DBuf {
+    /// A view of `bytes` bytes at `ptr` inside a buffer owned elsewhere (which must
+    /// outlive the view's use).
+    pub(super) fn view(ptr: u64, bytes: usize) -> DBuf {
+        DBuf {
+            ptr,
+            bytes,
+            _mem: None,
+        }
+    }
 }
 
 /// Compiles the kernels for `arch` with NVRTC (no GPU needed): the PTX text.

@@ -92,8 +92,11 @@ extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int k
 // Int8, pixel-major: col[p * kpad + k] = code - 128 (padding: the zero point, also - 128;
 // k >= c * kk * kk: 0). Shifting by 128 makes u8 codes signed for the s8 x s8 GEMM; the
 // epilogue adds (128 - zx) * sum(w) back.
+// `zxc`, when not null, gives each input channel its own zero point (inputs stacked from
+// values with different parameters).
 extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, int stride,
-                                     int pad, int ho, int wo, int kpad, int zx, s8* col) {
+                                     int pad, int ho, int wo, int kpad, int zx, const int* zxc,
+                                     s8* col) {
     long long plane = (long long)ho * wo;
     long long n = plane * kpad;
     int kreal = c * kk * kk;
@@ -105,7 +108,7 @@ extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, i
             int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
             int oy = (int)(p / wo), ox = (int)(p % wo);
             int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-            int code = zx;
+            int code = zxc ? zxc[ci] : zx;
             if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
             v = code - 128;
         }

@@ -2,9 +2,9 @@
 //! FP16 and INT8 layers, and for groups of sibling convolutions that read the same input
 //! (the head's sub-heads), which run as one GEMM.
 
+use super::Shape;
 use super::device::Arg::{F, I, L, P};
 use super::device::{DBuf, GemmKind, Gpu};
-use super::Shape;
 use crate::engine::EngineError;
 use crate::engine::fp32::FoldedLayer;
 use crate::model::graph::LayerKind;
@@ -287,7 +287,15 @@ pub(super) fn run_float(
             let a = if kernel == 1 && stride == 1 && padding == 0 {
                 if half { as_half(sc, k * plane)? } else { xin }
             } else {
-                im2col_float(g, sc, xin, half, (ci, h, wd), (kernel, stride, padding), (ho, wo))?
+                im2col_float(
+                    g,
+                    sc,
+                    xin,
+                    half,
+                    (ci, h, wd),
+                    (kernel, stride, padding),
+                    (ho, wo),
+                )?
             };
             // Y[cout, plane] (col-major [plane, cout]) = col [K, plane] x W [cout, K].
             gemm_checked(
@@ -395,7 +403,8 @@ pub(super) fn run_int(
     let cout = c.cout;
     let kp = i32_of(kpad)?;
     // im2col into pixel-major s8 rows [rows, kpad].
-    let im2col = |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx);
+    let im2col =
+        |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx, 0);
     // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
     let map = match c.kind {
         LayerKind::Linear => {
@@ -515,6 +524,7 @@ pub(super) fn im2col_int(
     (ho, wo): (usize, usize),
     kpad: usize,
     zx: i32,
+    zxc: u64,
 ) -> Result<u64, EngineError> {
     let n = ho * wo * kpad;
     g.ensure(&mut sc.col, n)?;
@@ -523,7 +533,7 @@ pub(super) fn im2col_int(
     for v in [ci, h, wd, kernel, stride, padding, ho, wo, kpad] {
         list.push(I(i32_of(v)?));
     }
-    list.extend([I(zx), P(dst)]);
+    list.extend([I(zx), P(zxc), P(dst)]);
     g.launch("im2col_s8", n, &list)?;
     Ok(dst)
 }

@@ -74,8 +74,6 @@ impl Shape {
     }
 }
 
-
-
 enum Step {
     Layer {
         kind: LayerKind,
@@ -85,6 +83,8 @@ enum Step {
         exec: Box<Exec>,
         /// Member of a sibling group: (group, whether this node leads it).
         group: Option<(usize, bool)>,
+        /// Member of a branch batch: (batch, whether this node leads it).
+        batch: Option<(usize, bool)>,
     },
     PillarMax {
         concat_back: bool,
@@ -94,7 +94,6 @@ enum Step {
     Concat,
 }
 
-
 /// Sibling convolutions reading the same input with the same geometry (the head's
 /// sub-heads): one im2col and one GEMM over their stacked weights, then each member's
 /// own epilogue on its slice of the output channels.
@@ -102,11 +101,33 @@ struct Group {
     members: Vec<usize>,
     /// Output-channel offset of each member in the stacked GEMM output.
     offsets: Vec<usize>,
+    /// Where each member's output lies in the group's output buffer, in bytes per output
+    /// pixel (the outputs are stacked, so the branches' next convs can run batched).
+    out_units: Vec<usize>,
+    units: usize,
     cout_total: usize,
     /// Stacked weights `[cout_total, k]` (f32, f16 or s8 rows).
     w: DBuf,
     /// GEMM depth: C*k*k, padded to 4 for s8.
     k: usize,
+    int: bool,
+    half: bool,
+}
+
+/// The next convolution of every member of a sibling group (the second conv of each
+/// head branch): one im2col over the group's stacked output and one strided batched GEMM,
+/// each branch's weights padded to `cmax` output channels.
+struct Batch {
+    members: Vec<usize>,
+    /// The sibling group whose members feed these layers, in the same order.
+    src: usize,
+    cmax: usize,
+    /// GEMM depth of one member (C*k*k; a multiple of 4 for s8).
+    k: usize,
+    /// Weights `[members, cmax, k]`, zero rows past each member's channels.
+    w: DBuf,
+    /// s8: each stacked input channel's zero point.
+    zxc: DBuf,
     int: bool,
     half: bool,
 }
@@ -121,6 +142,9 @@ pub struct CudaEngine {
     acts: Vec<Option<QParams>>,
     steps: Vec<Step>,
     groups: Vec<Group>,
+    /// Each group's stacked output.
+    group_out: Vec<DBuf>,
+    batches: Vec<Batch>,
     vals: Vec<DBuf>,
     shapes: Vec<Shape>,
     scratch: Scratch,
@@ -132,8 +156,9 @@ pub struct CudaEngine {
     /// Events around the dense part (after the scatter .. end) of the last run.
     events: Option<(CudaEvent, CudaEvent)>,
     last_dense_ms: Option<f64>,
+    /// Per-node GPU time sums (index i: node i - 1) and, at 0, the run count.
+    profile: Option<Vec<f64>>,
 }
-
 
 impl CudaEngine {
     /// Plans `graph` on GPU `ordinal` in `precision`; `weights` are the FP32 weights
@@ -169,6 +194,9 @@ impl CudaEngine {
         };
         let half = matches!(precision, CudaPrecision::Fp16);
         let (groups, group_of) = plan_groups(&gpu, graph, &plans, &acts, &folded, half)?;
+        let (batches, batch_of) = plan_batches(
+            &gpu, graph, &plans, &acts, &folded, half, &groups, &group_of,
+        )?;
         let mut steps = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
             let step = match &node.op {
@@ -215,6 +243,7 @@ impl CudaEngine {
                         cout: l.out_channels,
                         exec: Box::new(exec),
                         group: group_of[i],
+                        batch: batch_of[i],
                     }
                 }
                 Op::PillarMax {
@@ -242,7 +271,9 @@ impl CudaEngine {
             precision: precision.name(),
             acts,
             steps,
+            group_out: groups.iter().map(|_| DBuf::default()).collect(),
             groups,
+            batches,
             vals: (0..nv).map(|_| DBuf::default()).collect(),
             shapes: vec![Shape::default(); nv],
             scratch: Scratch::default(),
@@ -253,11 +284,18 @@ impl CudaEngine {
             run_count: 0,
             events,
             last_dense_ms: None,
+            profile: None,
         })
     }
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// How many sibling groups and branch batches the plan fused (see [`Group`] and
+    /// [`Batch`]).
+    pub fn fusions(&self) -> (usize, usize) {
+        (self.groups.len(), self.batches.len())
     }
 
     /// "fp32", "fp16" or "int8".
@@ -331,8 +369,20 @@ impl CudaEngine {
             }
         }
         let mut dense_started = false;
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let profile = self.profile.is_some();
+        let mut marks = Vec::new();
         for i in 0..self.graph.nodes.len() {
             self.node(i, p)?;
+            if profile {
+                let e = self
+                    .gpu
+                    .ctx
+                    .new_event(timed)
+                    .and_then(|e| e.record(&self.gpu.stream).map(|_| e))
+                    .map_err(|e| EngineError::Device(format!("event: {e}")))?;
+                marks.push(e);
+            }
             if matches!(self.steps[i], Step::Scatter)
                 && let Some((a, _)) = &self.events
             {
@@ -351,7 +401,34 @@ impl CudaEngine {
                 None
             };
         }
+        if let Some(acc) = &mut self.profile {
+            self.gpu.sync()?;
+            for (i, w) in marks.windows(2).enumerate() {
+                acc[i + 1] += w[0].elapsed_ms(&w[1]).unwrap_or(0.0) as f64;
+            }
+            acc[0] += 1.0;
+        }
         self.collect(out)
+    }
+
+    /// Starts accumulating GPU time per node (CUDA events after every node; slows runs).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(vec![0.0; self.graph.nodes.len() + 1]);
+    }
+
+    /// Mean GPU milliseconds per node since [`enable_profile`](Self::enable_profile),
+    /// by node name (the first node's time is not measured).
+    pub fn profile(&self) -> Vec<(String, f64)> {
+        let Some(acc) = &self.profile else {
+            return Vec::new();
+        };
+        let runs = acc[0].max(1.0);
+        self.graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), if i == 0 { 0.0 } else { acc[i] / runs }))
+            .collect()
     }
 
     fn elem(&self, v: usize) -> usize {
@@ -367,7 +444,23 @@ impl CudaEngine {
         let g = &self.gpu;
         let shape = match &self.steps[i] {
             Step::Layer {
-                kind, cout, group: Some((gid, lead)), ..
+                kind,
+                cout,
+                batch: Some((bid, lead)),
+                ..
+            } => {
+                let os = out_shape(*kind, &xs, *cout)
+                    .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
+                if *lead {
+                    self.run_batch(*bid, os)?;
+                }
+                os
+            }
+            Step::Layer {
+                kind,
+                cout,
+                group: Some((gid, lead)),
+                ..
             } => {
                 let os = out_shape(*kind, &xs, *cout)
                     .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
@@ -383,6 +476,7 @@ impl CudaEngine {
                 cout,
                 exec,
                 group: None,
+                batch: None,
             } => {
                 let os = out_shape(*kind, &xs, *cout)
                     .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
@@ -534,6 +628,7 @@ impl CudaEngine {
             acts,
             steps,
             groups,
+            group_out,
             vals,
             scratch: sc,
             ..
@@ -553,19 +648,20 @@ impl CudaEngine {
         let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
         let (ho, wo) = (os.dims[2], os.dims[3]);
         let plane = ho * wo;
-        for &m in &grp.members {
+        g.ensure(&mut group_out[gid], grp.units * plane)?;
+        for (&m, &u) in grp.members.iter().zip(&grp.out_units) {
             let Step::Layer { cout, .. } = &steps[m] else {
                 return Err(EngineError::Internal("group member is not a layer".into()));
             };
             let elem = if acts[m + 1].is_some() { 1 } else { 4 };
-            g.ensure(&mut vals[m + 1], elem * cout * plane)?;
+            vals[m + 1] = DBuf::view(group_out[gid].ptr + (u * plane) as u64, elem * cout * plane);
         }
         let ksp = (kernel, stride, padding);
         let ldc = if grp.int {
             let zx = acts[x]
                 .ok_or_else(|| EngineError::Internal("integer group on floats".into()))?
                 .zero_point;
-            let col = im2col_int(g, sc, vals[x].ptr, (ci, h, wd), ksp, (ho, wo), grp.k, zx)?;
+            let col = im2col_int(g, sc, vals[x].ptr, (ci, h, wd), ksp, (ho, wo), grp.k, zx, 0)?;
             let ldc = plane.next_multiple_of(4);
             g.ensure(&mut sc.acc, 4 * ldc * grp.cout_total)?;
             gemm_i8(
@@ -579,7 +675,11 @@ impl CudaEngine {
         } else {
             let col = im2col_float(g, sc, vals[x].ptr, grp.half, (ci, h, wd), ksp, (ho, wo))?;
             g.ensure(&mut sc.acc, 4 * plane * grp.cout_total)?;
-            let kind = if grp.half { GemmKind::F16 } else { GemmKind::F32 };
+            let kind = if grp.half {
+                GemmKind::F16
+            } else {
+                GemmKind::F32
+            };
             gemm_checked(
                 g,
                 kind,
@@ -608,6 +708,141 @@ impl CudaEngine {
                 ldc: i64_of(ldc)?,
             };
             let acc = sc.acc.ptr + (4 * off * ldc) as u64;
+            match &**exec {
+                Exec::Int {
+                    wsum,
+                    bias_q,
+                    zx,
+                    epi,
+                    ..
+                } => epi_int(
+                    g,
+                    acc,
+                    (wsum, bias_q, *zx),
+                    epi,
+                    *relu,
+                    &map,
+                    (vals[m + 1].ptr, acts[m + 1]),
+                )?,
+                Exec::Float { bias, .. } => epi_float(g, acc, bias, *relu, &map, vals[m + 1].ptr)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the branch batch `bid` (at its first member): the next conv of every member
+    /// of a sibling group, on the group's stacked output, as one im2col and one strided
+    /// batched GEMM, then each member's epilogue.
+    fn run_batch(&mut self, bid: usize, os: Shape) -> Result<(), EngineError> {
+        let Self {
+            gpu: g,
+            graph,
+            acts,
+            steps,
+            groups,
+            group_out,
+            batches,
+            vals,
+            shapes,
+            scratch: sc,
+            ..
+        } = self;
+        let b = &batches[bid];
+        let src = &groups[b.src];
+        let Op::Layer(l) = &graph.nodes[b.members[0]].op else {
+            return Err(EngineError::Internal("batch of a non-layer".into()));
+        };
+        let LayerKind::Conv2d {
+            kernel,
+            stride,
+            padding,
+        } = l.kind
+        else {
+            return Err(EngineError::Internal("batch of a non-convolution".into()));
+        };
+        let xs = shapes[src.members[0] + 1];
+        let (h, wd) = (xs.dims[2], xs.dims[3]);
+        let (ho, wo) = (os.dims[2], os.dims[3]);
+        let plane = ho * wo;
+        let n = b.members.len();
+        let (k, cmax) = (b.k, b.cmax);
+        let ci_total = n * l.in_channels;
+        let x = group_out[b.src].ptr;
+        let ksp = (kernel, stride, padding);
+        let ldc = if b.int {
+            let col = im2col_int(
+                g,
+                sc,
+                x,
+                (ci_total, h, wd),
+                ksp,
+                (ho, wo),
+                n * k,
+                0,
+                b.zxc.ptr,
+            )?;
+            let ldc = plane.next_multiple_of(4);
+            g.ensure(&mut sc.acc, 4 * n * cmax * ldc)?;
+            let done = g.gemm_batched(
+                GemmKind::I8,
+                (true, false),
+                (plane, cmax, k),
+                (col, n * k, k),
+                (b.w.ptr, k, cmax * k),
+                (sc.acc.ptr, ldc, cmax * ldc),
+                n,
+            )?;
+            if !done {
+                for j in 0..n {
+                    gemm_i8(
+                        g,
+                        (plane, cmax, k),
+                        (col + (j * k) as u64, n * k),
+                        (b.w.ptr + (j * cmax * k) as u64, k),
+                        (sc.acc.ptr + (4 * j * cmax * ldc) as u64, ldc),
+                    )?;
+                }
+            }
+            ldc
+        } else {
+            let col = im2col_float(g, sc, x, b.half, (ci_total, h, wd), ksp, (ho, wo))?;
+            g.ensure(&mut sc.acc, 4 * n * cmax * plane)?;
+            let kind = if b.half { GemmKind::F16 } else { GemmKind::F32 };
+            let done = g.gemm_batched(
+                kind,
+                (false, false),
+                (plane, cmax, k),
+                (col, plane, k * plane),
+                (b.w.ptr, k, cmax * k),
+                (sc.acc.ptr, plane, cmax * plane),
+                n,
+            )?;
+            if !done {
+                return Err(EngineError::Device(format!(
+                    "cuBLAS does not support the batched {kind:?} GEMM"
+                )));
+            }
+            plane
+        };
+        for (j, &m) in b.members.iter().enumerate() {
+            let Step::Layer {
+                cout, relu, exec, ..
+            } = &steps[m]
+            else {
+                return Err(EngineError::Internal("batch member is not a layer".into()));
+            };
+            let elem = if acts[m + 1].is_some() { 1 } else { 4 };
+            g.ensure(&mut vals[m + 1], elem * cout * plane)?;
+            let map = EpiMap {
+                mode: 1,
+                n: i64_of(cout * plane)?,
+                cout: i32_of(*cout)?,
+                plane: i64_of(plane)?,
+                wo: i32_of(wo)?,
+                s: 1,
+                ldc: i64_of(ldc)?,
+            };
+            let acc = sc.acc.ptr + (4 * j * cmax * ldc) as u64;
             match &**exec {
                 Exec::Int {
                     wsum,
@@ -725,7 +960,6 @@ fn out_shape(kind: LayerKind, xs: &Shape, cout: usize) -> Option<Shape> {
     })
 }
 
-
 type GroupPlan = (Vec<Group>, Vec<Option<(usize, bool)>>);
 
 /// Finds the sibling groups: convolutions with the same input value and geometry, all
@@ -739,7 +973,9 @@ fn plan_groups(
     folded: &[Option<FoldedLayer>],
     half: bool,
 ) -> Result<GroupPlan, EngineError> {
-    let mut by_key: Vec<((usize, LayerKind, usize, bool), Vec<usize>)> = Vec::new();
+    // (input value, geometry, input channels, integer) -> members.
+    type Key = (usize, LayerKind, usize, bool);
+    let mut by_key: Vec<(Key, Vec<usize>)> = Vec::new();
     for (i, node) in graph.nodes.iter().enumerate() {
         let Op::Layer(l) = &node.op else { continue };
         if !matches!(l.kind, LayerKind::Conv2d { .. }) {
@@ -811,9 +1047,17 @@ fn plan_groups(
         for (j, &m) in members.iter().enumerate() {
             group_of[m] = Some((gid, j == 0));
         }
+        let mut out_units = Vec::new();
+        let mut units = 0;
+        for (&m, &c) in members.iter().zip(&couts) {
+            out_units.push(units);
+            units += c * if acts[m + 1].is_some() { 1 } else { 4 };
+        }
         groups.push(Group {
             members,
             offsets,
+            out_units,
+            units,
             cout_total: total,
             w,
             k,
@@ -822,4 +1066,126 @@ fn plan_groups(
         });
     }
     Ok((groups, group_of))
+}
+
+type BatchPlan = (Vec<Batch>, Vec<Option<(usize, bool)>>);
+
+/// Finds, for each sibling group, the next convolutions of all its members when every
+/// member has exactly one reader, a convolution of one geometry, all integer or all float.
+#[allow(clippy::too_many_arguments)]
+fn plan_batches(
+    g: &Gpu,
+    graph: &Graph,
+    plans: &[Option<&LayerPlan>],
+    acts: &[Option<QParams>],
+    folded: &[Option<FoldedLayer>],
+    half: bool,
+    groups: &[Group],
+    group_of: &[Option<(usize, bool)>],
+) -> Result<BatchPlan, EngineError> {
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len() + 1];
+    for (i, n) in graph.nodes.iter().enumerate() {
+        for &v in &n.inputs {
+            readers[v].push(i);
+        }
+    }
+    let heads: Vec<usize> = graph
+        .tasks
+        .iter()
+        .flat_map(|t| std::iter::once(t.heatmap).chain(t.regression.iter().copied()))
+        .collect();
+    let layer = |i: usize| match &graph.nodes[i].op {
+        Op::Layer(l) => Some(l),
+        _ => None,
+    };
+    let mut batches = Vec::new();
+    let mut batch_of = vec![None; graph.nodes.len()];
+    'groups: for (gid, grp) in groups.iter().enumerate() {
+        let mut members = Vec::new();
+        for &m in &grp.members {
+            let r = &readers[m + 1];
+            if r.len() != 1 || heads.contains(&(m + 1)) || group_of[r[0]].is_some() {
+                continue 'groups;
+            }
+            members.push(r[0]);
+        }
+        let Some(first) = layer(members[0]) else {
+            continue;
+        };
+        let LayerKind::Conv2d { kernel, .. } = first.kind else {
+            continue;
+        };
+        let int = grp.int;
+        for &c in &members {
+            let Some(l) = layer(c) else { continue 'groups };
+            let c_int = matches!(plans[c], Some(LayerPlan::Int(_)));
+            if l.kind != first.kind || l.in_channels != first.in_channels || c_int != int {
+                continue 'groups;
+            }
+            if int && acts[graph.nodes[c].inputs[0]].is_none() {
+                continue 'groups;
+            }
+            if !int && (acts[graph.nodes[c].inputs[0]].is_some() || acts[c + 1].is_some()) {
+                continue 'groups;
+            }
+        }
+        let k = first.in_channels * kernel * kernel;
+        if int && k % 4 != 0 {
+            continue;
+        }
+        let couts: Vec<usize> = members
+            .iter()
+            .map(|&c| layer(c).map_or(0, |l| l.out_channels))
+            .collect();
+        let cmax = couts.iter().copied().max().unwrap_or(0);
+        let n = members.len();
+        let (w, zxc) = if int {
+            let mut w = vec![0i8; n * cmax * k];
+            let mut zxc = Vec::with_capacity(n * first.in_channels);
+            for (j, (&c, &cout)) in members.iter().zip(&couts).enumerate() {
+                let Some(LayerPlan::Int(lw)) = plans[c] else {
+                    continue 'groups;
+                };
+                let (rows, kpad) = int_weight_rows(first.kind, first.in_channels, cout, lw)?;
+                debug_assert_eq!(kpad, k);
+                w[j * cmax * k..j * cmax * k + rows.len()].copy_from_slice(&rows);
+                let zx = acts[graph.nodes[c].inputs[0]].map_or(0, |q| q.zero_point);
+                zxc.extend(std::iter::repeat_n(zx, first.in_channels));
+            }
+            (g.alloc_from(&w)?, g.alloc_from(&zxc)?)
+        } else {
+            let mut w = vec![0.0f32; n * cmax * k];
+            for (j, &c) in members.iter().enumerate() {
+                let f = folded[c]
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("float batch member".into()))?;
+                w[j * cmax * k..j * cmax * k + f.weight.data.len()].copy_from_slice(&f.weight.data);
+            }
+            let buf = if half {
+                let h: Vec<u16> = w
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                g.alloc_from(&h)?
+            } else {
+                g.alloc_from(&w)?
+            };
+            (buf, DBuf::default())
+        };
+        let bid = batches.len();
+        for (j, &c) in members.iter().enumerate() {
+            batch_of[c] = Some((bid, j == 0));
+        }
+        batches.push(Batch {
+            members,
+            src: gid,
+            cmax,
+            k,
+            w,
+            zxc,
+            int,
+            half,
+        });
+    }
+    Ok((batches, batch_of))
 }
