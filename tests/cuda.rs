@@ -135,10 +135,13 @@ fn fp32_matches_the_cpu_engine() {
         };
         for f in inputs(&cfg, &scans) {
             let want = cpu.run(&f.net_input()).unwrap();
-            let got = gpu.run(&f.net_input()).unwrap();
-            let e = max_rel(&got, &want);
-            eprintln!("{} fp32 max rel error {e:.2e}", cfg.name);
-            assert!(e <= 1e-4, "{}: {e}", cfg.name);
+            for direct in [true, false] {
+                gpu.set_direct_branches(direct);
+                let got = gpu.run(&f.net_input()).unwrap();
+                let e = max_rel(&got, &want);
+                eprintln!("{} fp32 (direct {direct}) max rel error {e:.2e}", cfg.name);
+                assert!(e <= 1e-4, "{}: {e}", cfg.name);
+            }
         }
         // A second run of the same engine (buffers reused) gives the same maps.
         let f = &inputs(&cfg, &scans[..1])[0];
@@ -209,8 +212,15 @@ fn int8_equals_the_cpu_int8_engine_bit_for_bit() {
         assert_eq!(gpu.fusions(), (1, 1));
         for f in inputs(&cfg, &[random_scan(30), random_scan(31)]) {
             let want = cpu.run(&f.net_input()).unwrap();
-            let got = gpu.run(&f.net_input()).unwrap();
-            assert_eq!(got, want, "{:?}", opts.method);
+            for direct in [true, false] {
+                gpu.set_direct_branches(direct);
+                let got = gpu.run(&f.net_input()).unwrap();
+                assert_eq!(
+                    got, want,
+                    "{:?}, direct branch kernels {direct}",
+                    opts.method
+                );
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 16] = [
+const KERNELS: [&str; 18] = [
     "cast_f16",
     "dequant_u8",
     "quant_f32",
@@ -34,6 +34,8 @@ const KERNELS: [&str; 16] = [
     "pillar_max_u8",
     "scatter_f32",
     "scatter_u8",
+    "branch_conv_f32",
+    "branch_conv_s8",
 ];
 
 fn dev_err(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -166,6 +168,12 @@ impl Gpu {
     pub(super) fn launch(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), EngineError> {
         if n == 0 {
             return Ok(());
+        }
+        // The kernels index with 32-bit integers.
+        if n > i32::MAX as usize {
+            return Err(EngineError::Internal(format!(
+                "kernel {name}: {n} elements exceed the 32-bit indexing"
+            )));
         }
         let f = self.func(name)?;
         let threads = 256u32;

@@ -12,9 +12,11 @@ typedef unsigned char u8;
 typedef signed char s8;
 typedef unsigned short f16raw;
 
+// Element counts are below 2^31 (checked on the host), so indices are 32-bit: 64-bit
+// division, which the index arithmetic needs, costs several times more on the GPU.
 #define GRID_STRIDE(i, n) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)gridDim.x * blockDim.x)
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (int)(n); \
+         i += gridDim.x * blockDim.x)
 
 __device__ __forceinline__ f16raw to_half(float f) {
     f16raw h;
@@ -59,13 +61,13 @@ extern "C" __global__ void fill_f32(float* y, long long n, float v) {
 // Float, k-major: col[k * ldp + p], k = (ci * kk + ky) * kk + kx, p = oy * wo + ox.
 extern "C" __global__ void im2col_f32(const float* x, int c, int h, int w, int kk, int stride,
                                       int pad, int ho, int wo, float* col) {
-    long long plane = (long long)ho * wo;
-    long long n = (long long)c * kk * kk * plane;
+    int plane = ho * wo;
+    int n = c * kk * kk * plane;
     GRID_STRIDE(i, n) {
-        long long p = i % plane;
-        int k = (int)(i / plane);
+        int p = i % plane;
+        int k = i / plane;
         int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-        int oy = (int)(p / wo), ox = (int)(p % wo);
+        int oy = p / wo, ox = p % wo;
         int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
         float v = 0.0f;
         if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
@@ -75,13 +77,13 @@ extern "C" __global__ void im2col_f32(const float* x, int c, int h, int w, int k
 
 extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int kk, int stride,
                                       int pad, int ho, int wo, f16raw* col) {
-    long long plane = (long long)ho * wo;
-    long long n = (long long)c * kk * kk * plane;
+    int plane = ho * wo;
+    int n = c * kk * kk * plane;
     GRID_STRIDE(i, n) {
-        long long p = i % plane;
-        int k = (int)(i / plane);
+        int p = i % plane;
+        int k = i / plane;
         int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-        int oy = (int)(p / wo), ox = (int)(p % wo);
+        int oy = p / wo, ox = p % wo;
         int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
         float v = 0.0f;
         if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
@@ -97,16 +99,16 @@ extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int k
 extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, int stride,
                                      int pad, int ho, int wo, int kpad, int zx, const int* zxc,
                                      s8* col) {
-    long long plane = (long long)ho * wo;
-    long long n = plane * kpad;
+    int plane = ho * wo;
+    int n = plane * kpad;
     int kreal = c * kk * kk;
     GRID_STRIDE(i, n) {
-        int k = (int)(i % kpad);
-        long long p = i / kpad;
+        int k = i % kpad;
+        int p = i / kpad;
         int v = 0;
         if (k < kreal) {
             int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-            int oy = (int)(p / wo), ox = (int)(p % wo);
+            int oy = p / wo, ox = p % wo;
             int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
             int code = zxc ? zxc[ci] : zx;
             if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
@@ -119,9 +121,9 @@ extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, i
 // Channels-last rows [r, cin] of codes -> [r, kpad] shifted by 128 (the int8 linear's B).
 extern "C" __global__ void rows_s8(const u8* x, long long r, int cin, int kpad, s8* y) {
     GRID_STRIDE(i, r * kpad) {
-        int k = (int)(i % kpad);
-        long long row = i / kpad;
-        y[i] = k < cin ? (s8)((int)x[row * cin + k] - 128) : (s8)0;
+        int k = i % kpad;
+        int row = i / kpad;
+        y[i] = k < cin ? (s8)((int)x[(long long)row * cin + k] - 128) : (s8)0;
     }
 }
 
@@ -132,7 +134,7 @@ extern "C" __global__ void rows_s8(const u8* x, long long r, int cin, int kpad, 
 extern "C" __global__ void gemm_s8_tn(const s8* a, const s8* b, int m, int n, int k, int lda,
                                       int ldb, int* c, int ldc) {
     GRID_STRIDE(t, (long long)m * n) {
-        int i = (int)(t % m), j = (int)(t / m);
+        int i = t % m, j = t / m;
         const int* ar = (const int*)(a + (long long)i * lda);
         const int* br = (const int*)(b + (long long)j * ldb);
         int s = 0;
@@ -149,21 +151,21 @@ extern "C" __global__ void gemm_s8_tn(const s8* a, const s8* b, int m, int n, in
 //   mode 1, conv NCHW:      o = ch * plane + p,    acc[ch * ldc + p]
 //   mode 2, transposed conv (kernel == stride = s), output plane ho x wo:
 //                          acc[((ch * s + ky) * s + kx) * ldc + y * (wo / s) + x]
-__device__ __forceinline__ void locate(int mode, long long o, int cout, long long plane,
+__device__ __forceinline__ void locate(int mode, int o, int cout, long long plane,
                                        int wo, int s, long long ldc, int* ch, int* col,
                                        long long* a) {
     if (mode == 0) {
-        long long r = o / cout;
-        int c = (int)(o % cout);
-        *ch = c; *col = c; *a = r * ldc + c;
+        int r = o / cout;
+        int c = o % cout;
+        *ch = c; *col = c; *a = (long long)r * ldc + c;
     } else if (mode == 1) {
-        int c = (int)(o / plane);
-        long long p = o % plane;
+        int c = o / (int)plane;
+        int p = o % (int)plane;
         *ch = c; *col = c; *a = (long long)c * ldc + p;
     } else {
-        int c = (int)(o / plane);
-        long long q = o % plane;
-        int oy = (int)(q / wo), ox = (int)(q % wo), win = wo / s;
+        int c = o / (int)plane;
+        int q = o % (int)plane;
+        int oy = q / wo, ox = q % wo, win = wo / s;
         int y = oy / s, ky = oy % s, x = ox / s, kx = ox % s;
         int j = (c * s + ky) * s + kx;
         *ch = c; *col = j; *a = (long long)j * ldc + (long long)y * win + x;
@@ -230,7 +232,7 @@ extern "C" __global__ void epi_dequant(const int* acc, const int* wsum, int corr
     extern "C" __global__ void NAME(const T* x, const unsigned* counts, int p, int n, int c, \
                                     int concat, T empty, T* y) {                             \
         GRID_STRIDE(i, (long long)p * c) {                                                   \
-            int pi = (int)(i / c), ch = (int)(i % c);                                        \
+            int pi = i / c, ch = i % c;                                                      \
             int k = counts ? (int)counts[pi] : n;                                            \
             const T* px = x + (long long)pi * n * c + ch;                                    \
             T m = k > 0 ? px[0] : empty;                                                     \
@@ -258,9 +260,85 @@ PILLAR_MAX(pillar_max_u8, u8)
     extern "C" __global__ void NAME(const T* x, const unsigned* cells, int p, int c,          \
                                     long long plane, T* y) {                                  \
         GRID_STRIDE(i, (long long)p * c) {                                                   \
-            int pi = (int)(i / c), ch = (int)(i % c);                                        \
+            int pi = i / c, ch = i % c;                                                      \
             y[(long long)ch * plane + cells[pi]] = x[i];                                     \
         }                                                                                    \
     }
 SCATTER(scatter_f32, float)
 SCATTER(scatter_u8, u8)
+
+// ---- direct convolution of the head branches ------------------------------------------
+
+// The second conv of every head branch at once: few output channels each, so a direct
+// convolution beats im2col + GEMM. Branch j reads channels [j*cin, (j+1)*cin) of the
+// stacked input and writes acc[(j*cmax + c) * ldc + p]. Weights [n, cmax, cin*kk*kk].
+#define MAXC 8
+extern "C" __global__ void branch_conv_f32(const float* x, int n, int cin, int h, int w, int kk,
+                                           int stride, int pad, int ho, int wo, const float* wts,
+                                           int cmax, float* acc, int ldc) {
+    int plane = ho * wo;
+    int K = cin * kk * kk;
+    GRID_STRIDE(t, (long long)n * plane) {
+        int j = t / plane, p = t % plane;
+        int oy = p / wo, ox = p % wo;
+        float s[MAXC];
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c) s[c] = 0.0f;
+        const float* wj = wts + (long long)j * cmax * K;
+        for (int ci = 0; ci < cin; ++ci) {
+            const float* xc = x + (long long)(j * cin + ci) * h * w;
+            for (int ky = 0; ky < kk; ++ky) {
+                int iy = oy * stride - pad + ky;
+                if (iy < 0 || iy >= h) continue;
+                for (int kx = 0; kx < kk; ++kx) {
+                    int ix = ox * stride - pad + kx;
+                    if (ix < 0 || ix >= w) continue;
+                    float v = xc[iy * w + ix];
+                    int k = (ci * kk + ky) * kk + kx;
+#pragma unroll
+                    for (int c = 0; c < MAXC; ++c)
+                        if (c < cmax) s[c] += v * wj[c * K + k];
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c)
+            if (c < cmax) acc[(long long)(j * cmax + c) * ldc + p] = s[c];
+    }
+}
+
+// Integer twin: sums (code - 128) * w, padding at the branch's zero point (zxc per stacked
+// channel), exactly what im2col_s8 and the s8 GEMM compute, so the same epilogue applies.
+extern "C" __global__ void branch_conv_s8(const u8* x, int n, int cin, int h, int w, int kk,
+                                          int stride, int pad, int ho, int wo, const s8* wts,
+                                          int cmax, const int* zxc, int* acc, int ldc) {
+    int plane = ho * wo;
+    int K = cin * kk * kk;
+    GRID_STRIDE(t, (long long)n * plane) {
+        int j = t / plane, p = t % plane;
+        int oy = p / wo, ox = p % wo;
+        int s[MAXC];
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c) s[c] = 0;
+        const s8* wj = wts + (long long)j * cmax * K;
+        for (int ci = 0; ci < cin; ++ci) {
+            const u8* xc = x + (long long)(j * cin + ci) * h * w;
+            int zx = zxc[j * cin + ci];
+            for (int ky = 0; ky < kk; ++ky) {
+                int iy = oy * stride - pad + ky;
+                for (int kx = 0; kx < kk; ++kx) {
+                    int ix = ox * stride - pad + kx;
+                    int code = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? (int)xc[iy * w + ix] : zx;
+                    int v = code - 128;
+                    int k = (ci * kk + ky) * kk + kx;
+#pragma unroll
+                    for (int c = 0; c < MAXC; ++c)
+                        if (c < cmax) s[c] += v * (int)wj[c * K + k];
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < MAXC; ++c)
+            if (c < cmax) acc[(long long)(j * cmax + c) * ldc + p] = s[c];
+    }
+}

@@ -130,7 +130,13 @@ struct Batch {
     zxc: DBuf,
     int: bool,
     half: bool,
+    /// Few output channels (at most [`DIRECT_MAX_OUT`]): our direct convolution kernel
+    /// instead of im2col and the GEMM; its float weights are f32 in every precision.
+    direct: bool,
 }
+
+/// The direct branch kernels keep this many output channels in registers.
+const DIRECT_MAX_OUT: usize = 8;
 
 /// The CUDA engine.
 pub struct CudaEngine {
@@ -158,6 +164,8 @@ pub struct CudaEngine {
     last_dense_ms: Option<f64>,
     /// Per-node GPU time sums (index i: node i - 1) and, at 0, the run count.
     profile: Option<Vec<f64>>,
+    /// Whether branch batches with few outputs use the direct kernels.
+    direct_on: bool,
 }
 
 impl CudaEngine {
@@ -285,6 +293,7 @@ impl CudaEngine {
             events,
             last_dense_ms: None,
             profile: None,
+            direct_on: true,
         })
     }
 
@@ -296,6 +305,12 @@ impl CudaEngine {
     /// [`Batch`]).
     pub fn fusions(&self) -> (usize, usize) {
         (self.groups.len(), self.batches.len())
+    }
+
+    /// Whether the head branches' second convs may use the direct kernels (default) or
+    /// always im2col and the batched GEMM (both compute the same; tests compare them).
+    pub fn set_direct_branches(&mut self, on: bool) {
+        self.direct_on = on;
     }
 
     /// "fp32", "fp16" or "int8".
@@ -745,6 +760,7 @@ impl CudaEngine {
             vals,
             shapes,
             scratch: sc,
+            direct_on,
             ..
         } = self;
         let b = &batches[bid];
@@ -769,7 +785,25 @@ impl CudaEngine {
         let ci_total = n * l.in_channels;
         let x = group_out[b.src].ptr;
         let ksp = (kernel, stride, padding);
-        let ldc = if b.int {
+        let ldc = if b.direct && *direct_on {
+            g.ensure(&mut sc.acc, 4 * n * cmax * plane)?;
+            let mut list = vec![P(x)];
+            for v in [n, l.in_channels, h, wd, kernel, stride, padding, ho, wo] {
+                list.push(I(i32_of(v)?));
+            }
+            list.extend([P(b.w.ptr), I(i32_of(cmax)?)]);
+            if b.int {
+                list.push(P(b.zxc.ptr));
+            }
+            list.extend([P(sc.acc.ptr), I(i32_of(plane)?)]);
+            let name = if b.int {
+                "branch_conv_s8"
+            } else {
+                "branch_conv_f32"
+            };
+            g.launch(name, n * plane, &list)?;
+            plane
+        } else if b.int {
             let col = im2col_int(
                 g,
                 sc,
@@ -1138,6 +1172,7 @@ fn plan_batches(
             .map(|&c| layer(c).map_or(0, |l| l.out_channels))
             .collect();
         let cmax = couts.iter().copied().max().unwrap_or(0);
+        let direct = cmax <= DIRECT_MAX_OUT;
         let n = members.len();
         let (w, zxc) = if int {
             let mut w = vec![0i8; n * cmax * k];
@@ -1185,6 +1220,7 @@ fn plan_batches(
             zxc,
             int,
             half,
+            direct,
         });
     }
     Ok((batches, batch_of))
