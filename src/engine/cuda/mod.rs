@@ -128,10 +128,12 @@ struct Batch {
     w: DBuf,
     /// s8: each stacked input channel's zero point.
     zxc: DBuf,
+    /// FP16 precision: f32 weights for the direct kernel (`w` holds f16 for the GEMM).
+    w32: DBuf,
     int: bool,
     half: bool,
     /// Few output channels (at most [`DIRECT_MAX_OUT`]): our direct convolution kernel
-    /// instead of im2col and the GEMM; its float weights are f32 in every precision.
+    /// instead of im2col and the GEMM.
     direct: bool,
 }
 
@@ -791,7 +793,8 @@ impl CudaEngine {
             for v in [n, l.in_channels, h, wd, kernel, stride, padding, ho, wo] {
                 list.push(I(i32_of(v)?));
             }
-            list.extend([P(b.w.ptr), I(i32_of(cmax)?)]);
+            let w = if b.half && !b.int { &b.w32 } else { &b.w };
+            list.extend([P(w.ptr), I(i32_of(cmax)?)]);
             if b.int {
                 list.push(P(b.zxc.ptr));
             }
@@ -1174,6 +1177,7 @@ fn plan_batches(
         let cmax = couts.iter().copied().max().unwrap_or(0);
         let direct = cmax <= DIRECT_MAX_OUT;
         let n = members.len();
+        let mut w32 = DBuf::default();
         let (w, zxc) = if int {
             let mut w = vec![0i8; n * cmax * k];
             let mut zxc = Vec::with_capacity(n * first.in_channels);
@@ -1205,6 +1209,12 @@ fn plan_batches(
             } else {
                 g.alloc_from(&w)?
             };
+            // The direct kernel computes in f32 in every precision.
+            w32 = if half && direct {
+                g.alloc_from(&w)?
+            } else {
+                DBuf::default()
+            };
             (buf, DBuf::default())
         };
         let bid = batches.len();
@@ -1218,6 +1228,7 @@ fn plan_batches(
             k,
             w,
             zxc,
+            w32,
             int,
             half,
             direct,
