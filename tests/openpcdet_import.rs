@@ -101,7 +101,10 @@ fn assert_close(what: &str, got: &[f32], shape: &[usize], want: &(Vec<usize>, Ve
         }
     }
     // Guard against comparing two empty or all-zero tensors.
-    assert!(want.1.iter().any(|v| *v != 0.0), "{what}: reference is all zero");
+    assert!(
+        want.1.iter().any(|v| *v != 0.0),
+        "{what}: reference is all zero"
+    );
     eprintln!(
         "{what:<34} max |a-b| {max_abs:.3e} (at {worst}), max |a-b|/|b| {max_rel:.3e} (|b| > 1e-3)"
     );
@@ -194,6 +197,12 @@ fn legacy_and_zip_checkpoints_give_identical_weights() {
     assert_eq!(w.tensors.len(), 167);
     let values: usize = w.tensors.values().map(|t| t.data.len()).sum();
     assert_eq!(values, 283_399);
+    let graph = Graph::build(&legacy.config).unwrap();
+    assert_eq!(
+        graph.num_trainable(),
+        281_639,
+        "the reference's trainable count"
+    );
     assert_eq!(
         w.tensors["vfe.pfn_layers.0.linear.weight"].shape,
         vec![16, 11]
@@ -216,12 +225,18 @@ fn legacy_and_zip_checkpoints_give_identical_weights() {
     assert_eq!(c.voxelization.max_cells.test, 10_000);
     let pf = c.pillar_features.as_ref().unwrap();
     assert!(pf.max_includes_padding && pf.absolute_xyz && !pf.distance);
-    assert_eq!((pf.bn_eps, c.backbone_2d.bn_eps, c.head.bn_eps), (1e-3, 1e-3, 1e-5));
+    assert_eq!(
+        (pf.bn_eps, c.backbone_2d.bn_eps, c.head.bn_eps),
+        (1e-3, 1e-3, 1e-5)
+    );
     assert!(c.head.bias_before_norm);
     assert!(!c.decode.local_max, "OpenPCDet decodes the plain top-K");
     assert_eq!(
         c.head.tasks,
-        vec![vec!["car".to_string()], vec!["pedestrian".into(), "bicycle".into()]]
+        vec![
+            vec!["car".to_string()],
+            vec!["pedestrian".into(), "bicycle".into()]
+        ]
     );
     // Both containers parse to the same tensors, value for value, straight from the files.
     let a = Checkpoint::open(&reference("checkpoint.pth")).unwrap();
@@ -232,8 +247,8 @@ fn legacy_and_zip_checkpoints_give_identical_weights() {
 #[test]
 fn voxeliser_reproduces_openpcdet_voxels_on_the_nuscenes_scan() {
     let m = import("checkpoint.pth");
-    let pts = lidar_ptq::dataset::nuscenes::read_sweep(&common::data_dir().join(NUSCENES_SCAN))
-        .unwrap();
+    let pts =
+        lidar_ptq::dataset::nuscenes::read_sweep(&common::data_dir().join(NUSCENES_SCAN)).unwrap();
     let mut vox = Voxelizer::new(&m.config, Mode::Test);
     let mut got = Pillars::default();
     vox.voxelize(&pts, None, &mut got);
@@ -257,7 +272,12 @@ fn fp32_engine_reproduces_openpcdet_on_nuscenes() {
     let pf = values[node_value(&graph, "vfe.pfn_layers.1.max")]
         .as_ref()
         .unwrap();
-    assert_close("pillar_features", &pf.data, &pf.shape, rec.get("pillar_features"));
+    assert_close(
+        "pillar_features",
+        &pf.data,
+        &pf.shape,
+        rec.get("pillar_features"),
+    );
 
     // The BEV map is recorded as its centre 32 x 32 crop.
     let bev = values[node_value(&graph, "map_to_bev")].as_ref().unwrap();
@@ -341,8 +361,8 @@ fn legacy_file(main: &[u8]) -> Vec<u8> {
 fn zip_file(pkl: &[u8]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());
     let mut z = zip::ZipWriter::new(&mut buf);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", opts).unwrap();
     z.write_all(pkl).unwrap();
     z.start_file("archive/byteorder", opts).unwrap();
@@ -423,9 +443,26 @@ fn damaged_checkpoints_are_clear_errors() {
         let bytes = std::fs::read(reference(file)).unwrap();
         // Cut inside every part: headers, the main pickle, the key list, the storages.
         let n = bytes.len();
-        for cut in [0, 5, 20, 100, 5_000, 30_000, 32_300, 36_320, n / 2, n - 9, n - 1] {
+        for cut in [
+            0,
+            5,
+            20,
+            100,
+            5_000,
+            30_000,
+            32_300,
+            36_320,
+            n / 2,
+            n - 9,
+            n - 1,
+        ] {
             let e = try_import(&format!("cut{cut}_{file}"), &bytes[..cut]);
-            let clear = ["truncated", "ends early", "not a torch checkpoint", "damaged"];
+            let clear = [
+                "truncated",
+                "ends early",
+                "not a torch checkpoint",
+                "damaged",
+            ];
             assert!(
                 clear.iter().any(|c| e.contains(c)),
                 "{file} cut at {cut}: {e}"
@@ -544,15 +581,22 @@ fn import_verb_writes_a_self_describing_model() {
     );
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(stdout.contains("openpcdet_model"), "{stdout}");
-    let bundle = ModelBundle::load(&out.join("model.safetensors"), Some(&out.join("model.yaml")))
-        .unwrap();
+    let bundle = ModelBundle::load(
+        &out.join("model.safetensors"),
+        Some(&out.join("model.yaml")),
+    )
+    .unwrap();
     let lib = import("checkpoint.pth");
     assert_eq!(bundle.config, lib.config);
     assert_eq!(bundle.weights, lib.weights);
     assert_eq!(bundle.metadata["source"], "openpcdet");
     // A hostile checkpoint fails the verb with the callable named.
     let bad = dir.path().join("bad.pth");
-    std::fs::write(&bad, zip_file(b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.")).unwrap();
+    std::fs::write(
+        &bad,
+        zip_file(b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R."),
+    )
+    .unwrap();
     let r = std::process::Command::new(env!("CARGO_BIN_EXE_lidar_ptq"))
         .args(["import", "openpcdet", "--checkpoint"])
         .arg(&bad)
@@ -590,8 +634,8 @@ fn agreement(x: &[f32], y: &[f32]) -> (f64, f64) {
 #[test]
 fn imported_model_calibrates_and_runs_int8() {
     let m = import("checkpoint_zip.pth");
-    let nus = lidar_ptq::dataset::nuscenes::read_sweep(&common::data_dir().join(NUSCENES_SCAN))
-        .unwrap();
+    let nus =
+        lidar_ptq::dataset::nuscenes::read_sweep(&common::data_dir().join(NUSCENES_SCAN)).unwrap();
     let kitti =
         lidar_ptq::dataset::kitti::read_velodyne(&common::data_dir().join(KITTI_SCAN)).unwrap();
     let frames = vec![nus.clone(), kitti];
@@ -657,10 +701,16 @@ fn bias_before_norm_option_drops_the_hidden_conv_biases() {
     )
     .unwrap();
     let with = ModelConfig::from_yaml(&text).unwrap();
-    assert!(with.head.bias_before_norm && with.decode.local_max, "defaults");
+    assert!(
+        with.head.bias_before_norm && with.decode.local_max,
+        "defaults"
+    );
     let mut without = with.clone();
     without.head.bias_before_norm = false;
-    let (gw, go) = (Graph::build(&with).unwrap(), Graph::build(&without).unwrap());
+    let (gw, go) = (
+        Graph::build(&with).unwrap(),
+        Graph::build(&without).unwrap(),
+    );
     let names = |g: &Graph| -> Vec<String> { g.params().into_iter().map(|p| p.name).collect() };
     let dropped: Vec<String> = names(&gw)
         .into_iter()
@@ -691,7 +741,10 @@ fn bias_before_norm_option_drops_the_hidden_conv_biases() {
         );
     }
     let a = Detector::new(with, &w).unwrap().head_outputs(&pts).unwrap();
-    let b = Detector::new(without, &wo).unwrap().head_outputs(&pts).unwrap();
+    let b = Detector::new(without, &wo)
+        .unwrap()
+        .head_outputs(&pts)
+        .unwrap();
     assert_eq!(a, b);
     // The biased weights do not fit the bias-free model, naming a dropped tensor.
     let e = Fp32Engine::new(&go, &w).err().unwrap().to_string();

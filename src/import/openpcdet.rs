@@ -26,9 +26,9 @@
 use super::pickle::{Id, Value};
 use super::torch_file::{Checkpoint, TorchFileError};
 use crate::model::config::{
-    Backbone2dConfig, DecodeConfig, Encoder, HeadConfig, InputConfig, Level, LossConfig,
-    NmsConfig, NmsKind, PillarFeatureConfig, PointFeature, SubHead, TargetConfig, TrainTest,
-    Upsample, VoxelizationConfig,
+    Backbone2dConfig, DecodeConfig, Encoder, HeadConfig, InputConfig, Level, LossConfig, NmsConfig,
+    NmsKind, PillarFeatureConfig, PointFeature, SubHead, TargetConfig, TrainTest, Upsample,
+    VoxelizationConfig,
 };
 use crate::model::graph::Graph;
 use crate::model::weights::Weights;
@@ -446,7 +446,9 @@ fn map_config(
     ])?;
     model.module(&["CenterPoint"])?;
     if let Some(b3) = model.opt("BACKBONE_3D") {
-        let n = b3.opt("NAME").and_then(|n| n.v.as_str().map(str::to_string));
+        let n = b3
+            .opt("NAME")
+            .and_then(|n| n.v.as_str().map(str::to_string));
         return b3.err(format!(
             "module `{}` is not supported: the voxel (sparse 3D backbone) CenterPoint is not \
              implemented yet; only the pillar model (PillarVFE + PointPillarScatter) imports",
@@ -518,9 +520,7 @@ fn map_config(
             "transform_points_to_voxels" => {
                 let vs = p.get("VOXEL_SIZE")?;
                 let v = vs.f32s()?;
-                let cell_size: [f32; 3] = v
-                    .try_into()
-                    .or_else(|_| vs.err("expected 3 numbers"))?;
+                let cell_size: [f32; 3] = v.try_into().or_else(|_| vs.err("expected 3 numbers"))?;
                 voxels = Some(VoxelizationConfig {
                     encoder: Encoder::Pillar,
                     cell_size,
@@ -552,7 +552,10 @@ fn map_config(
         "NUM_FILTERS",
     ])?;
     let flag = |k: &str, default: bool| -> Result<bool, ImportError> {
-        vfe.opt(k).map(|f| f.bool()).transpose().map(|b| b.unwrap_or(default))
+        vfe.opt(k)
+            .map(|f| f.bool())
+            .transpose()
+            .map(|b| b.unwrap_or(default))
     };
     if !flag("USE_NORM", true)? {
         return vfe

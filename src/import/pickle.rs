@@ -434,14 +434,14 @@ impl<'a> Machine<'a> {
 
     /// Pops everything down to the last MARK (and the MARK).
     fn pop_mark(&mut self) -> Result<Vec<Id>, PickleError> {
-        let m = self
-            .stack
-            .iter()
-            .rposition(|s| *s == Slot::Mark)
-            .ok_or(PickleError::Malformed {
-                offset: self.at,
-                message: "no MARK on the stack".into(),
-            })?;
+        let m =
+            self.stack
+                .iter()
+                .rposition(|s| *s == Slot::Mark)
+                .ok_or(PickleError::Malformed {
+                    offset: self.at,
+                    message: "no MARK on the stack".into(),
+                })?;
         let items = self.stack[m + 1..]
             .iter()
             .map(|s| match s {
@@ -572,7 +572,9 @@ impl<'a> Machine<'a> {
                     [pairs] => {
                         let items = match &self.values[*pairs] {
                             Value::List(v) | Value::Tuple(v) => v.clone(),
-                            _ => return self.malformed("OrderedDict(x): x must be a list of pairs"),
+                            _ => {
+                                return self.malformed("OrderedDict(x): x must be a list of pairs");
+                            }
                         };
                         for p in items {
                             match self.values[p].clone() {
@@ -619,12 +621,9 @@ impl<'a> Machine<'a> {
                         message: "tensor size overflows".into(),
                     })?;
                 if numel > 0 {
-                    let last = shape
-                        .iter()
-                        .zip(&stride)
-                        .try_fold(offset, |acc, (&d, &s)| {
-                            (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
-                        });
+                    let last = shape.iter().zip(&stride).try_fold(offset, |acc, (&d, &s)| {
+                        (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+                    });
                     match last {
                         Some(l) if l < storage.numel => {}
                         _ => {

@@ -130,11 +130,7 @@ fn corrupt(path: &Path, message: impl Into<String>) -> TorchFileError {
     }
 }
 
-fn parse(
-    bytes: &[u8],
-    path: &Path,
-    part: &'static str,
-) -> Result<(Pickle, usize), TorchFileError> {
+fn parse(bytes: &[u8], path: &Path, part: &'static str) -> Result<(Pickle, usize), TorchFileError> {
     Pickle::parse(bytes).map_err(|source| TorchFileError::Pickle {
         path: path.to_path_buf(),
         part,
