@@ -13,6 +13,7 @@ pub mod detector;
 pub mod engine;
 pub mod eval;
 pub mod fsutil;
+pub mod import;
 pub mod kernels;
 pub mod model;
 pub mod msgs;

@@ -88,6 +88,9 @@ enum Command {
     NodeScore(NodeScoreArgs),
     /// Time the FP32 and INT8 pipelines (end to end and per stage) on a simulated scan.
     Bench(BenchArgs),
+    /// Convert a model trained elsewhere into a model file (weights + embedded config).
+    #[command(subcommand)]
+    Import(cli::import::ImportCommand),
 }
 
 #[derive(clap::Args)]
@@ -278,6 +281,7 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => cli::calibrate::run(&args),
         Command::NodeScore(args) => node_score_verb(&args),
         Command::Bench(args) => bench_verb(&args),
+        Command::Import(cmd) => cli::import::run(&cmd),
     }
 }
 

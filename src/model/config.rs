@@ -190,6 +190,10 @@ pub struct HeadConfig {
     pub hm_init_bias: f32,
     #[serde(default = "eps_1e5")]
     pub bn_eps: f32,
+    /// Bias on the convs followed by BatchNorm (the shared conv and the sub-heads' hidden
+    /// convs), OpenPCDet's `USE_BIAS_BEFORE_NORM`. The last conv of a sub-head always has one.
+    #[serde(default = "yes")]
+    pub bias_before_norm: bool,
 }
 
 fn hm_bias() -> f32 {
@@ -249,6 +253,11 @@ pub struct DecodeConfig {
     pub post_center_range: [f32; 6],
     pub top_k: usize,
     pub nms: NmsConfig,
+    /// Keep only heatmap cells that are the maximum of their 3x3 neighbourhood before the
+    /// top-K (CenterPoint's max-pool peak filter). OpenPCDet's CenterHead takes the plain
+    /// top-K of the heatmap instead.
+    #[serde(default = "yes")]
+    pub local_max: bool,
 }
 
 /// A complete CenterPoint description.

@@ -26,6 +26,7 @@ fn peaks(
     w: usize,
     k: usize,
     thr: f32,
+    local_max: bool,
 ) -> Vec<(f32, usize, usize)> {
     let mut out = Vec::new();
     for c in 0..classes {
@@ -34,9 +35,15 @@ fn peaks(
             for x in 0..w {
                 let v = plane[y * w + x];
                 // A peak is the max of its 3x3 neighbourhood (ties keep every equal cell,
-                // as max-pool equality does in the reference).
+                // as max-pool equality does in the reference). Without the filter every
+                // cell is a candidate.
                 let mut is_peak = true;
-                'n: for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                let rows = if local_max {
+                    y.saturating_sub(1)..(y + 2).min(h)
+                } else {
+                    0..0
+                };
+                'n: for ny in rows {
                     for nx in x.saturating_sub(1)..(x + 2).min(w) {
                         if plane[ny * w + nx] > v {
                             is_peak = false;
@@ -139,6 +146,7 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
             w,
             dc.top_k,
             dc.score_threshold,
+            dc.local_max,
         )
         .into_iter()
         .filter_map(|(score, c, i)| {
@@ -290,8 +298,14 @@ mod tests {
         heat[5] = 2.0; // peak
         heat[6] = 1.0; // neighbour of a higher cell: not a peak
         heat[15] = -3.0; // sigmoid 0.047 < 0.1
-        let p = peaks(&heat, 1, h, w, 10, 0.1);
+        let p = peaks(&heat, 1, h, w, 10, 0.1, true);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].2, 5);
+        // Without the 3x3 filter (OpenPCDet's plain top-K) the neighbour is a candidate
+        // too, ranked by score; the low cell still fails the threshold.
+        let p = peaks(&heat, 1, h, w, 10, 0.1, false);
+        let cells: Vec<usize> = p.iter().map(|c| c.2).collect();
+        assert_eq!(cells, vec![5, 6]);
+        assert_eq!(peaks(&heat, 1, h, w, 1, 0.1, false).len(), 1, "top-K caps");
     }
 }
