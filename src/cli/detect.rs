@@ -19,6 +19,16 @@ pub struct DetectArgs {
     /// it must describe the same model.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Run the INT8 engine of this calibrated model (written by `lidar_ptq calibrate` for
+    /// the same FP32 model) instead of FP32.
+    #[arg(long)]
+    int8: Option<PathBuf>,
+    /// Where the network runs: cpu, cuda (GPU 0) or cuda:N (builds with feature `cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: super::Device,
+    /// GPU only: run in FP16.
+    #[arg(long)]
+    fp16: bool,
     /// Bag only: the PointCloud2 topic (default: the first one).
     #[arg(long)]
     topic: Option<String>,
@@ -59,8 +69,8 @@ fn as_object(d: &Detection) -> Object {
 }
 
 pub fn run(a: &DetectArgs) -> Result<()> {
-    let mut detector =
-        lidar_ptq::detector::Detector::from_model_file(&a.model, a.config.as_deref())?;
+    let bundle = lidar_ptq::model::ModelBundle::load(&a.model, a.config.as_deref())?;
+    let mut detector = super::detector(&bundle, a.int8.as_deref(), a.device, a.fp16)?;
     let scan = lidar_ptq::source::load_scan(
         &a.input,
         a.labels.as_deref(),
