@@ -93,28 +93,41 @@ extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int k
 
 // Int8, pixel-major: col[p * kpad + k] = code - 128 (padding: the zero point, also - 128;
 // k >= c * kk * kk: 0). Shifting by 128 makes u8 codes signed for the s8 x s8 GEMM; the
-// epilogue adds (128 - zx) * sum(w) back.
-// `zxc`, when not null, gives each input channel its own zero point (inputs stacked from
-// values with different parameters).
+// epilogue adds (128 - zx) * sum(w) back. `zxc`, when not null, gives each input channel
+// its own zero point (inputs stacked from values with different parameters). Each thread
+// writes one 4-byte word (kpad is a multiple of 4).
 extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, int stride,
                                      int pad, int ho, int wo, int kpad, int zx, const int* zxc,
                                      s8* col) {
     int plane = ho * wo;
-    int n = plane * kpad;
-    int kreal = c * kk * kk;
-    GRID_STRIDE(i, n) {
-        int k = i % kpad;
-        int p = i / kpad;
-        int v = 0;
-        if (k < kreal) {
-            int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-            int oy = p / wo, ox = p % wo;
-            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-            int code = zxc ? zxc[ci] : zx;
-            if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
-            v = code - 128;
+    int q4 = kpad >> 2;
+    int kreal = c * kk * kk, k2 = kk * kk;
+    GRID_STRIDE(i, (long long)plane * q4) {
+        int p = i / q4, k0 = (i - p * q4) << 2;
+        int oy = p / wo, ox = p - oy * wo;
+        int iy0 = oy * stride - pad, ix0 = ox * stride - pad;
+        int ci = k0 / k2, r = k0 - ci * k2, ky = r / kk, kx = r - ky * kk;
+        unsigned word = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            int v = 0;
+            if (k0 + b < kreal) {
+                int iy = iy0 + ky, ix = ix0 + kx;
+                int code = zxc ? zxc[ci] : zx;
+                if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                    code = x[((long long)ci * h + iy) * w + ix];
+                v = code - 128;
+            }
+            word |= ((unsigned)v & 0xffu) << (8 * b);
+            if (++kx == kk) {
+                kx = 0;
+                if (++ky == kk) {
+                    ky = 0;
+                    ++ci;
+                }
+            }
         }
-        col[i] = (s8)v;
+        ((unsigned*)col)[i] = word;
     }
 }
 

@@ -526,6 +526,11 @@ pub(super) fn im2col_int(
     zx: i32,
     zxc: u64,
 ) -> Result<u64, EngineError> {
+    if kpad % 4 != 0 {
+        return Err(EngineError::Internal(format!(
+            "im2col: K {kpad} not padded to 4"
+        )));
+    }
     let n = ho * wo * kpad;
     g.ensure(&mut sc.col, n)?;
     let dst = sc.col.ptr;
@@ -534,7 +539,8 @@ pub(super) fn im2col_int(
         list.push(I(i32_of(v)?));
     }
     list.extend([I(zx), P(zxc), P(dst)]);
-    g.launch("im2col_s8", n, &list)?;
+    // One thread per 4-byte word.
+    g.launch("im2col_s8", n / 4, &list)?;
     Ok(dst)
 }
 
