@@ -526,7 +526,7 @@ pub(super) fn im2col_int(
     zx: i32,
     zxc: u64,
 ) -> Result<u64, EngineError> {
-    if kpad % 4 != 0 {
+    if !kpad.is_multiple_of(4) {
         return Err(EngineError::Internal(format!(
             "im2col: K {kpad} not padded to 4"
         )));

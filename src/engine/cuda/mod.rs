@@ -1167,7 +1167,7 @@ fn plan_batches(
             }
         }
         let k = first.in_channels * kernel * kernel;
-        if int && k % 4 != 0 {
+        if int && !k.is_multiple_of(4) {
             continue;
         }
         let couts: Vec<usize> = members
