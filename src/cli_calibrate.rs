@@ -54,10 +54,20 @@ impl MethodArg {
     fn method(self, percentile: f64) -> Method {
         match self {
             MethodArg::Minmax => Method::MinMax,
-            MethodArg::Percentile => Method::Percentile { percentile, occupied_only: false },
-            MethodArg::PercentileOccupied => Method::Percentile { percentile, occupied_only: true },
-            MethodArg::Entropy => Method::Entropy { occupied_only: false },
-            MethodArg::EntropyOccupied => Method::Entropy { occupied_only: true },
+            MethodArg::Percentile => Method::Percentile {
+                percentile,
+                occupied_only: false,
+            },
+            MethodArg::PercentileOccupied => Method::Percentile {
+                percentile,
+                occupied_only: true,
+            },
+            MethodArg::Entropy => Method::Entropy {
+                occupied_only: false,
+            },
+            MethodArg::EntropyOccupied => Method::Entropy {
+                occupied_only: true,
+            },
             MethodArg::LidarPtq => Method::LidarPtq,
         }
     }
@@ -163,7 +173,8 @@ pub fn load_fp32(model: &Path, config: Option<&Path>) -> Result<(ModelConfig, Gr
                     model.display()
                 )
             })?;
-            ModelConfig::from_yaml(yaml).with_context(|| format!("config embedded in {}", model.display()))?
+            ModelConfig::from_yaml(yaml)
+                .with_context(|| format!("config embedded in {}", model.display()))?
         }
     };
     let graph = Graph::build(&cfg).map_err(|e| anyhow::anyhow!("model {}: {e}", cfg.name))?;
@@ -176,9 +187,11 @@ pub fn load_fp32(model: &Path, config: Option<&Path>) -> Result<(ModelConfig, Gr
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);
     b.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
     );
     b.set_message(what.to_string());
     b
@@ -188,7 +201,9 @@ fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
 fn bag_frames(path: &Path, topic: Option<&str>, frames: usize) -> Result<Vec<Points>> {
     let bag = lidar_ptq::bag::Bag::open(path)?;
     let info = match topic {
-        Some(t) => bag.topic(t).with_context(|| format!("bag {} has no topic {t}", path.display()))?,
+        Some(t) => bag
+            .topic(t)
+            .with_context(|| format!("bag {} has no topic {t}", path.display()))?,
         None => bag
             .topics()
             .iter()
@@ -201,13 +216,17 @@ fn bag_frames(path: &Path, topic: Option<&str>, frames: usize) -> Result<Vec<Poi
     }
     let n = frames.min(total);
     if n < frames {
-        log::warn!("bag {} holds {total} scans; calibrating on all of them", path.display());
+        log::warn!(
+            "bag {} holds {total} scans; calibrating on all of them",
+            path.display()
+        );
     }
     let wanted: Vec<usize> = (0..n).map(|k| k * total / n).collect();
     let name = info.name.clone();
-    let scans = lidar_ptq::source::read_bag_scans(path, Some(&name), &DecodeOptions::default(), |i| {
-        wanted.binary_search(&i).is_ok()
-    })?;
+    let scans =
+        lidar_ptq::source::read_bag_scans(path, Some(&name), &DecodeOptions::default(), |i| {
+            wanted.binary_search(&i).is_ok()
+        })?;
     Ok(scans.into_iter().map(|s| s.scan.points).collect())
 }
 
@@ -236,7 +255,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         (Some(_), Some(_)) => bail!("give either --bag or --frames-from-sim, not both"),
         (Some(bag), None) => bag_frames(bag, a.topic.as_deref(), a.frames)?,
         (None, Some(n)) => sim_frames(a.lidar, n, a.sim_seed),
-        (None, None) => bail!("calibration needs scans: --bag B [--frames N] or --frames-from-sim N"),
+        (None, None) => {
+            bail!("calibration needs scans: --bag B [--frames N] or --frames-from-sim N")
+        }
     };
     let loaded = start.elapsed().as_secs_f64();
     let mut opts = CalibOptions::new(a.method.method(a.percentile));
@@ -319,7 +340,8 @@ fn compare_on_sim(
     let frames = eval_frames(a.eval_lidar, a.eval_frames, a.eval_seed);
     let fp = lidar_ptq::engine::Fp32Engine::new(graph, weights)?;
     let q = lidar_ptq::quant::QuantNet::new(graph, weights, model)?;
-    let mut vox = lidar_ptq::model::voxelize::Voxelizer::new(cfg, lidar_ptq::model::voxelize::Mode::Test);
+    let mut vox =
+        lidar_ptq::model::voxelize::Voxelizer::new(cfg, lidar_ptq::model::voxelize::Mode::Test);
     let b = bar(frames.len() as u64, "evaluating FP32 and INT8");
     let (mut d_fp, mut d_q) = (Vec::new(), Vec::new());
     for (points, _) in &frames {
@@ -330,7 +352,11 @@ fn compare_on_sim(
     }
     b.finish_and_clear();
     let ncfg = NuscenesConfig {
-        classes: cfg.classes().into_iter().map(|c| ClassSpec::new(c, class_range(c))).collect(),
+        classes: cfg
+            .classes()
+            .into_iter()
+            .map(|c| ClassSpec::new(c, class_range(c)))
+            .collect(),
         ..NuscenesConfig::default()
     };
     let score = |dets: &[Vec<lidar_ptq::boxes::Detection>]| {
@@ -343,7 +369,10 @@ fn compare_on_sim(
     };
     let (rf, rq) = (score(&d_fp), score(&d_q));
     for (cf, cq) in rf.classes.iter().zip(&rq.classes) {
-        println!("{:<22} {:>5} gt  AP FP32 {:.4}  INT8 {:.4}", cf.class, cf.num_gt, cf.mean_ap, cq.mean_ap);
+        println!(
+            "{:<22} {:>5} gt  AP FP32 {:.4}  INT8 {:.4}",
+            cf.class, cf.num_gt, cf.mean_ap, cq.mean_ap
+        );
     }
     println!(
         "mAP FP32 {:.4}  INT8 {:.4} ({:+.4})  NDS FP32 {:.4}  INT8 {:.4}  ({} frames)",

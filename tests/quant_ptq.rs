@@ -11,10 +11,14 @@ use lidar_ptq::model::graph::{Graph, LayerKind, Op};
 use lidar_ptq::model::voxelize::{Mode, Voxelizer};
 use lidar_ptq::model::weights::Weights;
 use lidar_ptq::ops::Tensor;
-use lidar_ptq::quant::calibrate::{CalibOptions, FrameInput, Method, calibrate, calibrate_detailed};
+use lidar_ptq::quant::calibrate::{
+    CalibOptions, FrameInput, Method, calibrate, calibrate_detailed,
+};
 use lidar_ptq::quant::file::{self, FileError};
 use lidar_ptq::quant::qnet::{QuantNet, float_model};
-use lidar_ptq::quant::{Flavour, LayerPlan, Provenance, QParams, QuantModel, Requant, dequantize_acc, quantize_bias};
+use lidar_ptq::quant::{
+    Flavour, LayerPlan, Provenance, QParams, QuantModel, Requant, dequantize_acc, quantize_bias,
+};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -33,11 +37,17 @@ fn weights(graph: &Graph, seed: u64) -> Weights {
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
     for (name, t) in w.tensors.iter_mut() {
         if name.ends_with("running_var") {
-            t.data.iter_mut().for_each(|v| *v = rng.random_range(0.5..2.0));
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..2.0));
         } else if name.ends_with("running_mean") || name.contains("norm.bias") {
-            t.data.iter_mut().for_each(|v| *v = rng.random_range(-0.3..0.3));
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(-0.3..0.3));
         } else if name.contains("norm.weight") {
-            t.data.iter_mut().for_each(|v| *v = rng.random_range(0.5..1.5));
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..1.5));
         }
     }
     w
@@ -75,7 +85,10 @@ fn frames(n: usize, seed: u64) -> Vec<Points> {
 
 fn inputs(cfg: &ModelConfig, frames: &[Points]) -> Vec<FrameInput> {
     let mut vox = Voxelizer::new(cfg, Mode::Test);
-    frames.iter().map(|p| FrameInput::prepare(cfg, &mut vox, p)).collect()
+    frames
+        .iter()
+        .map(|p| FrameInput::prepare(cfg, &mut vox, p))
+        .collect()
 }
 
 fn provenance() -> Provenance {
@@ -130,13 +143,22 @@ impl V {
     fn float(&self) -> Tensor {
         match self {
             V::Float(t) => t.clone(),
-            V::Codes(c, s, q) => Tensor::new(s.clone(), c.iter().map(|&c| q.dequantize(c)).collect()).unwrap(),
+            V::Codes(c, s, q) => {
+                Tensor::new(s.clone(), c.iter().map(|&c| q.dequantize(c)).collect()).unwrap()
+            }
         }
     }
 }
 
 /// Integer accumulators by plain loops (i64 sums truncated to i32: the wrapping sum).
-fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp: i32) -> (Vec<i32>, Vec<usize>) {
+fn acc(
+    kind: LayerKind,
+    x: &[i32],
+    xs: &[usize],
+    codes: &[i8],
+    ws: &[usize],
+    zp: i32,
+) -> (Vec<i32>, Vec<usize>) {
     let w = |i: usize| codes[i] as i64;
     match kind {
         LayerKind::Linear => {
@@ -145,7 +167,9 @@ fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp:
             let mut out = vec![0i32; rows * cout];
             for r in 0..rows {
                 for co in 0..cout {
-                    let s: i64 = (0..cin).map(|ci| (x[r * cin + ci] - zp) as i64 * w(co * cin + ci)).sum();
+                    let s: i64 = (0..cin)
+                        .map(|ci| (x[r * cin + ci] - zp) as i64 * w(co * cin + ci))
+                        .sum();
                     out[r * cout + co] = s as i32;
                 }
             }
@@ -153,7 +177,11 @@ fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp:
             *shape.last_mut().unwrap() = cout;
             (out, shape)
         }
-        LayerKind::Conv2d { kernel: k, stride: s, padding: p } => {
+        LayerKind::Conv2d {
+            kernel: k,
+            stride: s,
+            padding: p,
+        } => {
             let (cout, cin, h, wd) = (ws[0], ws[1], xs[2], xs[3]);
             let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
             let mut out = vec![0i32; cout * ho * wo];
@@ -164,8 +192,12 @@ fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp:
                         for ci in 0..cin {
                             for ky in 0..k {
                                 for kx in 0..k {
-                                    let (iy, ix) = ((oy * s + ky) as isize - p as isize, (ox * s + kx) as isize - p as isize);
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                    let (iy, ix) = (
+                                        (oy * s + ky) as isize - p as isize,
+                                        (ox * s + kx) as isize - p as isize,
+                                    );
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd
+                                    {
                                         let v = x[(ci * h + iy as usize) * wd + ix as usize] - zp;
                                         a += v as i64 * w(((co * cin + ci) * k + ky) * k + kx);
                                     }
@@ -178,7 +210,10 @@ fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp:
             }
             (out, vec![1, cout, ho, wo])
         }
-        LayerKind::ConvTranspose2d { kernel: k, stride: s } => {
+        LayerKind::ConvTranspose2d {
+            kernel: k,
+            stride: s,
+        } => {
             let (cin, cout, h, wd) = (ws[0], ws[1], xs[2], xs[3]);
             let (ho, wo) = ((h - 1) * s + k, (wd - 1) * s + k);
             let mut out = vec![0i64; cout * ho * wo];
@@ -189,14 +224,18 @@ fn acc(kind: LayerKind, x: &[i32], xs: &[usize], codes: &[i8], ws: &[usize], zp:
                         for co in 0..cout {
                             for ky in 0..k {
                                 for kx in 0..k {
-                                    out[(co * ho + iy * s + ky) * wo + ix * s + kx] += d * w(((ci * cout + co) * k + ky) * k + kx);
+                                    out[(co * ho + iy * s + ky) * wo + ix * s + kx] +=
+                                        d * w(((ci * cout + co) * k + ky) * k + kx);
                                 }
                             }
                         }
                     }
                 }
             }
-            (out.into_iter().map(|a| a as i32).collect(), vec![1, cout, ho, wo])
+            (
+                out.into_iter().map(|a| a as i32).collect(),
+                vec![1, cout, ho, wo],
+            )
         }
     }
 }
@@ -207,7 +246,11 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
     let (p, n, f) = (input.counts.len(), input.max_points, input.width);
     let x0 = Tensor::new(vec![p, n, f], input.decorated.to_vec()).unwrap();
     let quant = |t: &Tensor, q: Option<QParams>| match q {
-        Some(q) => V::Codes(t.data.iter().map(|&x| q.quantize(x)).collect(), t.shape.clone(), q),
+        Some(q) => V::Codes(
+            t.data.iter().map(|&x| q.quantize(x)).collect(),
+            t.shape.clone(),
+            q,
+        ),
         None => V::Float(t.clone()),
     };
     // The input per feature when the model says so.
@@ -217,7 +260,13 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
             x0.data
                 .iter()
                 .enumerate()
-                .map(|(k, &x)| QParams { scale: sc[k % f], ..q }.quantize(x))
+                .map(|(k, &x)| {
+                    QParams {
+                        scale: sc[k % f],
+                        ..q
+                    }
+                    .quantize(x)
+                })
                 .collect(),
             x0.shape.clone(),
             q,
@@ -230,17 +279,28 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
         let x = vals[node.inputs[0]].clone();
         let out = match (&node.op, &m.layers[i]) {
             (Op::Layer(l), Some(LayerPlan::Int(lw))) => {
-                let V::Codes(c, xs, qin) = x else { panic!("integer layer on floats") };
+                let V::Codes(c, xs, qin) = x else {
+                    panic!("integer layer on floats")
+                };
                 let (a, shape) = acc(l.kind, &c, &xs, &lw.codes, &lw.shape, qin.zero_point);
                 let cout = l.out_channels;
-                let inner: usize = if l.kind == LayerKind::Linear { 1 } else { shape[2] * shape[3] };
+                let inner: usize = if l.kind == LayerKind::Linear {
+                    1
+                } else {
+                    shape[2] * shape[3]
+                };
                 let ch = |k: usize| (k / inner) % cout;
-                let bq: Vec<i32> = (0..cout).map(|c| quantize_bias(lw.bias[c], qin.scale, lw.scales[c])).collect();
+                let bq: Vec<i32> = (0..cout)
+                    .map(|c| quantize_bias(lw.bias[c], qin.scale, lw.scales[c]))
+                    .collect();
                 match out_q {
                     Some(q) => V::Codes(
                         a.iter()
                             .enumerate()
-                            .map(|(k, &a)| Requant::new(qin.scale, lw.scales[ch(k)], &q, l.relu).apply(a, bq[ch(k)]))
+                            .map(|(k, &a)| {
+                                Requant::new(qin.scale, lw.scales[ch(k)], &q, l.relu)
+                                    .apply(a, bq[ch(k)])
+                            })
                             .collect(),
                         shape,
                         q,
@@ -251,7 +311,8 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                             a.iter()
                                 .enumerate()
                                 .map(|(k, &a)| {
-                                    let v = dequantize_acc(a, bq[ch(k)], qin.scale, lw.scales[ch(k)]);
+                                    let v =
+                                        dequantize_acc(a, bq[ch(k)], qin.scale, lw.scales[ch(k)]);
                                     if l.relu { v.max(0.0) } else { v }
                                 })
                                 .collect(),
@@ -264,7 +325,10 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                 let xf = match (&x, &per) {
                     (V::Codes(c, s, q), Some(sc)) if node.inputs[0] == 0 => Tensor::new(
                         s.clone(),
-                        c.iter().enumerate().map(|(k, &c)| sc[k % f] * (c - q.zero_point) as f32).collect(),
+                        c.iter()
+                            .enumerate()
+                            .map(|(k, &c)| sc[k % f] * (c - q.zero_point) as f32)
+                            .collect(),
                     )
                     .unwrap(),
                     _ => x.float(),
@@ -272,17 +336,37 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                 let y = run_layer(l.kind, &xf, folded[i].as_ref().unwrap(), l.relu).unwrap();
                 quant(&y, out_q)
             }
-            (Op::PillarMax { concat_back, include_padding }, _) => {
+            (
+                Op::PillarMax {
+                    concat_back,
+                    include_padding,
+                },
+                _,
+            ) => {
                 let (vals_of, shape, q) = match &x {
-                    V::Codes(c, s, q) => (c.iter().map(|&v| v as f64).collect::<Vec<f64>>(), s.clone(), Some(*q)),
-                    V::Float(t) => (t.data.iter().map(|&v| v as f64).collect(), t.shape.clone(), None),
+                    V::Codes(c, s, q) => (
+                        c.iter().map(|&v| v as f64).collect::<Vec<f64>>(),
+                        s.clone(),
+                        Some(*q),
+                    ),
+                    V::Float(t) => (
+                        t.data.iter().map(|&v| v as f64).collect(),
+                        t.shape.clone(),
+                        None,
+                    ),
                 };
                 let c = shape[2];
                 let mut m = vec![0f64; p * c];
                 for pi in 0..p {
-                    let k = if *include_padding { n } else { input.counts[pi] as usize };
+                    let k = if *include_padding {
+                        n
+                    } else {
+                        input.counts[pi] as usize
+                    };
                     for ch in 0..c {
-                        m[pi * c + ch] = (0..k).map(|j| vals_of[(pi * n + j) * c + ch]).fold(f64::NEG_INFINITY, f64::max);
+                        m[pi * c + ch] = (0..k)
+                            .map(|j| vals_of[(pi * n + j) * c + ch])
+                            .fold(f64::NEG_INFINITY, f64::max);
                         if k == 0 {
                             m[pi * c + ch] = q.map_or(0.0, |q| q.zero_point as f64);
                         }
@@ -290,7 +374,11 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                 }
                 let mt = Tensor::new(vec![p, c], m.iter().map(|&v| v as f32).collect()).unwrap();
                 let xt = Tensor::new(shape, vals_of.iter().map(|&v| v as f32).collect()).unwrap();
-                let y = if *concat_back { concat_pillar_max(&xt, &mt) } else { mt };
+                let y = if *concat_back {
+                    concat_pillar_max(&xt, &mt)
+                } else {
+                    mt
+                };
                 match q {
                     Some(q) => V::Codes(y.data.iter().map(|&v| v as i32).collect(), y.shape, q),
                     None => V::Float(y),
@@ -314,7 +402,11 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                     }
                 }
                 match q {
-                    Some(q) => V::Codes(img.iter().map(|&v| v as i32).collect(), vec![1, c, ny, nx], q),
+                    Some(q) => V::Codes(
+                        img.iter().map(|&v| v as i32).collect(),
+                        vec![1, c, ny, nx],
+                        q,
+                    ),
                     None => V::Float(Tensor::new(vec![1, c, ny, nx], img).unwrap()),
                 }
             }
@@ -325,7 +417,9 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                         let mut data = Vec::new();
                         let mut c = 0;
                         for pt in &parts {
-                            let V::Codes(cd, s, _) = pt else { panic!("mixed concat") };
+                            let V::Codes(cd, s, _) = pt else {
+                                panic!("mixed concat")
+                            };
                             data.extend_from_slice(cd);
                             c += s[1];
                         }
@@ -333,7 +427,10 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                     }
                     V::Float(_) => {
                         let ts: Vec<Tensor> = parts.iter().map(V::float).collect();
-                        V::Float(lidar_ptq::ops::concat::forward(&ts.iter().collect::<Vec<_>>(), 1).unwrap())
+                        V::Float(
+                            lidar_ptq::ops::concat::forward(&ts.iter().collect::<Vec<_>>(), 1)
+                                .unwrap(),
+                        )
                     }
                 }
             }
@@ -345,11 +442,19 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
         .iter()
         .map(|t| TaskMaps {
             heatmap: vals[t.heatmap].float().data,
-            regression: t.regression.iter().flat_map(|&v| vals[v].float().data).collect(),
+            regression: t
+                .regression
+                .iter()
+                .flat_map(|&v| vals[v].float().data)
+                .collect(),
         })
         .collect();
     let hm = vals[graph.tasks[0].heatmap].float();
-    HeadOutputs { tasks, h: hm.shape[2], w: hm.shape[3] }
+    HeadOutputs {
+        tasks,
+        h: hm.shape[2],
+        w: hm.shape[3],
+    }
 }
 
 #[test]
@@ -361,12 +466,20 @@ fn simulated_integer_network_matches_a_naive_integer_interpreter() {
     let mut o = CalibOptions::new(Method::MinMax);
     o.input_per_feature = false;
     variants.push(o);
-    let mut o = CalibOptions::new(Method::Entropy { occupied_only: true });
+    let mut o = CalibOptions::new(Method::Entropy {
+        occupied_only: true,
+    });
     o.flavour = Flavour::Symmetric;
     o.weight_bits = 4;
-    o.keep_float = vec!["vfe.pfn_layers.0".into(), "dense_head.heads_list.0.hm.1".into()];
+    o.keep_float = vec![
+        "vfe.pfn_layers.0".into(),
+        "dense_head.heads_list.0.hm.1".into(),
+    ];
     variants.push(o);
-    let mut o = CalibOptions::new(Method::Percentile { percentile: 99.9, occupied_only: false });
+    let mut o = CalibOptions::new(Method::Percentile {
+        percentile: 99.9,
+        occupied_only: false,
+    });
     o.activation_bits = 4;
     o.keep_float = vec!["backbone_2d.deblocks.1".into()];
     variants.push(o);
@@ -374,7 +487,10 @@ fn simulated_integer_network_matches_a_naive_integer_interpreter() {
         let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
         // Per-feature input scales exactly when asked for and the input's reader is integer.
         let first_int = !opts.keep_float.contains(&"vfe.pfn_layers.0".to_string());
-        assert_eq!(m.input_scales.is_some(), opts.input_per_feature && first_int);
+        assert_eq!(
+            m.input_scales.is_some(),
+            opts.input_per_feature && first_int
+        );
         let net = QuantNet::new(&graph, &w, &m).unwrap();
         for f in inputs(&cfg, &frames(2, 9)) {
             let got = net.run(&f.net_input()).unwrap();
@@ -391,10 +507,21 @@ fn every_method_gives_a_valid_model_close_to_fp32() {
     let fr = frames(4, 3);
     let test = inputs(&cfg, &frames(2, 8));
     let fp = Fp32Engine::new(&graph, &w).unwrap();
-    for name in ["minmax", "percentile", "percentile-occupied", "entropy", "entropy-occupied", "lidar-ptq"] {
+    for name in [
+        "minmax",
+        "percentile",
+        "percentile-occupied",
+        "entropy",
+        "entropy-occupied",
+        "lidar-ptq",
+    ] {
         let method = Method::from_name(name).unwrap();
         assert_eq!(method.name(), name);
-        let opts = if method == Method::LidarPtq { quick_ptq(20) } else { CalibOptions::new(method) };
+        let opts = if method == Method::LidarPtq {
+            quick_ptq(20)
+        } else {
+            CalibOptions::new(method)
+        };
         let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
         m.validate(&graph).unwrap();
         assert_eq!(m.provenance.method, name);
@@ -403,7 +530,11 @@ fn every_method_gives_a_valid_model_close_to_fp32() {
         // Every layer is integer and every value a layer reads is quantized.
         for (i, n) in graph.nodes.iter().enumerate() {
             if let Op::Layer(_) = n.op {
-                assert!(matches!(m.layers[i], Some(LayerPlan::Int(_))), "{name}: {}", n.name);
+                assert!(
+                    matches!(m.layers[i], Some(LayerPlan::Int(_))),
+                    "{name}: {}",
+                    n.name
+                );
                 assert!(m.activations[n.inputs[0]].is_some(), "{name}: {}", n.name);
             }
         }
@@ -413,13 +544,22 @@ fn every_method_gives_a_valid_model_close_to_fp32() {
             let r = fp.run(&f.net_input()).unwrap();
             for (a, b) in q.tasks.iter().zip(&r.tasks) {
                 let (mut err, mut mag) = (0f64, 0f64);
-                for (x, y) in a.heatmap.iter().chain(&a.regression).zip(b.heatmap.iter().chain(&b.regression)) {
+                for (x, y) in a
+                    .heatmap
+                    .iter()
+                    .chain(&a.regression)
+                    .zip(b.heatmap.iter().chain(&b.regression))
+                {
                     assert!(x.is_finite());
                     err += ((x - y) as f64).powi(2);
                     mag += (*y as f64).powi(2);
                 }
                 // 8-bit everywhere: the head outputs stay near FP32.
-                assert!(err < 0.05 * mag, "{name}: relative squared error {}", err / mag);
+                assert!(
+                    err < 0.05 * mag,
+                    "{name}: relative squared error {}",
+                    err / mag
+                );
             }
         }
     }
@@ -429,18 +569,41 @@ fn every_method_gives_a_valid_model_close_to_fp32() {
 fn bad_inputs_are_clear_errors() {
     let (cfg, graph) = tiny();
     let w = weights(&graph, 1);
-    let e = calibrate(&cfg, &w, &[], &CalibOptions::new(Method::MinMax)).unwrap_err().to_string();
+    let e = calibrate(&cfg, &w, &[], &CalibOptions::new(Method::MinMax))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("at least one frame"), "{e}");
     let mut o = CalibOptions::new(Method::MinMax);
     o.weight_bits = 3;
-    let e = calibrate(&cfg, &w, &frames(1, 1), &o).unwrap_err().to_string();
+    let e = calibrate(&cfg, &w, &frames(1, 1), &o)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("weight bits 3"), "{e}");
     let mut o = CalibOptions::new(Method::MinMax);
     o.keep_float = vec!["no.such.layer".into()];
-    let e = calibrate(&cfg, &w, &frames(1, 1), &o).unwrap_err().to_string();
+    let e = calibrate(&cfg, &w, &frames(1, 1), &o)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no.such.layer"), "{e}");
-    let other = Weights::init(&Graph::build(&ModelConfig::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/models/default.yaml"))).unwrap()).unwrap(), 1);
-    let e = calibrate(&cfg, &other, &frames(1, 1), &CalibOptions::new(Method::MinMax)).unwrap_err().to_string();
+    let other = Weights::init(
+        &Graph::build(
+            &ModelConfig::load(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/models/default.yaml"
+            )))
+            .unwrap(),
+        )
+        .unwrap(),
+        1,
+    );
+    let e = calibrate(
+        &cfg,
+        &other,
+        &frames(1, 1),
+        &CalibOptions::new(Method::MinMax),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("weights do not fit"), "{e}");
 }
 
@@ -465,22 +628,36 @@ fn model_file_round_trips_and_refuses_bad_files() {
     // Other FP32 weights, other config.
     let e = file::load_for(&path, &cfg, &weights(&graph, 5)).unwrap_err();
     assert!(matches!(e, FileError::OtherWeights { .. }));
-    assert!(e.to_string().contains("calibrated for other FP32 weights"), "{e}");
+    assert!(
+        e.to_string().contains("calibrated for other FP32 weights"),
+        "{e}"
+    );
     let mut cfg2 = cfg.clone();
     cfg2.decode.score_threshold = 0.2;
-    assert!(matches!(file::load_for(&path, &cfg2, &w), Err(FileError::OtherConfig { .. })));
+    assert!(matches!(
+        file::load_for(&path, &cfg2, &w),
+        Err(FileError::OtherConfig { .. })
+    ));
 
     // Damaged files.
     let write = |b: &[u8]| {
         let p = dir.path().join("bad.safetensors");
         std::fs::write(&p, b).unwrap();
-        file::load(&p).err().map(|e| e.to_string()).unwrap_or_default()
+        file::load(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     };
     assert!(write(&bytes[..bytes.len() - 10]).contains("is not valid"));
     assert!(write(b"garbage").contains("is not valid"));
     // A weight code outside the 4-bit grid.
     let mut bad = m.clone();
-    if let Some(LayerPlan::Int(lw)) = bad.layers.iter_mut().flatten().find(|p| matches!(p, LayerPlan::Int(_))) {
+    if let Some(LayerPlan::Int(lw)) = bad
+        .layers
+        .iter_mut()
+        .flatten()
+        .find(|p| matches!(p, LayerPlan::Int(_)))
+    {
         lw.bits = 8;
         lw.codes[0] = 100;
     }
@@ -497,8 +674,14 @@ fn model_file_round_trips_and_refuses_bad_files() {
     assert!(write(&t).contains("format"), "{}", write(&t));
     // Per-feature input scales must be positive.
     let mut neg = m.clone();
-    neg.input_scales.as_mut().expect("per-feature input by default")[2] = -1.0;
-    assert!(file::to_bytes(&neg, &graph).unwrap_err().contains("input scales"));
+    neg.input_scales
+        .as_mut()
+        .expect("per-feature input by default")[2] = -1.0;
+    assert!(
+        file::to_bytes(&neg, &graph)
+            .unwrap_err()
+            .contains("input scales")
+    );
     // A model that does not fit the graph is not written.
     let mut wrong = m.clone();
     wrong.activations.pop();
@@ -512,7 +695,10 @@ fn same_seed_and_inputs_give_identical_files() {
     let fr = frames(4, 5);
     let a = calibrate(&cfg, &w, &fr, &quick_ptq(15)).unwrap();
     let b = calibrate(&cfg, &w, &fr, &quick_ptq(15)).unwrap();
-    let (ba, bb) = (file::to_bytes(&a, &graph).unwrap(), file::to_bytes(&b, &graph).unwrap());
+    let (ba, bb) = (
+        file::to_bytes(&a, &graph).unwrap(),
+        file::to_bytes(&b, &graph).unwrap(),
+    );
     assert_eq!(ba, bb);
     // Another seed changes the reconstruction (crops, frames), hence the file.
     let mut o = quick_ptq(15);
@@ -560,11 +746,25 @@ fn reconstruction_lowers_each_units_objective() {
             .sum::<f64>()
             / c.units.len() as f64;
         let typical = log_gain.exp();
-        let better = c.units.iter().filter(|u| u.objective_after() < u.objective_before()).count();
+        let better = c
+            .units
+            .iter()
+            .filter(|u| u.objective_after() < u.objective_before())
+            .count();
         let report: Vec<String> = c
             .units
             .iter()
-            .map(|u| format!("{}: {:.4e} -> {:.4e} (step {:.3e} -> {:.3e}, {} flipped)", u.node, u.objective_before(), u.objective_after(), u.scale_before, u.scale_after, u.flipped))
+            .map(|u| {
+                format!(
+                    "{}: {:.4e} -> {:.4e} (step {:.3e} -> {:.3e}, {} flipped)",
+                    u.node,
+                    u.objective_before(),
+                    u.objective_after(),
+                    u.scale_before,
+                    u.scale_after,
+                    u.flipped
+                )
+            })
             .collect();
         let report = format!(
             "tgpl {tgpl} adaround {ada}: typical unit objective x {typical:.3}, {better} of {} units better\n{}",
@@ -580,10 +780,17 @@ fn reconstruction_lowers_each_units_objective() {
             assert!(c.units.iter().all(|u| u.flipped == 0));
         }
         if tgpl {
-            assert!(c.units.iter().all(|u| u.lambda > 0.0 && u.tgpl_before > 0.0));
+            assert!(
+                c.units
+                    .iter()
+                    .all(|u| u.lambda > 0.0 && u.tgpl_before > 0.0)
+            );
         } else {
-            assert!(c.units.iter().all(|u| u.lambda == 0.0 && u.tgpl_after == 0.0));
+            assert!(
+                c.units
+                    .iter()
+                    .all(|u| u.lambda == 0.0 && u.tgpl_after == 0.0)
+            );
         }
     }
 }
-

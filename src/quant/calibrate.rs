@@ -56,8 +56,13 @@ pub enum CalibError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Method {
     MinMax,
-    Percentile { percentile: f64, occupied_only: bool },
-    Entropy { occupied_only: bool },
+    Percentile {
+        percentile: f64,
+        occupied_only: bool,
+    },
+    Entropy {
+        occupied_only: bool,
+    },
     /// Min-max, then (switchable) grid search, TGPL and adaptive rounding.
     LidarPtq,
 }
@@ -67,10 +72,20 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::MinMax => "minmax",
-            Method::Percentile { occupied_only: false, .. } => "percentile",
-            Method::Percentile { occupied_only: true, .. } => "percentile-occupied",
-            Method::Entropy { occupied_only: false } => "entropy",
-            Method::Entropy { occupied_only: true } => "entropy-occupied",
+            Method::Percentile {
+                occupied_only: false,
+                ..
+            } => "percentile",
+            Method::Percentile {
+                occupied_only: true,
+                ..
+            } => "percentile-occupied",
+            Method::Entropy {
+                occupied_only: false,
+            } => "entropy",
+            Method::Entropy {
+                occupied_only: true,
+            } => "entropy-occupied",
             Method::LidarPtq => "lidar-ptq",
         }
     }
@@ -79,10 +94,20 @@ impl Method {
     pub fn from_name(name: &str) -> Option<Method> {
         Some(match name {
             "minmax" => Method::MinMax,
-            "percentile" => Method::Percentile { percentile: 99.99, occupied_only: false },
-            "percentile-occupied" => Method::Percentile { percentile: 99.99, occupied_only: true },
-            "entropy" => Method::Entropy { occupied_only: false },
-            "entropy-occupied" => Method::Entropy { occupied_only: true },
+            "percentile" => Method::Percentile {
+                percentile: 99.99,
+                occupied_only: false,
+            },
+            "percentile-occupied" => Method::Percentile {
+                percentile: 99.99,
+                occupied_only: true,
+            },
+            "entropy" => Method::Entropy {
+                occupied_only: false,
+            },
+            "entropy-occupied" => Method::Entropy {
+                occupied_only: true,
+            },
             "lidar-ptq" => Method::LidarPtq,
             _ => return None,
         })
@@ -90,7 +115,10 @@ impl Method {
 
     fn observer(&self) -> Option<ObserverKind> {
         match *self {
-            Method::Percentile { percentile, occupied_only } => Some(ObserverKind::Percentile {
+            Method::Percentile {
+                percentile,
+                occupied_only,
+            } => Some(ObserverKind::Percentile {
                 percentile,
                 sparsity_aware: occupied_only,
             }),
@@ -174,7 +202,10 @@ impl CalibOptions {
         put("keep_float", self.keep_float.join(","));
         put("input_per_feature", self.input_per_feature.to_string());
         match self.method {
-            Method::Percentile { percentile, occupied_only } => {
+            Method::Percentile {
+                percentile,
+                occupied_only,
+            } => {
                 put("percentile", percentile.to_string());
                 put("occupied_only", occupied_only.to_string());
             }
@@ -318,7 +349,11 @@ impl QuantPlan {
                 owner[g].get_or_insert(i);
             }
         }
-        Ok(Self { int_layer, group, owner })
+        Ok(Self {
+            int_layer,
+            group,
+            owner,
+        })
     }
 
     /// Whether value `v` gets activation parameters.
@@ -328,12 +363,21 @@ impl QuantPlan {
 
     /// Values of group `g`.
     pub fn members(&self, g: usize) -> impl Iterator<Item = usize> + '_ {
-        self.group.iter().enumerate().filter(move |(_, x)| **x == g).map(|(v, _)| v)
+        self.group
+            .iter()
+            .enumerate()
+            .filter(move |(_, x)| **x == g)
+            .map(|(v, _)| v)
     }
 }
 
 /// Per-channel symmetric weight codes from per-channel parameters.
-pub fn layer_weights(folded: &FoldedLayer, out_axis: usize, qs: &[QParams], bits: u32) -> LayerWeights {
+pub fn layer_weights(
+    folded: &FoldedLayer,
+    out_axis: usize,
+    qs: &[QParams],
+    bits: u32,
+) -> LayerWeights {
     let shape = folded.weight.shape.clone();
     let inner: usize = shape[out_axis + 1..].iter().product();
     let cout = shape[out_axis];
@@ -360,7 +404,13 @@ pub fn calibrate(
     frames: &[Points],
     opts: &CalibOptions,
 ) -> Result<QuantModel, CalibError> {
-    calibrate_with_progress(cfg, weights, frames, opts, &indicatif::ProgressBar::hidden())
+    calibrate_with_progress(
+        cfg,
+        weights,
+        frames,
+        opts,
+        &indicatif::ProgressBar::hidden(),
+    )
 }
 
 /// What the FP pass keeps of one frame: the range of every observed value, the observed
@@ -409,14 +459,18 @@ fn fp_frame(
             return Ok(());
         }
         let QValue::Float(t) = x else {
-            return Err(CalibError::Model("FP pass produced a quantized value".into()));
+            return Err(CalibError::Model(
+                "FP pass produced a quantized value".into(),
+            ));
         };
         super::error::check_finite("activation statistics", &t.data)?;
         if !t.data.is_empty() {
             let (lo, hi) = t
                 .data
                 .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
             obs.ranges.push((v, lo, hi));
         }
         if keep_data {
@@ -439,7 +493,10 @@ fn fp_frame(
         }
     }
     if let Some(tgpl) = recon {
-        let mut floats: Vec<Option<Tensor>> = values.into_iter().map(|v| v.map(QValue::into_float)).collect();
+        let mut floats: Vec<Option<Tensor>> = values
+            .into_iter()
+            .map(|v| v.map(QValue::into_float))
+            .collect();
         let heads = collect_heads(graph, &mut floats)?;
         let pos = positives(cfg, &heads, tgpl);
         obs.recon = Some((frame, pos));
@@ -551,16 +608,13 @@ pub fn calibrate_detailed(
         _ => None,
     };
     let mut stats: BTreeMap<usize, GroupStats> = BTreeMap::new();
-    for v in 0..=n {
-        if observed[v] && !stats.contains_key(&plan.group[v]) {
-            stats.insert(
-                plan.group[v],
-                GroupStats {
-                    minmax: MinMax::new(),
-                    observer: observer_kind.map(|k| k.build()).transpose()?,
-                    samples: Vec::new(),
-                },
-            );
+    for (v, _) in observed.iter().enumerate().filter(|(_, o)| **o) {
+        if let std::collections::btree_map::Entry::Vacant(e) = stats.entry(plan.group[v]) {
+            e.insert(GroupStats {
+                minmax: MinMax::new(),
+                observer: observer_kind.map(|k| k.build()).transpose()?,
+                samples: Vec::new(),
+            });
         }
     }
 
@@ -603,7 +657,8 @@ pub fn calibrate_detailed(
             .enumerate()
             .map(|(j, points)| {
                 let k = c * chunk + j;
-                let keep_data = observer_kind.is_some() || (grid_search.is_some() && k < opts.grid_frames);
+                let keep_data =
+                    observer_kind.is_some() || (grid_search.is_some() && k < opts.grid_frames);
                 let out = fp_frame(
                     cfg,
                     &graph,
@@ -623,7 +678,9 @@ pub fn calibrate_detailed(
             let k = c * chunk + j;
             let out = out?;
             for (v, lo, hi) in out.ranges {
-                let st = stats.get_mut(&plan.group[v]).expect("observed value has stats");
+                let st = stats
+                    .get_mut(&plan.group[v])
+                    .expect("observed value has stats");
                 st.minmax.observe(&[lo, hi])?;
             }
             for (r, x) in input_ranges.iter_mut().zip(&out.input_ranges) {
@@ -633,8 +690,14 @@ pub fn calibrate_detailed(
                 if per_feature && v == 0 {
                     if grid_search.is_some() && k < opts.grid_frames {
                         for (j, samples) in input_samples.iter_mut().enumerate() {
-                            let nonzero: Vec<f32> =
-                                t.data.iter().skip(j).step_by(width).copied().filter(|&x| x != 0.0).collect();
+                            let nonzero: Vec<f32> = t
+                                .data
+                                .iter()
+                                .skip(j)
+                                .step_by(width)
+                                .copied()
+                                .filter(|&x| x != 0.0)
+                                .collect();
                             if !nonzero.is_empty() {
                                 for _ in 0..per_frame_samples / width.max(1) + 1 {
                                     samples.push(nonzero[rng.random_range(0..nonzero.len())]);
@@ -644,7 +707,9 @@ pub fn calibrate_detailed(
                     }
                     continue;
                 }
-                let st = stats.get_mut(&plan.group[v]).expect("observed value has stats");
+                let st = stats
+                    .get_mut(&plan.group[v])
+                    .expect("observed value has stats");
                 if let Some(o) = st.observer.as_mut() {
                     o.observe(&t.data)?;
                 }
@@ -669,11 +734,14 @@ pub fn calibrate_detailed(
         let q = match (&s.observer, &grid_search) {
             (Some(o), _) => o.finish(act_grid, opts.flavour)?,
             (None, Some(gs)) => {
-                let (lo, hi) = s.minmax.range().ok_or(QuantError::Empty { what: "activation statistics" })?;
+                let (lo, hi) = s.minmax.range().ok_or(QuantError::Empty {
+                    what: "activation statistics",
+                })?;
                 if s.samples.is_empty() {
                     QParams::for_range(lo, hi, act_grid, opts.flavour)
                 } else {
-                    gs.search(&s.samples, lo, hi, act_grid, opts.flavour)?.qparams
+                    gs.search(&s.samples, lo, hi, act_grid, opts.flavour)?
+                        .qparams
                 }
             }
             (None, None) => s.minmax.finish(act_grid, opts.flavour)?,
@@ -681,7 +749,12 @@ pub fn calibrate_detailed(
         group_params.insert(g, q);
     }
     let mut activations: Vec<Option<QParams>> = (0..=n)
-        .map(|v| group_params.get(&plan.group[v]).copied().filter(|_| plan.quantized(v)))
+        .map(|v| {
+            group_params
+                .get(&plan.group[v])
+                .copied()
+                .filter(|_| plan.quantized(v))
+        })
         .collect();
 
     // Per-feature input scales, folded into the weight columns of the input's readers.
@@ -693,7 +766,8 @@ pub fn calibrate_detailed(
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
             let q = match &grid_search {
                 Some(gs) if !input_samples[j].is_empty() => {
-                    gs.search(&input_samples[j], lo, hi, sym, Flavour::Symmetric)?.qparams
+                    gs.search(&input_samples[j], lo, hi, sym, Flavour::Symmetric)?
+                        .qparams
                 }
                 _ => QParams::for_range(lo, hi, sym, Flavour::Symmetric),
             };
@@ -735,7 +809,12 @@ pub fn calibrate_detailed(
         let w = match &grid_search {
             Some(gs) => {
                 let qs: Vec<QParams> = gs
-                    .search_per_channel(&f.weight, axis, Grid::weight(opts.weight_bits), Flavour::Symmetric)?
+                    .search_per_channel(
+                        &f.weight,
+                        axis,
+                        Grid::weight(opts.weight_bits),
+                        Flavour::Symmetric,
+                    )?
                     .into_iter()
                     .map(|r| r.qparams)
                     .collect();

@@ -54,7 +54,9 @@ pub enum FileError {
         file: String,
         used: String,
     },
-    #[error("INT8 model {path} was calibrated for another model config (its embedded config `{file}` differs from the config in use, `{used}`)")]
+    #[error(
+        "INT8 model {path} was calibrated for another model config (its embedded config `{file}` differs from the config in use, `{used}`)"
+    )]
     OtherConfig {
         path: PathBuf,
         file: String,
@@ -81,8 +83,18 @@ pub fn to_bytes(model: &QuantModel, graph: &Graph) -> Result<Vec<u8>, String> {
                     w.shape.clone(),
                     w.codes.iter().map(|&c| c as u8).collect(),
                 ));
-                tensors.push((format!("{p}.scales"), Dtype::F32, vec![w.scales.len()], le_bytes(&w.scales, f32::to_le_bytes)));
-                tensors.push((format!("{p}.bias"), Dtype::F32, vec![w.bias.len()], le_bytes(&w.bias, f32::to_le_bytes)));
+                tensors.push((
+                    format!("{p}.scales"),
+                    Dtype::F32,
+                    vec![w.scales.len()],
+                    le_bytes(&w.scales, f32::to_le_bytes),
+                ));
+                tensors.push((
+                    format!("{p}.bias"),
+                    Dtype::F32,
+                    vec![w.bias.len()],
+                    le_bytes(&w.bias, f32::to_le_bytes),
+                ));
                 format!("int:{}", w.bits)
             }
             Some(LayerPlan::Float) => "float".to_string(),
@@ -90,20 +102,54 @@ pub fn to_bytes(model: &QuantModel, graph: &Graph) -> Result<Vec<u8>, String> {
         });
     }
     let v = model.activations.len();
-    let get = |f: &dyn Fn(&QParams) -> i32| -> Vec<i32> { model.activations.iter().map(|a| a.as_ref().map_or(0, f)).collect() };
-    let quantized: Vec<u8> = model.activations.iter().map(|a| a.is_some() as u8).collect();
-    let scale: Vec<f32> = model.activations.iter().map(|a| a.map_or(0.0, |q| q.scale)).collect();
-    tensors.push(("activations.quantized".into(), Dtype::U8, vec![v], quantized));
+    let get = |f: &dyn Fn(&QParams) -> i32| -> Vec<i32> {
+        model
+            .activations
+            .iter()
+            .map(|a| a.as_ref().map_or(0, f))
+            .collect()
+    };
+    let quantized: Vec<u8> = model
+        .activations
+        .iter()
+        .map(|a| a.is_some() as u8)
+        .collect();
+    let scale: Vec<f32> = model
+        .activations
+        .iter()
+        .map(|a| a.map_or(0.0, |q| q.scale))
+        .collect();
+    tensors.push((
+        "activations.quantized".into(),
+        Dtype::U8,
+        vec![v],
+        quantized,
+    ));
     if let Some(scales) = &model.input_scales {
-        tensors.push(("input_scales".into(), Dtype::F32, vec![scales.len()], le_bytes(scales, f32::to_le_bytes)));
+        tensors.push((
+            "input_scales".into(),
+            Dtype::F32,
+            vec![scales.len()],
+            le_bytes(scales, f32::to_le_bytes),
+        ));
     }
-    tensors.push(("activations.scale".into(), Dtype::F32, vec![v], le_bytes(&scale, f32::to_le_bytes)));
+    tensors.push((
+        "activations.scale".into(),
+        Dtype::F32,
+        vec![v],
+        le_bytes(&scale, f32::to_le_bytes),
+    ));
     for (name, xs) in [
         ("zero_point", get(&|q| q.zero_point)),
         ("qmin", get(&|q| q.grid.qmin)),
         ("qmax", get(&|q| q.grid.qmax)),
     ] {
-        tensors.push((format!("activations.{name}"), Dtype::I32, vec![v], le_bytes(&xs, i32::to_le_bytes)));
+        tensors.push((
+            format!("activations.{name}"),
+            Dtype::I32,
+            vec![v],
+            le_bytes(&xs, i32::to_le_bytes),
+        ));
     }
     let p = &model.provenance;
     let meta: BTreeMap<String, String> = BTreeMap::from([
@@ -111,19 +157,33 @@ pub fn to_bytes(model: &QuantModel, graph: &Graph) -> Result<Vec<u8>, String> {
         ("fp32_digest".into(), p.fp32_digest.clone()),
         ("config".into(), p.config_yaml.clone()),
         ("method".into(), p.method.clone()),
-        ("params".into(), serde_json::to_string(&p.params).expect("string map")),
+        (
+            "params".into(),
+            serde_json::to_string(&p.params).expect("string map"),
+        ),
         ("weight_bits".into(), p.weight_bits.to_string()),
         ("activation_bits".into(), p.activation_bits.to_string()),
         ("frames".into(), p.frames.to_string()),
         ("frames_digest".into(), p.frames_digest.clone()),
         ("seed".into(), p.seed.to_string()),
-        ("plans".into(), serde_json::to_string(&plans).expect("string list")),
+        (
+            "plans".into(),
+            serde_json::to_string(&plans).expect("string list"),
+        ),
     ]);
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("shape matches data")))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("shape matches data"),
+            )
+        })
         .collect();
-    let header = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&meta).expect("string map"))]);
+    let header = HashMap::from([(
+        METADATA_KEY.to_string(),
+        serde_json::to_string(&meta).expect("string map"),
+    )]);
     safetensors::serialize(views, Some(header)).map_err(|e| e.to_string())
 }
 
@@ -146,22 +206,34 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
         message,
     };
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let raw = header.metadata().clone().unwrap_or_default();
-    let json = raw.get(METADATA_KEY).ok_or_else(|| bad(format!("no `{METADATA_KEY}` metadata")))?;
-    let meta: BTreeMap<String, String> =
-        serde_json::from_str(json).map_err(|e| bad(format!("metadata is not a JSON string map: {e}")))?;
-    let field = |k: &str| meta.get(k).ok_or_else(|| bad(format!("metadata lacks `{k}`")));
+    let json = raw
+        .get(METADATA_KEY)
+        .ok_or_else(|| bad(format!("no `{METADATA_KEY}` metadata")))?;
+    let meta: BTreeMap<String, String> = serde_json::from_str(json)
+        .map_err(|e| bad(format!("metadata is not a JSON string map: {e}")))?;
+    let field = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| bad(format!("metadata lacks `{k}`")))
+    };
     if field("format")? != FORMAT {
-        return Err(bad(format!("format `{}`, expected `{FORMAT}`", field("format")?)));
+        return Err(bad(format!(
+            "format `{}`, expected `{FORMAT}`",
+            field("format")?
+        )));
     }
     let number = |k: &str| -> Result<u64, FileError> {
-        field(k)?.parse::<u64>().map_err(|e| bad(format!("metadata `{k}`: {e}")))
+        field(k)?
+            .parse::<u64>()
+            .map_err(|e| bad(format!("metadata `{k}`: {e}")))
     };
-    let cfg = ModelConfig::from_yaml(field("config")?).map_err(|e| bad(format!("embedded config: {e}")))?;
+    let cfg = ModelConfig::from_yaml(field("config")?)
+        .map_err(|e| bad(format!("embedded config: {e}")))?;
     let graph = Graph::build(&cfg).map_err(|e| bad(format!("embedded config: {e}")))?;
-    let params: BTreeMap<String, String> =
-        serde_json::from_str(field("params")?).map_err(|e| bad(format!("metadata `params`: {e}")))?;
+    let params: BTreeMap<String, String> = serde_json::from_str(field("params")?)
+        .map_err(|e| bad(format!("metadata `params`: {e}")))?;
     let plans: Vec<String> =
         serde_json::from_str(field("plans")?).map_err(|e| bad(format!("metadata `plans`: {e}")))?;
     let provenance = Provenance {
@@ -198,24 +270,48 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
         return Err(bad(format!("unknown metadata key `{k}`")));
     }
     if plans.len() != graph.nodes.len() {
-        return Err(bad(format!("{} node plans for a graph of {} nodes", plans.len(), graph.nodes.len())));
+        return Err(bad(format!(
+            "{} node plans for a graph of {} nodes",
+            plans.len(),
+            graph.nodes.len()
+        )));
     }
     let mut used: Vec<String> = Vec::new();
-    let tensor = |name: &str, dtype: Dtype, shape: Option<&[usize]>, used: &mut Vec<String>| -> Result<Vec<u8>, FileError> {
-        let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+    let tensor = |name: &str,
+                  dtype: Dtype,
+                  shape: Option<&[usize]>,
+                  used: &mut Vec<String>|
+     -> Result<Vec<u8>, FileError> {
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
         if t.dtype() != dtype {
-            return Err(bad(format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", t.dtype())));
+            return Err(bad(format!(
+                "tensor `{name}` has dtype {:?}, expected {dtype:?}",
+                t.dtype()
+            )));
         }
         if let Some(s) = shape
             && t.shape() != s
         {
-            return Err(bad(format!("tensor `{name}` has shape {:?}, expected {s:?}", t.shape())));
+            return Err(bad(format!(
+                "tensor `{name}` has shape {:?}, expected {s:?}",
+                t.shape()
+            )));
         }
         used.push(name.to_string());
         Ok(t.data().to_vec())
     };
-    let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect() };
-    let i32s = |b: Vec<u8>| -> Vec<i32> { b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes"))).collect() };
+    let f32s = |b: Vec<u8>| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    let i32s = |b: Vec<u8>| -> Vec<i32> {
+        b.chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
     let mut layers = Vec::with_capacity(plans.len());
     for (node, plan) in graph.nodes.iter().zip(&plans) {
         let is_layer = matches!(node.op, Op::Layer(_));
@@ -223,13 +319,25 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
             ("glue", _) if !is_layer => None,
             ("float", Op::Layer(_)) => Some(LayerPlan::Float),
             (p, Op::Layer(l)) if p.starts_with("int:") => {
-                let bits: u32 = p[4..].parse().map_err(|_| bad(format!("{}: plan `{p}`", node.name)))?;
+                let bits: u32 = p[4..]
+                    .parse()
+                    .map_err(|_| bad(format!("{}: plan `{p}`", node.name)))?;
                 let pre = format!("layers.{}", node.name);
                 let shape = l.weight_shape();
                 let codes = tensor(&format!("{pre}.codes"), Dtype::I8, Some(&shape), &mut used)?;
                 let c = [l.out_channels];
-                let scales = f32s(tensor(&format!("{pre}.scales"), Dtype::F32, Some(&c), &mut used)?);
-                let bias = f32s(tensor(&format!("{pre}.bias"), Dtype::F32, Some(&c), &mut used)?);
+                let scales = f32s(tensor(
+                    &format!("{pre}.scales"),
+                    Dtype::F32,
+                    Some(&c),
+                    &mut used,
+                )?);
+                let bias = f32s(tensor(
+                    &format!("{pre}.bias"),
+                    Dtype::F32,
+                    Some(&c),
+                    &mut used,
+                )?);
                 Some(LayerPlan::Int(LayerWeights {
                     bits,
                     codes: codes.into_iter().map(|b| b as i8).collect(),
@@ -238,13 +346,28 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
                     bias,
                 }))
             }
-            (p, _) => return Err(bad(format!("node {}: plan `{p}` does not fit a {:?} node", node.name, node.op))),
+            (p, _) => {
+                return Err(bad(format!(
+                    "node {}: plan `{p}` does not fit a {:?} node",
+                    node.name, node.op
+                )));
+            }
         });
     }
     let v = [graph.nodes.len() + 1];
     let quantized = tensor("activations.quantized", Dtype::U8, Some(&v), &mut used)?;
-    let scale = f32s(tensor("activations.scale", Dtype::F32, Some(&v), &mut used)?);
-    let zp = i32s(tensor("activations.zero_point", Dtype::I32, Some(&v), &mut used)?);
+    let scale = f32s(tensor(
+        "activations.scale",
+        Dtype::F32,
+        Some(&v),
+        &mut used,
+    )?);
+    let zp = i32s(tensor(
+        "activations.zero_point",
+        Dtype::I32,
+        Some(&v),
+        &mut used,
+    )?);
     let qmin = i32s(tensor("activations.qmin", Dtype::I32, Some(&v), &mut used)?);
     let qmax = i32s(tensor("activations.qmax", Dtype::I32, Some(&v), &mut used)?);
     let mut activations = Vec::with_capacity(v[0]);
@@ -259,7 +382,11 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
                     qmax: qmax[k],
                 },
             }),
-            x => return Err(bad(format!("activations.quantized[{k}] = {x}, expected 0 or 1"))),
+            x => {
+                return Err(bad(format!(
+                    "activations.quantized[{k}] = {x}, expected 0 or 1"
+                )));
+            }
         });
     }
     let input_scales = match st.tensor("input_scales") {
@@ -290,7 +417,11 @@ pub fn load(path: &Path) -> Result<(QuantModel, ModelConfig), FileError> {
 
 /// Loads a model for the FP32 model (`cfg`, `weights`) in use: refused when it was
 /// calibrated for other weights or another config.
-pub fn load_for(path: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<QuantModel, FileError> {
+pub fn load_for(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &Weights,
+) -> Result<QuantModel, FileError> {
     let (model, file_cfg) = load(path)?;
     check_for(&model, &file_cfg, cfg, weights, path)?;
     Ok(model)

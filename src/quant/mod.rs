@@ -18,8 +18,8 @@ pub mod reconstruct;
 pub mod scheme;
 pub mod tgpl;
 
+pub use calibrate::{CalibError, CalibOptions, Method, calibrate, calibrate_with_progress};
 pub use error::QuantError;
 pub use model::{LayerPlan, LayerWeights, Provenance, QuantModel};
-pub use scheme::{Flavour, Grid, QParams, Requant, dequantize_acc, quantize_bias};
-pub use calibrate::{CalibError, CalibOptions, Method, calibrate, calibrate_with_progress};
 pub use qnet::{QValue, QuantNet};
+pub use scheme::{Flavour, Grid, QParams, Requant, dequantize_acc, quantize_bias};

@@ -122,10 +122,7 @@ impl QValue {
 
     /// Applies a shape-preserving or shape-changing op to the underlying tensor, keeping
     /// the parameters (glue ops on codes).
-    fn map(
-        &self,
-        f: impl FnOnce(&Tensor) -> ops::Result<Tensor>,
-    ) -> ops::Result<QValue> {
+    fn map(&self, f: impl FnOnce(&Tensor) -> ops::Result<Tensor>) -> ops::Result<QValue> {
         Ok(match self {
             QValue::Float(t) => QValue::Float(f(t)?),
             QValue::Quant { centered, params } => QValue::Quant {
@@ -327,7 +324,13 @@ pub fn weighted_op(kind: LayerKind, x: &Tensor, w: &Tensor) -> ops::Result<Tenso
 }
 
 impl IntLayer {
-    fn new(kind: LayerKind, relu: bool, w: &LayerWeights, input: QParams, output: Option<QParams>) -> Self {
+    fn new(
+        kind: LayerKind,
+        relu: bool,
+        w: &LayerWeights,
+        input: QParams,
+        output: Option<QParams>,
+    ) -> Self {
         let max_dev = (input.grid.qmax - input.zero_point).max(input.zero_point - input.grid.qmin);
         let groups = weight_groups(kind, w, max_dev);
         let bias_q: Vec<i32> = w
@@ -409,7 +412,12 @@ impl IntLayer {
                     .enumerate()
                     .map(|(i, &a)| {
                         let c = channel(i);
-                        let v = dequantize_acc(a, self.bias_q[c], self.input.scale, self.weight_scales[c]);
+                        let v = dequantize_acc(
+                            a,
+                            self.bias_q[c],
+                            self.input.scale,
+                            self.weight_scales[c],
+                        );
                         if relu { v.max(0.0) } else { v }
                     })
                     .collect();
@@ -458,23 +466,24 @@ impl QuantNet {
         }
         let mut plans = Vec::with_capacity(graph.nodes.len());
         for (i, n) in graph.nodes.iter().enumerate() {
-            let plan = match (&n.op, &model.layers[i]) {
-                (Op::Layer(l), Some(LayerPlan::Int(w))) => {
-                    let input = model.activations[n.inputs[0]]
-                        .expect("validated: an integer layer has a quantized input");
-                    Plan::Int(Box::new(IntLayer::new(
-                        l.kind,
-                        l.relu,
-                        w,
-                        input,
-                        model.activations[i + 1],
-                    )))
-                }
-                (Op::Layer(_), _) => Plan::Float(folded[i].clone().ok_or_else(|| {
-                    QnetError::Model(format!("{}: no folded weights", n.name))
-                })?),
-                _ => Plan::Glue,
-            };
+            let plan =
+                match (&n.op, &model.layers[i]) {
+                    (Op::Layer(l), Some(LayerPlan::Int(w))) => {
+                        let input = model.activations[n.inputs[0]]
+                            .expect("validated: an integer layer has a quantized input");
+                        Plan::Int(Box::new(IntLayer::new(
+                            l.kind,
+                            l.relu,
+                            w,
+                            input,
+                            model.activations[i + 1],
+                        )))
+                    }
+                    (Op::Layer(_), _) => Plan::Float(folded[i].clone().ok_or_else(|| {
+                        QnetError::Model(format!("{}: no folded weights", n.name))
+                    })?),
+                    _ => Plan::Glue,
+                };
             plans.push(plan);
         }
         let mut last_use = vec![0; graph.nodes.len() + 1];
@@ -554,7 +563,12 @@ impl QuantNet {
                 };
                 let y = match arg(0)? {
                     QValue::Float(x) => crate::engine::fp32::run_layer(l.kind, x, f, l.relu),
-                    q => crate::engine::fp32::run_layer(l.kind, &input_to_float(q, scales), f, l.relu),
+                    q => crate::engine::fp32::run_layer(
+                        l.kind,
+                        &input_to_float(q, scales),
+                        f,
+                        l.relu,
+                    ),
                 }
                 .map_err(&err)?;
                 match self.model.activations[i + 1] {
@@ -598,9 +612,8 @@ impl QuantNet {
                     .map_err(&err)?
             }
             (Op::Concat, _) => {
-                let ins: Vec<&QValue> = (0..node.inputs.len())
-                    .map(arg)
-                    .collect::<Result<_, _>>()?;
+                let ins: Vec<&QValue> =
+                    (0..node.inputs.len()).map(arg).collect::<Result<_, _>>()?;
                 let params = ins[0].params();
                 if ins.iter().any(|v| v.params() != params) {
                     return Err(QnetError::Model(format!(
@@ -625,7 +638,10 @@ impl QuantNet {
                 }
             }
             (Op::Layer(_), Plan::Glue) => {
-                return Err(QnetError::Model(format!("{}: layer without a plan", node.name)));
+                return Err(QnetError::Model(format!(
+                    "{}: layer without a plan",
+                    node.name
+                )));
             }
         };
         Ok(out)
@@ -687,14 +703,20 @@ mod tests {
                     for co in 0..cout {
                         let mut a = 0i32;
                         for ci in 0..cin {
-                            a = a.wrapping_add((x[r * cin + ci] - zp).wrapping_mul(wq(co * cin + ci)));
+                            a = a.wrapping_add(
+                                (x[r * cin + ci] - zp).wrapping_mul(wq(co * cin + ci)),
+                            );
                         }
                         out[r * cout + co] = a;
                     }
                 }
                 out
             }
-            LayerKind::Conv2d { kernel: k, stride: s, padding: p } => {
+            LayerKind::Conv2d {
+                kernel: k,
+                stride: s,
+                padding: p,
+            } => {
                 let (cout, cin) = (w.shape[0], w.shape[1]);
                 let (h, wd) = (xs[2], xs[3]);
                 let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
@@ -708,12 +730,21 @@ mod tests {
                                     for kx in 0..k {
                                         let iy = (oy * s + ky) as isize - p as isize;
                                         let ix = (ox * s + kx) as isize - p as isize;
-                                        let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        let v = if iy < 0
+                                            || ix < 0
+                                            || iy >= h as isize
+                                            || ix >= wd as isize
+                                        {
                                             zp
                                         } else {
                                             x[(ci * h + iy as usize) * wd + ix as usize]
                                         };
-                                        a = a.wrapping_add((v - zp).wrapping_mul(wq(((co * cin + ci) * k + ky) * k + kx)));
+                                        a = a.wrapping_add((v - zp).wrapping_mul(wq(((co * cin
+                                            + ci)
+                                            * k
+                                            + ky)
+                                            * k
+                                            + kx)));
                                     }
                                 }
                             }
@@ -723,7 +754,10 @@ mod tests {
                 }
                 out
             }
-            LayerKind::ConvTranspose2d { kernel: k, stride: s } => {
+            LayerKind::ConvTranspose2d {
+                kernel: k,
+                stride: s,
+            } => {
                 let (cin, cout) = (w.shape[0], w.shape[1]);
                 let (h, wd) = (xs[2], xs[3]);
                 let (ho, wo) = ((h - 1) * s + k, (wd - 1) * s + k);
@@ -736,7 +770,13 @@ mod tests {
                                 for ky in 0..k {
                                     for kx in 0..k {
                                         let o = (co * ho + iy * s + ky) * wo + ix * s + kx;
-                                        out[o] = out[o].wrapping_add(d.wrapping_mul(wq(((ci * cout + co) * k + ky) * k + kx)));
+                                        out[o] = out[o].wrapping_add(d.wrapping_mul(wq(((ci
+                                            * cout
+                                            + co)
+                                            * k
+                                            + ky)
+                                            * k
+                                            + kx)));
                                     }
                                 }
                             }
@@ -755,15 +795,44 @@ mod tests {
         let mut r = ChaCha8Rng::seed_from_u64(1);
         let input = QParams::asymmetric(-0.1, 25.4, Grid::activation(8, Flavour::Asymmetric));
         let cases = [
-            (LayerKind::Conv2d { kernel: 3, stride: 1, padding: 1 }, vec![1, 96, 5, 6], vec![3, 96, 3, 3]),
-            (LayerKind::Conv2d { kernel: 3, stride: 2, padding: 1 }, vec![1, 80, 6, 5], vec![2, 80, 3, 3]),
-            (LayerKind::ConvTranspose2d { kernel: 2, stride: 2 }, vec![1, 700, 2, 3], vec![700, 2, 2, 2]),
+            (
+                LayerKind::Conv2d {
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                vec![1, 96, 5, 6],
+                vec![3, 96, 3, 3],
+            ),
+            (
+                LayerKind::Conv2d {
+                    kernel: 3,
+                    stride: 2,
+                    padding: 1,
+                },
+                vec![1, 80, 6, 5],
+                vec![2, 80, 3, 3],
+            ),
+            (
+                LayerKind::ConvTranspose2d {
+                    kernel: 2,
+                    stride: 2,
+                },
+                vec![1, 700, 2, 3],
+                vec![700, 2, 2, 2],
+            ),
             (LayerKind::Linear, vec![3, 2, 1200], vec![4, 1200]),
         ];
         for (kind, xs, ws) in cases {
             // Saturated codes: the worst case the bound has to handle.
             let codes: Vec<i8> = (0..ws.iter().product::<usize>())
-                .map(|_| if r.random_range(0..4) == 0 { r.random_range(-127..=127) } else { 127 })
+                .map(|_| {
+                    if r.random_range(0..4) == 0 {
+                        r.random_range(-127..=127)
+                    } else {
+                        127
+                    }
+                })
                 .collect();
             let cout = ws[weight_out_axis(kind)];
             let w = LayerWeights {
@@ -774,11 +843,25 @@ mod tests {
                 bias: vec![0.0; cout],
             };
             let layer = IntLayer::new(kind, false, &w, input, None);
-            assert!(layer.groups.len() >= 2, "{kind:?}: {} groups", layer.groups.len());
+            assert!(
+                layer.groups.len() >= 2,
+                "{kind:?}: {} groups",
+                layer.groups.len()
+            );
             let x: Vec<i32> = (0..xs.iter().product::<usize>())
-                .map(|_| if r.random_range(0..3) == 0 { r.random_range(0..=255) } else { 255 })
+                .map(|_| {
+                    if r.random_range(0..3) == 0 {
+                        r.random_range(0..=255)
+                    } else {
+                        255
+                    }
+                })
                 .collect();
-            let centered = Tensor::new(xs.clone(), x.iter().map(|&q| (q - input.zero_point) as f32).collect()).unwrap();
+            let centered = Tensor::new(
+                xs.clone(),
+                x.iter().map(|&q| (q - input.zero_point) as f32).collect(),
+            )
+            .unwrap();
             let (got, _) = layer.accumulate(kind, &centered).unwrap();
             let want = naive_acc(kind, &x, &xs, &w, input.zero_point);
             assert_eq!(got, want, "{kind:?}");

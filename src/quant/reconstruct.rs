@@ -118,7 +118,10 @@ impl ReconOptions {
             return Err("reconstruction iters, frames and tgpl_every must be > 0".into());
         }
         if !(0.0..1.0).contains(&self.warmup) {
-            return Err(format!("warm-up fraction {} must be in [0, 1)", self.warmup));
+            return Err(format!(
+                "warm-up fraction {} must be in [0, 1)",
+                self.warmup
+            ));
         }
         let finite = [
             self.reg_weight,
@@ -128,7 +131,9 @@ impl ReconOptions {
             self.lr_act,
         ];
         if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {
-            return Err("regulariser weight, beta and learning rates must be finite and >= 0".into());
+            return Err(
+                "regulariser weight, beta and learning rates must be finite and >= 0".into(),
+            );
         }
         if self.lambda.is_some_and(|l| !l.is_finite() || l < 0.0) {
             return Err("lambda must be finite and >= 0".into());
@@ -160,13 +165,19 @@ impl ReconOptions {
                 self.lambda.map_or("balanced".into(), |l| l.to_string()),
             );
             m.insert("tgpl_top_k".into(), self.tgpl_options.top_k.to_string());
-            m.insert("tgpl_tau".into(), self.tgpl_options.score_threshold.to_string());
+            m.insert(
+                "tgpl_tau".into(),
+                self.tgpl_options.score_threshold.to_string(),
+            );
         }
         if self.adaround {
             for (k, v) in [
                 ("adaround_reg_weight", self.reg_weight.to_string()),
                 ("adaround_warmup", self.warmup.to_string()),
-                ("adaround_beta", format!("{}..{}", self.beta_start, self.beta_end)),
+                (
+                    "adaround_beta",
+                    format!("{}..{}", self.beta_start, self.beta_end),
+                ),
                 ("lr_v", self.lr_v.to_string()),
             ] {
                 m.insert(k.into(), v);
@@ -234,7 +245,12 @@ struct FrameState {
 enum Crop {
     Full,
     /// Conv2d: output window; transposed conv (kernel == stride): input window.
-    Window { y0: usize, x0: usize, h: usize, w: usize },
+    Window {
+        y0: usize,
+        x0: usize,
+        h: usize,
+        w: usize,
+    },
     /// Linear over `[P, N, C]`: these pillars.
     Rows(Vec<usize>),
 }
@@ -287,10 +303,23 @@ impl UnitLayer<'_> {
         match (crop, self.kind) {
             (Crop::Full, _) => x.clone(),
             (Crop::Rows(r), _) => rows(x, r),
-            (Crop::Window { y0, x0, h, w }, LayerKind::Conv2d { kernel, stride, padding }) => {
+            (
+                Crop::Window { y0, x0, h, w },
+                LayerKind::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                },
+            ) => {
                 let iy = (y0 * stride) as isize - padding as isize;
                 let ix = (x0 * stride) as isize - padding as isize;
-                window(x, iy, ix, (h - 1) * stride + kernel, (w - 1) * stride + kernel)
+                window(
+                    x,
+                    iy,
+                    ix,
+                    (h - 1) * stride + kernel,
+                    (w - 1) * stride + kernel,
+                )
             }
             (Crop::Window { y0, x0, h, w }, _) => window(x, *y0 as isize, *x0 as isize, *h, *w),
         }
@@ -301,18 +330,22 @@ impl UnitLayer<'_> {
         match (crop, self.kind) {
             (Crop::Full, _) => y.clone(),
             (Crop::Rows(r), _) => rows(y, r),
-            (Crop::Window { y0, x0, h, w }, LayerKind::ConvTranspose2d { stride, .. }) => {
-                window(y, (y0 * stride) as isize, (x0 * stride) as isize, h * stride, w * stride)
-            }
+            (Crop::Window { y0, x0, h, w }, LayerKind::ConvTranspose2d { stride, .. }) => window(
+                y,
+                (y0 * stride) as isize,
+                (x0 * stride) as isize,
+                h * stride,
+                w * stride,
+            ),
             (Crop::Window { y0, x0, h, w }, _) => window(y, *y0 as isize, *x0 as isize, *h, *w),
         }
     }
 
     fn conv_params(&self, crop: &Crop) -> Conv2dParams {
         match self.kind {
-            LayerKind::Conv2d { stride, padding, .. } => {
-                Conv2dParams::new(stride, if *crop == Crop::Full { padding } else { 0 })
-            }
+            LayerKind::Conv2d {
+                stride, padding, ..
+            } => Conv2dParams::new(stride, if *crop == Crop::Full { padding } else { 0 }),
             _ => unreachable!("conv params of a conv"),
         }
     }
@@ -321,10 +354,15 @@ impl UnitLayer<'_> {
     fn forward(&self, x: &Tensor, w: &Tensor, crop: &Crop) -> ops::Result<Tensor> {
         let mut y = match self.kind {
             LayerKind::Linear => ops::linear::forward(x, w, Some(self.bias))?,
-            LayerKind::Conv2d { .. } => ops::conv2d::forward(x, w, Some(self.bias), self.conv_params(crop))?,
-            LayerKind::ConvTranspose2d { stride, .. } => {
-                ops::conv_transpose2d::forward(x, w, Some(self.bias), ConvTranspose2dParams::new(stride, 0))?
+            LayerKind::Conv2d { .. } => {
+                ops::conv2d::forward(x, w, Some(self.bias), self.conv_params(crop))?
             }
+            LayerKind::ConvTranspose2d { stride, .. } => ops::conv_transpose2d::forward(
+                x,
+                w,
+                Some(self.bias),
+                ConvTranspose2dParams::new(stride, 0),
+            )?,
         };
         if self.relu {
             ops::relu::forward_inplace(&mut y);
@@ -333,8 +371,19 @@ impl UnitLayer<'_> {
     }
 
     /// Gradients of input and weight from the gradient of the output (after ReLU).
-    fn backward(&self, x: &Tensor, w: &Tensor, y: &Tensor, gy: &Tensor, crop: &Crop) -> ops::Result<(Tensor, Tensor)> {
-        let g = if self.relu { ops::relu::backward(y, gy)? } else { gy.clone() };
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+        crop: &Crop,
+    ) -> ops::Result<(Tensor, Tensor)> {
+        let g = if self.relu {
+            ops::relu::backward(y, gy)?
+        } else {
+            gy.clone()
+        };
         Ok(match self.kind {
             LayerKind::Linear => {
                 let r = ops::linear::backward(x, w, false, &g)?;
@@ -345,7 +394,13 @@ impl UnitLayer<'_> {
                 (r.input, r.weight)
             }
             LayerKind::ConvTranspose2d { stride, .. } => {
-                let r = ops::conv_transpose2d::backward(x, w, false, ConvTranspose2dParams::new(stride, 0), &g)?;
+                let r = ops::conv_transpose2d::backward(
+                    x,
+                    w,
+                    false,
+                    ConvTranspose2dParams::new(stride, 0),
+                    &g,
+                )?;
                 (r.input, r.weight)
             }
         })
@@ -368,7 +423,11 @@ fn input_grad(kind: LayerKind, w: &Tensor, g: &Tensor, in_shape: &[usize]) -> op
             let wt = Tensor::from_fn(&[cin, cout], |i| w.data[(i % cout) * cin + i / cout]);
             ops::linear::forward(g, &wt, None)
         }
-        LayerKind::Conv2d { kernel, stride, padding } => {
+        LayerKind::Conv2d {
+            kernel,
+            stride,
+            padding,
+        } => {
             let op = |n: usize| (n + 2 * padding - kernel) % stride;
             let p = ConvTranspose2dParams {
                 stride: (stride, stride),
@@ -377,7 +436,9 @@ fn input_grad(kind: LayerKind, w: &Tensor, g: &Tensor, in_shape: &[usize]) -> op
             };
             ops::conv_transpose2d::forward(g, w, None, p)
         }
-        LayerKind::ConvTranspose2d { stride, .. } => ops::conv2d::forward(g, w, None, Conv2dParams::new(stride, 0)),
+        LayerKind::ConvTranspose2d { stride, .. } => {
+            ops::conv2d::forward(g, w, None, Conv2dParams::new(stride, 0))
+        }
     }
 }
 
@@ -423,7 +484,10 @@ impl Downstream {
             }
         }
         nodes.reverse();
-        Self { nodes, tainted_value }
+        Self {
+            nodes,
+            tainted_value,
+        }
     }
 }
 
@@ -490,7 +554,8 @@ pub fn reconstruct_with_report(
         for v in ctx.plan.members(ctx.plan.group[0]) {
             model.activations[v] = init.activations[v];
         }
-        let p = init.activations[0].ok_or_else(|| CalibError::Model("per-feature input without parameters".into()))?;
+        let p = init.activations[0]
+            .ok_or_else(|| CalibError::Model("per-feature input without parameters".into()))?;
         for s in &mut states {
             if let Some(QValue::Float(t)) = &s.q[0] {
                 s.q[0] = Some(quantize_input(t, p, init.input_scales.as_deref()));
@@ -498,7 +563,9 @@ pub fn reconstruct_with_report(
         }
         qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
     }
-    let units: Vec<usize> = (0..n).filter(|&i| ctx.plan.int_layer[i] && learns(ctx, &init, i)).collect();
+    let units: Vec<usize> = (0..n)
+        .filter(|&i| ctx.plan.int_layer[i] && learns(ctx, &init, i))
+        .collect();
     progress.set_length((units.len() * ctx.opts.iters) as u64);
     progress.set_position(0);
     let mut reports = Vec::new();
@@ -506,13 +573,17 @@ pub fn reconstruct_with_report(
         let node = &graph.nodes[i];
         if ctx.plan.int_layer[i] {
             let Some(LayerPlan::Int(w0)) = &init.layers[i] else {
-                return Err(CalibError::Model(format!("{}: integer layer without weights", node.name)));
+                return Err(CalibError::Model(format!(
+                    "{}: integer layer without weights",
+                    node.name
+                )));
             };
             let u = node.inputs[0];
             let g = ctx.plan.group[u];
             let owns = owns(ctx, &init, i);
-            let in0 = init.activations[u]
-                .ok_or_else(|| CalibError::Model(format!("{}: quantized input without parameters", node.name)))?;
+            let in0 = init.activations[u].ok_or_else(|| {
+                CalibError::Model(format!("{}: quantized input without parameters", node.name))
+            })?;
             // FP outputs of the unit (they also advance the FP frontier).
             let y_fp: Vec<Tensor> = states
                 .par_iter()
@@ -521,7 +592,8 @@ pub fn reconstruct_with_report(
             let (w, in_params) = if learns(ctx, &init, i) {
                 let k = units.iter().position(|&x| x == i).expect("unit");
                 progress.set_message(format!("unit {}/{} {}", k + 1, units.len(), node.name));
-                let (w, p, report) = optimise_unit(ctx, i, w0, in0, owns, &states, &y_fp, progress)?;
+                let (w, p, report) =
+                    optimise_unit(ctx, i, w0, in0, owns, &states, &y_fp, progress)?;
                 if ctx.opts.report {
                     log::info!(
                         "{}: objective {:.4e} -> {:.4e} (L_rec {:.4e} -> {:.4e}, L_TGPL {:.4e} -> {:.4e}, lambda {:.3e}), step {:.4e} -> {:.4e}, {} roundings flipped",
@@ -581,14 +653,16 @@ pub fn reconstruct_with_report(
                 model.layers[i] = init.layers[i].clone();
                 qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
             }
-            states.par_iter_mut().try_for_each(|s| -> Result<(), CalibError> {
-                let input = s.input.net_input();
-                let out = qnet.run_node(i, &s.q, &input)?;
-                let fout = fpnet.run_node(i, &s.fp, &input)?;
-                s.q[i + 1] = Some(out);
-                s.fp[i + 1] = Some(fout);
-                Ok(())
-            })?;
+            states
+                .par_iter_mut()
+                .try_for_each(|s| -> Result<(), CalibError> {
+                    let input = s.input.net_input();
+                    let out = qnet.run_node(i, &s.q, &input)?;
+                    let fout = fpnet.run_node(i, &s.fp, &input)?;
+                    s.q[i + 1] = Some(out);
+                    s.fp[i + 1] = Some(fout);
+                    Ok(())
+                })?;
         }
         // Free what no later node reads.
         for s in &mut states {
@@ -722,7 +796,8 @@ fn optimise_unit(
         start: opts.beta_start,
         end: opts.beta_end,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(ctx.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
     let u = node.inputs[0];
     let down = Downstream::new(ctx.graph, i);
     let input_of = |f: usize| unit_input(states, f, u);
@@ -742,7 +817,12 @@ fn optimise_unit(
         layer.forward(&x, w, &Crop::Full).map_err(err)
     };
     let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
-        let sq: f64 = y.data.iter().zip(&t.data).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let sq: f64 = y
+            .data
+            .iter()
+            .zip(&t.data)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         sq / layer.positions(y).max(1) as f64
     };
     let tgpl = |f: usize, y: Tensor| -> Result<(f64, Tensor), CalibError> {
@@ -757,7 +837,11 @@ fn optimise_unit(
         tgpl_before = if opts.tgpl { tgpl(0, y)?.0 } else { 0.0 };
     }
     // Without a given lambda, the first TGPL pass (iteration 0) sets it.
-    let mut lambda: Option<f64> = if opts.tgpl { opts.lambda.map(f64::from) } else { Some(0.0) };
+    let mut lambda: Option<f64> = if opts.tgpl {
+        opts.lambda.map(f64::from)
+    } else {
+        Some(0.0)
+    };
 
     let frames = states.len();
     let mut g_tgpl: Option<(usize, Tensor)> = None;
@@ -786,7 +870,8 @@ fn optimise_unit(
                 if opts.crop_pillars == 0 || opts.crop_pillars >= p {
                     Crop::Full
                 } else {
-                    let mut idx = rand::seq::index::sample(&mut rng, p, opts.crop_pillars).into_vec();
+                    let mut idx =
+                        rand::seq::index::sample(&mut rng, p, opts.crop_pillars).into_vec();
                     idx.sort_unstable();
                     Crop::Rows(idx)
                 }
@@ -857,7 +942,10 @@ fn optimise_unit(
             let gc = layer.crop_output(g, &crop);
             let ratio = layer.positions(g) as f64 / pos;
             let k = (lambda * ratio) as f32;
-            gy.data.iter_mut().zip(&gc.data).for_each(|(a, b)| *a += k * b);
+            gy.data
+                .iter_mut()
+                .zip(&gc.data)
+                .for_each(|(a, b)| *a += k * b);
         }
         let (gx, gw) = layer.backward(&xq, &w, &y, &gy, &crop).map_err(err)?;
         if let (UnitWeights::Ada(a), Some(adam)) = (&mut weights, &mut adam_v) {
@@ -870,7 +958,11 @@ fn optimise_unit(
         if owns {
             let gs = fake_quant_backward(&xc.data, &gx.data, &qp(scale), GradScale::Lsq)?.scale[0];
             let mut r = [ratio];
-            adam_s.step(&mut r, &[gs * in0.scale], cosine_lr(opts.lr_act, 0.0, t, opts.iters))?;
+            adam_s.step(
+                &mut r,
+                &[gs * in0.scale],
+                cosine_lr(opts.lr_act, 0.0, t, opts.iters),
+            )?;
             ratio = r[0].max(MIN_RATIO);
             scale = (in0.scale * ratio).max(MIN_SCALE);
         }
@@ -879,7 +971,11 @@ fn optimise_unit(
                 "{}: L_rec {:.3e}{}",
                 node.name,
                 last_rec,
-                if opts.tgpl { format!(", lambda {lambda:.2e}") } else { String::new() }
+                if opts.tgpl {
+                    format!(", lambda {lambda:.2e}")
+                } else {
+                    String::new()
+                }
             ));
         }
         progress.inc(1);
@@ -945,7 +1041,10 @@ fn tgpl_downstream(
         for &v in &node.inputs {
             if vals[v].is_none() {
                 let q = s.q[v].as_ref().ok_or_else(|| {
-                    CalibError::Model(format!("{} reads value {v}, not in the frontier", node.name))
+                    CalibError::Model(format!(
+                        "{} reads value {v}, not in the frontier",
+                        node.name
+                    ))
                 })?;
                 vals[v] = Some(match q {
                     QValue::Float(t) => Cow::Borrowed(t),
@@ -970,7 +1069,11 @@ fn tgpl_downstream(
                 };
                 let (m, arg) = ops::pillar_max::forward(x, &counts).map_err(err)?;
                 argmax[j] = Some(arg);
-                if *concat_back { concat_pillar_max(x, &m) } else { m }
+                if *concat_back {
+                    concat_pillar_max(x, &m)
+                } else {
+                    m
+                }
             }
             Op::Scatter { .. } => {
                 let img = ops::scatter::forward(x, &cells(input.coords), ny, nx).map_err(err)?;
@@ -978,7 +1081,11 @@ fn tgpl_downstream(
                 img.reshape(vec![1, sh[0], sh[1], sh[2]]).map_err(err)?
             }
             Op::Concat => {
-                let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| vals[v].as_deref().expect("fetched")).collect();
+                let ins: Vec<&Tensor> = node
+                    .inputs
+                    .iter()
+                    .map(|&v| vals[v].as_deref().expect("fetched"))
+                    .collect();
                 ops::concat::forward(&ins, 1).map_err(err)?
             }
         };
@@ -1005,7 +1112,8 @@ fn tgpl_downstream(
             let c = sub.out;
             if down.tainted_value[v] {
                 let r = vals[v].as_deref().expect("computed");
-                let (l, mut g) = regression_loss(pos, first, r, &ctx.cfg.loss.code_weights).map_err(lerr)?;
+                let (l, mut g) =
+                    regression_loss(pos, first, r, &ctx.cfg.loss.code_weights).map_err(lerr)?;
                 total += (loc * l) as f64;
                 g.data.iter_mut().for_each(|x| *x *= loc);
                 add_into(&mut grads[v], g);
@@ -1018,7 +1126,9 @@ fn tgpl_downstream(
         if !down.tainted_value[j + 1] {
             continue;
         }
-        let Some(gy) = grads[j + 1].take() else { continue };
+        let Some(gy) = grads[j + 1].take() else {
+            continue;
+        };
         let node = &graph.nodes[j];
         let err = |source: OpsError| CalibError::Op {
             node: node.name.clone(),
@@ -1028,7 +1138,11 @@ fn tgpl_downstream(
         match &node.op {
             Op::Layer(l) => {
                 let yv = vals[j + 1].as_deref().expect("forward value");
-                let g = if l.relu { ops::relu::backward(yv, &gy).map_err(err)? } else { gy };
+                let g = if l.relu {
+                    ops::relu::backward(yv, &gy).map_err(err)?
+                } else {
+                    gy
+                };
                 let f = ctx.folded[j].as_ref().expect("layer folded");
                 let gx = input_grad(l.kind, &f.weight, &g, &x.shape).map_err(err)?;
                 if down.tainted_value[node.inputs[0]] {
@@ -1044,7 +1158,11 @@ fn tgpl_downstream(
                     let mut g_direct = parts.pop().expect("two parts");
                     let gm = ops::repeat_points::backward(&g_rep).map_err(err)?;
                     let via = ops::pillar_max::backward(arg, &gm).map_err(err)?;
-                    g_direct.data.iter_mut().zip(&via.data).for_each(|(a, b)| *a += b);
+                    g_direct
+                        .data
+                        .iter_mut()
+                        .zip(&via.data)
+                        .for_each(|(a, b)| *a += b);
                     g_direct
                 } else {
                     ops::pillar_max::backward(arg, &gy).map_err(err)?
@@ -1058,7 +1176,11 @@ fn tgpl_downstream(
                 add_into(&mut grads[node.inputs[0]], gx);
             }
             Op::Concat => {
-                let sizes: Vec<usize> = node.inputs.iter().map(|&v| vals[v].as_deref().expect("forward").shape[1]).collect();
+                let sizes: Vec<usize> = node
+                    .inputs
+                    .iter()
+                    .map(|&v| vals[v].as_deref().expect("forward").shape[1])
+                    .collect();
                 let parts = ops::concat::backward(&gy, 1, &sizes).map_err(err)?;
                 for (&v, p) in node.inputs.iter().zip(parts) {
                     if down.tainted_value[v] {
@@ -1080,7 +1202,11 @@ mod tests {
     use crate::ops::testutil::{rng, uniform};
 
     fn dot(a: &Tensor, b: &Tensor) -> f64 {
-        a.data.iter().zip(&b.data).map(|(x, y)| *x as f64 * *y as f64).sum()
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum()
     }
 
     /// The input gradients used by TGPL are the adjoints of the layers:
@@ -1089,10 +1215,41 @@ mod tests {
     fn input_gradients_are_adjoints() {
         let mut r = rng(3);
         let cases = [
-            (LayerKind::Conv2d { kernel: 3, stride: 1, padding: 1 }, vec![1, 3, 7, 9], vec![4, 3, 3, 3]),
-            (LayerKind::Conv2d { kernel: 3, stride: 2, padding: 1 }, vec![1, 3, 8, 7], vec![4, 3, 3, 3]),
-            (LayerKind::Conv2d { kernel: 2, stride: 2, padding: 0 }, vec![1, 2, 6, 8], vec![5, 2, 2, 2]),
-            (LayerKind::ConvTranspose2d { kernel: 2, stride: 2 }, vec![1, 3, 4, 5], vec![3, 2, 2, 2]),
+            (
+                LayerKind::Conv2d {
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                vec![1, 3, 7, 9],
+                vec![4, 3, 3, 3],
+            ),
+            (
+                LayerKind::Conv2d {
+                    kernel: 3,
+                    stride: 2,
+                    padding: 1,
+                },
+                vec![1, 3, 8, 7],
+                vec![4, 3, 3, 3],
+            ),
+            (
+                LayerKind::Conv2d {
+                    kernel: 2,
+                    stride: 2,
+                    padding: 0,
+                },
+                vec![1, 2, 6, 8],
+                vec![5, 2, 2, 2],
+            ),
+            (
+                LayerKind::ConvTranspose2d {
+                    kernel: 2,
+                    stride: 2,
+                },
+                vec![1, 3, 4, 5],
+                vec![3, 2, 2, 2],
+            ),
             (LayerKind::Linear, vec![4, 3, 5], vec![6, 5]),
         ];
         for (kind, xs, ws) in cases {
@@ -1103,7 +1260,10 @@ mod tests {
             let gx = input_grad(kind, &w, &g, &x.shape).unwrap();
             assert_eq!(gx.shape, x.shape, "{kind:?}");
             let (a, b) = (dot(&y, &g), dot(&x, &gx));
-            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{kind:?}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + a.abs()),
+                "{kind:?}: {a} vs {b}"
+            );
         }
     }
 
@@ -1113,11 +1273,26 @@ mod tests {
         let mut r = rng(5);
         let bias = [0.1f32, -0.2, 0.3, 0.0];
         for kind in [
-            LayerKind::Conv2d { kernel: 3, stride: 1, padding: 1 },
-            LayerKind::Conv2d { kernel: 3, stride: 2, padding: 1 },
-            LayerKind::ConvTranspose2d { kernel: 2, stride: 2 },
+            LayerKind::Conv2d {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            LayerKind::Conv2d {
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+            },
+            LayerKind::ConvTranspose2d {
+                kernel: 2,
+                stride: 2,
+            },
         ] {
-            let layer = UnitLayer { kind, relu: true, bias: &bias };
+            let layer = UnitLayer {
+                kind,
+                relu: true,
+                bias: &bias,
+            };
             let x = uniform(&mut r, &[1, 3, 10, 12], 1.0);
             let ws = match kind {
                 LayerKind::ConvTranspose2d { .. } => vec![3, 4, 2, 2],
@@ -1125,7 +1300,12 @@ mod tests {
             };
             let w = uniform(&mut r, &ws, 1.0);
             let full = layer.forward(&x, &w, &Crop::Full).unwrap();
-            let crop = Crop::Window { y0: 1, x0: 2, h: 3, w: 4 };
+            let crop = Crop::Window {
+                y0: 1,
+                x0: 2,
+                h: 3,
+                w: 4,
+            };
             let xc = layer.crop_input(&x, &crop);
             let yc = layer.forward(&xc, &w, &crop).unwrap();
             let want = layer.crop_output(&full, &crop);
@@ -1135,12 +1315,18 @@ mod tests {
             }
         }
         // Pillar rows.
-        let layer = UnitLayer { kind: LayerKind::Linear, relu: false, bias: &bias };
+        let layer = UnitLayer {
+            kind: LayerKind::Linear,
+            relu: false,
+            bias: &bias,
+        };
         let x = uniform(&mut r, &[6, 2, 3], 1.0);
         let w = uniform(&mut r, &[4, 3], 1.0);
         let full = layer.forward(&x, &w, &Crop::Full).unwrap();
         let crop = Crop::Rows(vec![1, 4]);
-        let yc = layer.forward(&layer.crop_input(&x, &crop), &w, &crop).unwrap();
+        let yc = layer
+            .forward(&layer.crop_input(&x, &crop), &w, &crop)
+            .unwrap();
         assert_eq!(yc, layer.crop_output(&full, &crop));
     }
 }

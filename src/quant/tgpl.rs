@@ -80,7 +80,14 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// Peaks of one task as `model::decode` finds them: (score, class, cell), best first.
-fn peaks(heat: &[f32], classes: usize, h: usize, w: usize, k: usize, thr: f32) -> Vec<(f32, usize, usize)> {
+fn peaks(
+    heat: &[f32],
+    classes: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    thr: f32,
+) -> Vec<(f32, usize, usize)> {
     let mut out = Vec::new();
     for c in 0..classes {
         let plane = &heat[c * h * w..(c + 1) * h * w];
@@ -129,17 +136,41 @@ pub fn positives(cfg: &ModelConfig, heads: &HeadOutputs, opts: &TgplOptions) -> 
             let reg = |ch: usize, i: usize| out.regression[ch * plane + i];
             // Candidate boxes in score order, as the decode builds them.
             let mut cands: Vec<(usize, usize, Box3d)> = Vec::new();
-            for (_, c, i) in peaks(&out.heatmap, classes.len(), h, w, opts.top_k, opts.score_threshold) {
+            for (_, c, i) in peaks(
+                &out.heatmap,
+                classes.len(),
+                h,
+                w,
+                opts.top_k,
+                opts.score_threshold,
+            ) {
                 let (ix, iy) = ((i % w) as f32, (i / w) as f32);
                 let x = (ix + reg(0, i)) * stride * cell[0] + r[0];
                 let y = (iy + reg(1, i)) * stride * cell[1] + r[1];
                 let z = reg(2, i);
                 let size = [reg(3, i).exp(), reg(4, i).exp(), reg(5, i).exp()];
                 let yaw = reg(7, i).atan2(reg(6, i));
-                let inside = x >= lim[0] && y >= lim[1] && z >= lim[2] && x <= lim[3] && y <= lim[4] && z <= lim[5];
-                let finite = x.is_finite() && y.is_finite() && z.is_finite() && size.iter().all(|s| s.is_finite()) && yaw.is_finite();
+                let inside = x >= lim[0]
+                    && y >= lim[1]
+                    && z >= lim[2]
+                    && x <= lim[3]
+                    && y <= lim[4]
+                    && z <= lim[5];
+                let finite = x.is_finite()
+                    && y.is_finite()
+                    && z.is_finite()
+                    && size.iter().all(|s| s.is_finite())
+                    && yaw.is_finite();
                 if inside && finite {
-                    cands.push((c, i, Box3d { center: [x, y, z], size, yaw }));
+                    cands.push((
+                        c,
+                        i,
+                        Box3d {
+                            center: [x, y, z],
+                            size,
+                            yaw,
+                        },
+                    ));
                 }
             }
             cands.truncate(nms.pre_max);
@@ -168,7 +199,14 @@ pub fn positives(cfg: &ModelConfig, heads: &HeadOutputs, opts: &TgplOptions) -> 
                 let dy = b.size[1] / cell[1] / stride;
                 let radius = (gaussian_radius(dx, dy, cfg.target.gaussian_overlap) as usize)
                     .max(cfg.target.min_radius);
-                draw_gaussian(&mut heatmap[c * plane..(c + 1) * plane], h, w, i % w, i / w, radius);
+                draw_gaussian(
+                    &mut heatmap[c * plane..(c + 1) * plane],
+                    h,
+                    w,
+                    i % w,
+                    i / w,
+                    radius,
+                );
                 regression.extend((0..d).map(|ch| reg(ch, *i)));
             }
             TaskPositives {
@@ -199,12 +237,13 @@ pub fn regression_loss(
     pred: &Tensor,
     code_weights: &[f32],
 ) -> ops::Result<(f32, Tensor)> {
-    let [_, c, h, w] = <[usize; 4]>::try_from(pred.shape.as_slice()).map_err(|_| ops::OpsError::Shape {
-        op: "tgpl regression",
-        arg: "pred",
-        got: pred.shape.clone(),
-        expected: "[1, C, H, W]".into(),
-    })?;
+    let [_, c, h, w] =
+        <[usize; 4]>::try_from(pred.shape.as_slice()).map_err(|_| ops::OpsError::Shape {
+            op: "tgpl regression",
+            arg: "pred",
+            got: pred.shape.clone(),
+            expected: "[1, C, H, W]".into(),
+        })?;
     let d = code_weights.len();
     if first + c > d || pos.regression.len() != pos.len() * d {
         return Err(ops::OpsError::Invalid {
@@ -278,7 +317,10 @@ mod tests {
                     reg[ch * h * w + i] = 0.1 * ch as f32 + 0.001 * i as f32;
                 }
             }
-            tasks.push(TaskMaps { heatmap: heat, regression: reg });
+            tasks.push(TaskMaps {
+                heatmap: heat,
+                regression: reg,
+            });
         }
         let heads = HeadOutputs { tasks, h, w };
         let pos = positives(&cfg, &heads, &TgplOptions::default());
@@ -286,7 +328,10 @@ mod tests {
         assert_eq!(pos.tasks[1].cells, vec![3 * w + 4, 6 * w + 1]);
         assert_eq!(pos.tasks[1].classes, vec![0, 1]);
         assert_eq!(pos.tasks[0].heatmap[3 * w + 4], 1.0);
-        assert_eq!(pos.tasks[0].heatmap.iter().filter(|&&v| v == 1.0).count(), 1);
+        assert_eq!(
+            pos.tasks[0].heatmap.iter().filter(|&&v| v == 1.0).count(),
+            1
+        );
         assert_eq!(pos.tasks[0].regression[2], 0.2 + 0.001 * (3 * w + 4) as f32);
         // The regression term vanishes at the FP outputs and grows with a deviation.
         let reg = Tensor::new(vec![1, d, h, w], heads.tasks[1].regression.clone()).unwrap();
@@ -298,8 +343,14 @@ mod tests {
         assert!((l - 0.25).abs() < 1e-6, "{l}"); // 0.5 / 2 positives
         assert!((g.data[3 * w + 4] - 0.5).abs() < 1e-6);
         // A higher threshold drops the weak peak.
-        let strict = TgplOptions { score_threshold: 0.7, ..TgplOptions::default() };
-        assert_eq!(positives(&cfg, &heads, &strict).tasks[1].cells, vec![3 * w + 4]);
+        let strict = TgplOptions {
+            score_threshold: 0.7,
+            ..TgplOptions::default()
+        };
+        assert_eq!(
+            positives(&cfg, &heads, &strict).tasks[1].cells,
+            vec![3 * w + 4]
+        );
     }
 
     /// The regression gradient matches finite differences of the loss.
