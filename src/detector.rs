@@ -3,14 +3,18 @@
 
 use crate::boxes::Detection;
 use crate::cloud::Points;
-use crate::engine::{EngineError, Fp32Engine, HeadOutputs, NetInput};
+use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
 use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
 use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
 use crate::model::weights::{Weights, WeightsError};
-use crate::model::{ConfigError, ModelConfig};
+use crate::model::{BundleError, ConfigError, ModelBundle, ModelConfig};
+use crate::quant::QuantModel;
 use std::path::Path;
 use thiserror::Error;
+
+/// Weights-file metadata key holding the model config YAML (as training writes it).
+pub use crate::model::bundle::META_CONFIG as MODEL_CONFIG_KEY;
 
 #[derive(Debug, Error)]
 pub enum DetectorError {
@@ -24,13 +28,21 @@ pub enum DetectorError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
 }
 
-/// A CenterPoint detector running on the CPU in FP32.
+/// The network backend a detector runs: FP32, or the INT8 engine of a calibrated model.
+enum Backend {
+    Fp32(Fp32Engine),
+    Int8(Box<Int8Engine>),
+}
+
+/// A CenterPoint detector running on the CPU in FP32 or INT8.
 pub struct Detector {
     cfg: ModelConfig,
     voxelizer: Voxelizer,
-    engine: Fp32Engine,
+    engine: Backend,
     pillars: Pillars,
     decorated: Vec<f32>,
 }
@@ -41,7 +53,7 @@ impl Detector {
             model: cfg.name.clone(),
             message,
         })?;
-        let engine = Fp32Engine::new(&graph, weights)?;
+        let engine = Backend::Fp32(Fp32Engine::new(&graph, weights)?);
         Ok(Self {
             voxelizer: Voxelizer::new(&cfg, Mode::Test),
             cfg,
@@ -60,6 +72,48 @@ impl Detector {
         })?;
         let (w, _) = Weights::load(weights, &graph)?;
         Self::new(cfg, &w)
+    }
+
+    /// Loads a model file that carries its description (see [`ModelBundle`]); a given
+    /// `config` must describe the same model.
+    pub fn from_model_file(path: &Path, config: Option<&Path>) -> Result<Self, DetectorError> {
+        Self::from_bundle(&ModelBundle::load(path, config)?)
+    }
+
+    pub fn from_bundle(bundle: &ModelBundle) -> Result<Self, DetectorError> {
+        Self::new(bundle.config.clone(), &bundle.weights)
+    }
+
+    /// The description and weights of a self-describing model file (see [`ModelBundle`]),
+    /// checked against each other, so callers may adjust the config (thresholds) before
+    /// building a detector.
+    pub fn read_model_file(path: &Path) -> Result<(ModelConfig, Weights), DetectorError> {
+        let b = ModelBundle::load(path, None)?;
+        Ok((b.config, b.weights))
+    }
+
+    /// A detector running the INT8 engine of `quant`, a model calibrated for `weights`
+    /// (checked by the caller, e.g. with `quant::file::load_for`).
+    pub fn new_int8(
+        cfg: ModelConfig,
+        weights: &Weights,
+        quant: &QuantModel,
+    ) -> Result<Self, DetectorError> {
+        let mut d = Self::new(cfg, weights)?;
+        let graph = Graph::build(&d.cfg).map_err(|message| DetectorError::Graph {
+            model: d.cfg.name.clone(),
+            message,
+        })?;
+        d.engine = Backend::Int8(Box::new(Int8Engine::new(&graph, weights, quant)?));
+        Ok(d)
+    }
+
+    /// "fp32" or "int8".
+    pub fn precision(&self) -> &'static str {
+        match self.engine {
+            Backend::Fp32(_) => "fp32",
+            Backend::Int8(_) => "int8",
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -82,7 +136,10 @@ impl Detector {
             counts: &self.pillars.counts,
             coords: &self.pillars.coords,
         };
-        Ok(self.engine.run(&input)?)
+        Ok(match &mut self.engine {
+            Backend::Fp32(e) => e.run(&input)?,
+            Backend::Int8(e) => e.run(&input)?,
+        })
     }
 
     /// Detects objects in one scan.
@@ -115,6 +172,47 @@ mod tests {
             assert!(cfg.classes().contains(&d.class.as_str()));
         }
         assert!(det.last_pillars().len() > 100);
+    }
+
+    #[test]
+    fn model_files_carry_their_config() {
+        let cfg = ModelConfig::from_yaml(TINY).unwrap();
+        let w = random_weights(&Graph::build(&cfg).unwrap(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.safetensors");
+        let meta =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), cfg.to_yaml())]);
+        w.save(&path, &meta).unwrap();
+        let mut a = Detector::from_model_file(&path, None).unwrap();
+        let mut b = Detector::new(cfg.clone(), &w).unwrap();
+        assert_eq!(a.config(), &cfg);
+        let pts = scan(2, 3000);
+        assert_eq!(a.detect(&pts).unwrap(), b.detect(&pts).unwrap());
+
+        // Without the config, or with weights of another model: clear errors.
+        w.save(&path, &Default::default()).unwrap();
+        let e = Detector::from_model_file(&path, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("carries no model description"), "{e}");
+        let other = ModelConfig::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"),
+        )
+        .unwrap();
+        let wrong =
+            std::collections::BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), other.to_yaml())]);
+        w.save(&path, &wrong).unwrap();
+        let e = Detector::from_model_file(&path, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("weights do not fit the model"), "{e}");
+        let e = Detector::from_model_file(&dir.path().join("none.safetensors"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("none.safetensors"), "{e}");
     }
 
     #[test]

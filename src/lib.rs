@@ -4,6 +4,7 @@
 //! Each module owns one concept; ROS types stay at the edge.
 
 pub mod bag;
+pub mod bench;
 pub mod boxes;
 pub mod cdr;
 pub mod cloud;
@@ -15,6 +16,7 @@ pub mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod msgs;
+pub mod node;
 pub mod ops;
 pub mod quant;
 pub mod render;

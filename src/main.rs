@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use lidar_ptq::{dataset, render};
 
-mod cli_calibrate;
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -27,12 +27,15 @@ enum Command {
         /// Sensor model.
         #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl64)]
         lidar: lidar_ptq::sim::LidarModel,
-        /// Number of scans (at the sensor's rate).
+        /// Number of scans per scene (at the sensor's rate).
         #[arg(long, default_value_t = 20)]
         frames: u64,
         /// World and noise seed: the same seed writes the same bytes.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Independent drives, one after the other in the bag (seeds SEED, SEED+1, ...).
+        #[arg(long, default_value_t = 1)]
+        scenes: u64,
         /// Bag directory to create (must not exist).
         #[arg(long)]
         out: PathBuf,
@@ -72,27 +75,65 @@ enum Command {
     /// Train a pillar model on simulated scans (writes DIR/model.safetensors, the config
     /// copy and DIR/train_log.json).
     Train(TrainArgs),
-    /// Score a trained model on held-out simulated scans (nuScenes mAP / NDS).
-    Eval(EvalArgs),
+    /// Score a model on a labelled bag, a KITTI directory or held-out simulated scans
+    /// (nuScenes mAP / TP errors / NDS, BEV IoU AP; per class and distance band).
+    Eval(cli::eval::EvalArgs),
+    /// Run a model on one scan (file or bag): print, save (JSON) or draw its detections.
+    Detect(cli::detect::DetectArgs),
     /// Quantize an FP32 model to INT8 on unlabelled scans (LiDAR-PTQ or a baseline).
-    Calibrate(Box<cli_calibrate::CalibrateArgs>),
+    Calibrate(Box<cli::calibrate::CalibrateArgs>),
+    /// Score detections collected from lidar_ptq_node on a simulated bag against its
+    /// ground truth, beside the same model run offline with the node's parameters
+    /// (one JSON line on stdout).
+    NodeScore(NodeScoreArgs),
+    /// Time the FP32 and INT8 pipelines (end to end and per stage) on a simulated scan.
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args)]
-struct EvalArgs {
-    /// Model description (YAML).
-    #[arg(long, default_value = "config/models/default.yaml")]
-    config: PathBuf,
-    /// Weights (safetensors).
+struct BenchArgs {
+    /// Weights (safetensors); the model config is the one embedded in the file unless
+    /// --config is given.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// Model description (YAML); random seeded weights unless --model is given.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Built-in model with random seeded weights: nuscenes-pillar, default, autoware-pillar.
     #[arg(long)]
-    weights: PathBuf,
-    #[arg(long, value_enum, default_value_t = lidar_ptq::sim::LidarModel::Hdl32)]
-    lidar: lidar_ptq::sim::LidarModel,
+    preset: Option<String>,
+    /// INT8 model: a file written by `lidar_ptq calibrate`, `auto` (a quick min-max model built on
+    /// a few simulated scans, timing only) or `none`.
+    #[arg(long, default_value = "auto")]
+    int8: String,
+    /// Timed runs per pipeline (the median is reported).
     #[arg(long, default_value_t = 20)]
-    frames: usize,
-    /// Seed of the evaluation scenes (use one the training did not).
-    #[arg(long, default_value_t = 1_000_000)]
-    seed: u64,
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Simulated sensor (default: HDL-32E for nuScenes models, HDL-64E otherwise).
+    #[arg(long, value_enum)]
+    lidar: Option<lidar_ptq::sim::LidarModel>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct NodeScoreArgs {
+    /// The bag the node was fed (with its ground-truth topic).
+    #[arg(long)]
+    bag: PathBuf,
+    /// JSON array of collected frames: {stamp_ns, frame_id, detections: [Detection]}.
+    #[arg(long)]
+    detections: PathBuf,
+    /// The node's ROS parameter file (thresholds, intensity field, model path).
+    #[arg(long, default_value = "config/lidar_ptq_node.yaml")]
+    params: PathBuf,
+    /// Overrides the parameter file's model_path.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -193,6 +234,7 @@ fn main() -> Result<()> {
             lidar,
             frames,
             seed,
+            scenes,
             out,
             layout,
             density,
@@ -215,7 +257,7 @@ fn main() -> Result<()> {
                 ground_truth_topic,
                 ..Default::default()
             };
-            simulate(cfg, seed, &opts, &out)
+            simulate(cfg, seed, scenes, &opts, &out)
         }
         Command::SimReport { data, scenes, out } => sim_report(&data, scenes, out),
         Command::Bag {
@@ -227,22 +269,73 @@ fn main() -> Result<()> {
         }
         Command::Render(args) => render_verb(&args),
         Command::Train(args) => train_verb(&args),
-        Command::Eval(args) => eval_verb(&args),
-        Command::Calibrate(args) => cli_calibrate::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Detect(args) => cli::detect::run(&args),
+        Command::Calibrate(args) => cli::calibrate::run(&args),
+        Command::NodeScore(args) => node_score_verb(&args),
+        Command::Bench(args) => bench_verb(&args),
     }
 }
 
-fn eval_verb(a: &EvalArgs) -> Result<()> {
-    use lidar_ptq::train::sim_eval;
-    let mut det = lidar_ptq::detector::Detector::load(&a.config, &a.weights)?;
-    let frames = sim_eval::eval_frames(a.lidar, a.frames, a.seed);
-    let bar = indicatif::ProgressBar::new(a.frames as u64);
-    let r = sim_eval::evaluate(&mut det, &frames, &bar)?;
-    bar.finish_and_clear();
-    for c in &r.classes {
-        println!("{:<22} {:>5} gt  AP {:.4}", c.class, c.num_gt, c.mean_ap);
+fn node_score_verb(a: &NodeScoreArgs) -> Result<()> {
+    use lidar_ptq::node::{NODE_NAME, engine, params, score};
+    let text = std::fs::read_to_string(&a.params)
+        .with_context(|| format!("reading {}", a.params.display()))?;
+    let mut values = params::from_ros_yaml(&text, NODE_NAME)
+        .with_context(|| format!("parameter file {}", a.params.display()))?;
+    if let Some(m) = &a.model {
+        values.insert(
+            "model_path".into(),
+            params::ParamValue::String(m.display().to_string()),
+        );
     }
-    println!("mAP {:.4}  NDS {:.4}  ({} frames)", r.map, r.nds, a.frames);
+    let p = params::NodeParams::from_values(&values)
+        .with_context(|| format!("parameter file {}", a.params.display()))?;
+    let mut det = engine::load_fp32(&p)?;
+    let scans = score::read_scans(&a.bag, &p)?;
+    let bar = indicatif::ProgressBar::new(scans.len() as u64);
+    let offline = score::detect_offline(&mut det, &scans, &p, &bar)?;
+    bar.finish_and_clear();
+    let collected = std::fs::read_to_string(&a.detections)
+        .with_context(|| format!("reading {}", a.detections.display()))?;
+    let collected = score::parse_collected(&collected)?;
+    let classes = det.config().classes();
+    let s = score::score(&scans, &collected, &offline, &classes)?;
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}
+
+fn bench_verb(a: &BenchArgs) -> Result<()> {
+    use lidar_ptq::bench::{self, BenchOptions, Int8Source, ModelSource};
+    let model = match (&a.model, &a.config, &a.preset) {
+        (Some(path), config, None) => ModelSource::Weights {
+            path: path.clone(),
+            config: config.clone(),
+        },
+        (None, Some(config), None) => ModelSource::Config(config.clone()),
+        (None, None, Some(p)) => ModelSource::Preset(p.clone()),
+        _ => anyhow::bail!("bench needs --model, --config or --preset"),
+    };
+    let int8 = match a.int8.as_str() {
+        "auto" => Int8Source::Auto,
+        "none" => Int8Source::None,
+        path => Int8Source::File(PathBuf::from(path)),
+    };
+    let opts = BenchOptions {
+        model,
+        int8,
+        iters: a.iters,
+        warmup: a.warmup,
+        lidar: a.lidar,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    let report = bench::run(&opts, &bar)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::format_report(&report));
+    }
     Ok(())
 }
 
@@ -353,13 +446,27 @@ impl CloudLayout {
 fn simulate(
     cfg: lidar_ptq::sim::SimConfig,
     seed: u64,
+    scenes: u64,
     opts: &lidar_ptq::sim::record::RecordOptions,
     out: &std::path::Path,
 ) -> Result<()> {
-    let bar = indicatif::ProgressBar::new(opts.frames);
-    let scene = lidar_ptq::sim::Scene::new(cfg, seed);
-    let dir = lidar_ptq::sim::record::record(&scene, opts, out, |k| bar.set_position(k))?;
+    anyhow::ensure!(scenes >= 1, "--scenes must be at least 1");
+    let total = opts.frames * scenes;
+    let bar = indicatif::ProgressBar::new(total);
+    // Each drive starts one second after the previous one ended.
+    let period_ns = (1e9 / cfg.sensor.rate_hz as f64) as u64;
+    let drives: Vec<lidar_ptq::sim::Scene> = (0..scenes)
+        .map(|j| {
+            let mut c = cfg.clone();
+            c.start_stamp_ns += j * (opts.frames * period_ns + 1_000_000_000);
+            lidar_ptq::sim::Scene::new(c, seed + j)
+        })
+        .collect();
+    let dir = lidar_ptq::sim::record::record_scenes(&drives, opts, out, |k| bar.set_position(k))?;
     bar.finish_and_clear();
-    log::info!("wrote {} frames to {}", opts.frames, dir.display());
+    log::info!(
+        "wrote {total} frames ({scenes} drives) to {}",
+        dir.display()
+    );
     Ok(())
 }

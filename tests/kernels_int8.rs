@@ -2,7 +2,9 @@
 //! reference is the quantization semantics (checked against real-valued f64 arithmetic on
 //! the dequantized operands, padding being real zero).
 
-use lidar_ptq::kernels::{Isa, KernelError, PackedConv, PackedConvTranspose, PackedLinear};
+use lidar_ptq::kernels::{
+    Epilogue, Isa, KernelError, PackedConv, PackedConvTranspose, PackedLinear,
+};
 use lidar_ptq::quant::{Flavour, Grid, QParams, Requant, quantize_bias};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -409,5 +411,271 @@ fn bad_arguments_are_typed_errors() {
     assert!(matches!(
         lin.forward(Isa::best(), &[0; 4], 2, 0, &mut [0u8; 3]),
         Err(KernelError::Length { arg: "output", .. })
+    ));
+}
+
+impl Layer {
+    fn dequant(&self) -> Epilogue {
+        Epilogue::Dequant {
+            input_scale: self.s_x,
+            weight_scale: self.s_w.clone(),
+            relu: self.relu,
+        }
+    }
+}
+
+/// A sparse BEV-like input: every channel holds one constant (`zx`, or a per-channel code
+/// when `constant` is set) except a few random blobs, so most im2col panels are uniform.
+fn sparse_input(
+    r: &mut ChaCha8Rng,
+    c: usize,
+    h: usize,
+    w: usize,
+    zx: u8,
+    constant: bool,
+) -> Vec<u8> {
+    let fill: Vec<u8> = (0..c)
+        .map(|_| {
+            if constant {
+                r.random_range(0..=255u8)
+            } else {
+                zx
+            }
+        })
+        .collect();
+    let mut x: Vec<u8> = (0..c * h * w).map(|i| fill[i / (h * w)]).collect();
+    for _ in 0..3 {
+        let (y0, x0) = (r.random_range(0..h), r.random_range(0..w));
+        for y in y0..(y0 + 3).min(h) {
+            for xx in x0..(x0 + 4).min(w) {
+                for ch in 0..c {
+                    x[(ch * h + y) * w + xx] = r.random_range(0..=255u8);
+                }
+            }
+        }
+    }
+    x
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Conv and transposed conv on sparse and uniform inputs, both epilogues, several layers
+/// in a row (each call must start with a fresh uniform-column cache): AVX2 == scalar.
+#[test]
+fn sparse_inputs_are_bit_exact_with_the_reference() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    let reused_before = lidar_ptq::kernels::panel_stats().1;
+    let mut i = 0;
+    for (cin, cout, k, stride, pad) in [
+        (3, 7, 3, 1, 1),
+        (5, 13, 3, 2, 1),
+        (16, 6, 3, 1, 1),
+        (9, 65, 1, 1, 0),
+        (7, 5, 2, 2, 0),
+    ] {
+        for constant in [false, true] {
+            for (h, w) in [(37, 41), (8, 150), (20, 33)] {
+                let zx = if i % 2 == 0 {
+                    0
+                } else {
+                    r.random_range(1..=255)
+                };
+                let l = Layer::random(&mut r, cout * cin * k * k, cout, cin * k * k, zx);
+                let x = sparse_input(&mut r, cin, h, w, zx, constant);
+                let shape = [1, cin, h, w];
+                let case = format!("cin {cin} cout {cout} k {k} s {stride} p {pad} {h}x{w}");
+                let geo = ((stride, stride), (pad, pad));
+                let rq = Epilogue::Requant(l.requant());
+                let p = PackedConv::with_epilogue(
+                    &l.w,
+                    [cout, cin, k, k],
+                    &l.bias_q(),
+                    rq,
+                    geo.0,
+                    geo.1,
+                )
+                .unwrap();
+                let n: usize = p.output_shape(shape).unwrap().iter().product();
+                let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
+                p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+                p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+                assert_eq!(got, want, "sparse conv u8 {case}");
+                let p = PackedConv::with_epilogue(
+                    &l.w,
+                    [cout, cin, k, k],
+                    &l.bias_q(),
+                    l.dequant(),
+                    geo.0,
+                    geo.1,
+                )
+                .unwrap();
+                let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+                p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
+                    .unwrap();
+                p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+                assert_eq!(bits(&got), bits(&want), "sparse conv f32 {case}");
+                // The transposed conv (upsampling) on the same input.
+                let t = PackedConvTranspose::with_epilogue(
+                    &l.w[..cin * cout * 4.min(k * k)],
+                    [
+                        cin,
+                        cout,
+                        if k * k >= 4 { 2 } else { 1 },
+                        if k * k >= 4 { 2 } else { 1 },
+                    ],
+                    &l.bias_q(),
+                    Epilogue::Requant(l.requant()),
+                    if k * k >= 4 { (2, 2) } else { (1, 1) },
+                    (0, 0),
+                )
+                .unwrap();
+                let n: usize = t.output_shape(shape).unwrap().iter().product();
+                let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
+                t.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
+                t.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+                assert_eq!(got, want, "sparse conv_transpose {case}");
+                i += 1;
+            }
+        }
+    }
+    // The inputs were sparse enough for the uniform-panel path to run.
+    assert!(lidar_ptq::kernels::panel_stats().1 > reused_before + 100);
+}
+
+/// The dequantizing epilogue on dense random inputs: AVX2 == scalar bit for bit, and the
+/// scalar output is the real-valued layer (f64) up to f32 rounding.
+#[test]
+fn dequantizing_epilogue_is_exact() {
+    let mut r = ChaCha8Rng::seed_from_u64(8);
+    let avx2 = Isa::Avx2.is_available();
+    for (cin, cout, k, s, pad, zx) in [
+        (3, 7, 3, 1, 1, 0u8),
+        (17, 5, 3, 2, 1, 131),
+        (8, 12, 1, 1, 0, 7),
+    ] {
+        let l = Layer::random(&mut r, cout * cin * k * k, cout, cin * k * k, zx);
+        let p = PackedConv::with_epilogue(
+            &l.w,
+            [cout, cin, k, k],
+            &l.bias_q(),
+            l.dequant(),
+            (s, s),
+            (pad, pad),
+        )
+        .unwrap();
+        let (h, w) = (11, 13);
+        let x = random_input(&mut r, cin * h * w);
+        let [_, _, ho, wo] = p.output_shape([1, cin, h, w]).unwrap();
+        let mut got = vec![0f32; cout * ho * wo];
+        p.forward_f32(Isa::Scalar, &x, [1, cin, h, w], zx, &mut got)
+            .unwrap();
+        if avx2 {
+            let mut simd = vec![0f32; got.len()];
+            p.forward_f32(Isa::Avx2, &x, [1, cin, h, w], zx, &mut simd)
+                .unwrap();
+            assert_eq!(bits(&simd), bits(&got), "conv f32 cin {cin} cout {cout}");
+        }
+        for co in 0..cout {
+            let bq = l.bias_q()[co] as f64 * l.s_x as f64 * l.s_w[co] as f64;
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut y = bq;
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = (oy * s + ky, ox * s + kx);
+                                if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                    continue;
+                                }
+                                let xv = l.x_real(x[(ci * h + iy - pad) * w + ix - pad]);
+                                y += xv
+                                    * l.s_w[co] as f64
+                                    * l.w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                            }
+                        }
+                    }
+                    let y = if l.relu { y.max(0.0) } else { y };
+                    let g = got[(co * ho + oy) * wo + ox] as f64;
+                    assert!((g - y).abs() <= 1e-5 * (1.0 + y.abs()), "{g} vs {y}");
+                }
+            }
+        }
+    }
+    // Linear and transposed conv, AVX2 against scalar.
+    if !avx2 {
+        return;
+    }
+    for (rows, cin, cout, zx) in [(300, 11, 64, 3u8), (17, 64, 3, 200)] {
+        let l = Layer::random(&mut r, cout * cin, cout, cin, zx);
+        let p = PackedLinear::with_epilogue(&l.w, cout, cin, &l.bias_q(), l.dequant()).unwrap();
+        let x = random_input(&mut r, rows * cin);
+        let (mut want, mut got) = (vec![0f32; rows * cout], vec![0f32; rows * cout]);
+        p.forward_f32(Isa::Scalar, &x, rows, zx, &mut want).unwrap();
+        p.forward_f32(Isa::Avx2, &x, rows, zx, &mut got).unwrap();
+        assert_eq!(bits(&got), bits(&want), "linear f32 rows {rows}");
+    }
+    let (cin, cout, k, zx) = (9, 5, 2, 44u8);
+    let l = Layer::random(&mut r, cin * cout * k * k, cout, cin, zx);
+    let p = PackedConvTranspose::with_epilogue(
+        &l.w,
+        [cin, cout, k, k],
+        &l.bias_q(),
+        l.dequant(),
+        (k, k),
+        (0, 0),
+    )
+    .unwrap();
+    let shape = [1, cin, 9, 21];
+    let x = random_input(&mut r, shape.iter().product());
+    let n: usize = p.output_shape(shape).unwrap().iter().product();
+    let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+    p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
+        .unwrap();
+    p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
+    assert_eq!(bits(&got), bits(&want), "conv_transpose f32");
+}
+
+#[test]
+fn output_type_must_match_the_epilogue() {
+    let l = PackedLinear::with_epilogue(
+        &[1, 2],
+        1,
+        2,
+        &[0],
+        Epilogue::Dequant {
+            input_scale: 0.1,
+            weight_scale: vec![0.2],
+            relu: false,
+        },
+    )
+    .unwrap();
+    let e = l
+        .forward(Isa::Scalar, &[0; 2], 1, 0, &mut [0u8; 1])
+        .unwrap_err();
+    assert!(
+        matches!(e, KernelError::Invalid { arg: "output", .. }),
+        "{e}"
+    );
+    assert!(
+        l.forward_f32(Isa::Scalar, &[0; 2], 1, 0, &mut [0f32; 1])
+            .is_ok()
+    );
+    let bad = Epilogue::Dequant {
+        input_scale: f32::INFINITY,
+        weight_scale: vec![0.2],
+        relu: false,
+    };
+    assert!(matches!(
+        PackedLinear::with_epilogue(&[1, 2], 1, 2, &[0], bad),
+        Err(KernelError::Invalid {
+            arg: "weight_scale",
+            ..
+        })
     ));
 }

@@ -794,3 +794,34 @@ fn reconstruction_lowers_each_units_objective() {
         }
     }
 }
+
+/// The INT8 engine (packed kernels, fused epilogues) executes a calibrated model exactly
+/// as the simulated-integer network that calibration scored it with.
+#[test]
+fn the_int8_engine_reproduces_the_simulated_integer_network() {
+    let (cfg, graph) = tiny();
+    let w = weights(&graph, 13);
+    let fr = frames(3, 4);
+    let mut variants = vec![CalibOptions::new(Method::MinMax), quick_ptq(10)];
+    let mut o = CalibOptions::new(Method::Percentile {
+        percentile: 99.9,
+        occupied_only: true,
+    });
+    o.keep_float = vec!["backbone_2d.deblocks.1".into()];
+    variants.push(o);
+    // One scale for the whole input (the others have one per feature).
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.input_per_feature = false;
+    variants.push(o);
+    for opts in variants {
+        let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
+        assert_eq!(m.input_scales.is_some(), opts.input_per_feature);
+        let net = QuantNet::new(&graph, &w, &m).unwrap();
+        let mut engine = lidar_ptq::engine::Int8Engine::new(&graph, &w, &m).unwrap();
+        for f in inputs(&cfg, &frames(2, 10)) {
+            let want = net.run(&f.net_input()).unwrap();
+            let got = engine.run(&f.net_input()).unwrap();
+            assert_eq!(got, want, "{:?}", opts.method);
+        }
+    }
+}

@@ -148,9 +148,21 @@ impl Fp32Engine {
 
     /// Runs the network on one frame's decorated pillars.
     pub fn run(&self, input: &NetInput<'_>) -> Result<HeadOutputs, EngineError> {
+        self.run_observed(input, &mut |_, _| {})
+    }
+
+    /// [`run`](Self::run), showing every value to `on_value(id, tensor)` as soon as it is
+    /// computed (the input first, then node `i`'s output as value `i + 1`): calibration
+    /// statistics and per-stage timing hook in here.
+    pub fn run_observed(
+        &self,
+        input: &NetInput<'_>,
+        on_value: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<HeadOutputs, EngineError> {
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let x0 = Tensor::new(vec![p, n, f], input.decorated.to_vec())
             .map_err(|e| EngineError::op("input", e))?;
+        on_value(0, &x0);
         let mut values: Vec<Option<Tensor>> = vec![None; self.graph.nodes.len() + 1];
         values[0] = Some(x0);
         let (ny, nx) = self.graph.bev;
@@ -198,6 +210,7 @@ impl Fp32Engine {
                 }
             }
             .map_err(|e| EngineError::op(&node.name, e))?;
+            on_value(i + 1, &out);
             values[i + 1] = Some(out);
             for &v in &node.inputs {
                 if self.last_use[v] == i {

@@ -2,6 +2,7 @@
 //! and returns the same `HeadOutputs`; FP32 is the first, INT8 and CUDA follow.
 
 pub mod fp32;
+pub mod int8;
 
 use crate::model::decode::TaskOutputs;
 use crate::model::weights::WeightsError;
@@ -9,6 +10,7 @@ use crate::ops::OpsError;
 use thiserror::Error;
 
 pub use fp32::Fp32Engine;
+pub use int8::Int8Engine;
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -16,6 +18,15 @@ pub enum EngineError {
     Weights(#[from] WeightsError),
     #[error("layer {node}: {source}")]
     Op { node: String, source: OpsError },
+    #[error("layer {node}: {source}")]
+    Kernel {
+        node: String,
+        source: crate::kernels::KernelError,
+    },
+    #[error("the quantized model does not fit the graph: {0}")]
+    QuantModel(String),
+    #[error("input: {0}")]
+    Input(String),
     #[error("engine: {0}")]
     Internal(String),
 }

@@ -1,35 +1,103 @@
 //! AVX2 INT8 GEMM kernels (exact: i16-widened operands, `vpmaddwd`, i32 accumulators).
 //!
-//! `out[M, N] = requant(W[M, K] * X[K, N])`. The N axis (pixels or rows) is cut into bands
-//! of [`BAND`] columns run in parallel with rayon; each band is gathered as u8 into a
+//! `out[M, N] = epilogue(W[M, K] * X[K, N])`. The N axis (pixels or rows) is cut into
+//! bands of [`BAND`] columns run in parallel with rayon; each band is gathered as u8 into a
 //! `[K, BAND]` column buffer (im2col for convolutions, zero-point padded), widened and
 //! interleaved into K-pair panels of [`NR`] columns, then multiplied by every [`MR`]-row
 //! block of the packed weights. The micro-kernel keeps an `MR x NR` tile in 12 ymm
-//! accumulators; the epilogue adds `bias - zx * wsum`, requantizes in f32 exactly like
-//! `Requant::apply` (RNE conversion, `vroundps` to nearest-even, clamp) and stores u8.
-//! Scratch buffers are per worker thread and only grow, so steady-state calls do not
-//! allocate.
+//! accumulators; the epilogue adds `bias - zx * wsum`, then requantizes in f32 exactly like
+//! `Requant::apply` (RNE conversion, `vroundps` to nearest-even, clamp) and stores u8, or
+//! dequantizes exactly like `dequantize_acc` (+ ReLU) and stores f32.
+//!
+//! Uniform panels: a panel whose `NR` columns are identical has identical outputs. Each
+//! worker keeps the last such column and its `M` outputs (per call); a panel equal to it is
+//! written from that cache without packing or multiplying. Empty BEV regions are uniform,
+//! so sparse maps skip most of their GEMM. Scratch buffers are per worker thread and only
+//! grow, so steady-state calls do not allocate.
 
-use super::ConvGeom;
 use super::pack::{GemmWeights, MR};
+use super::{ConvGeom, Epilogue, OutElem};
 use crate::quant::Requant;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Columns per micro-kernel tile (two ymm of 8 i32 lanes).
 const NR: usize = 16;
 /// Columns per parallel band: its packed panels (`K * BAND * 4` bytes) stay in L2.
 const BAND: usize = 128;
+const PANELS: usize = BAND / NR;
+
+/// The last uniform column a worker computed in call `call`, and its outputs as bits.
+#[derive(Default)]
+struct UniformCache {
+    call: u64,
+    valid: bool,
+    col: Vec<u8>,
+    out: Vec<u32>,
+}
 
 #[derive(Default)]
 struct Scratch {
     col: Vec<u8>,
     xp: Vec<i32>,
+    /// One row block of weights widened to i16 pairs.
+    wb: Vec<i32>,
+    cache: UniformCache,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Numbers kernel calls, so a worker's cache never outlives the call that filled it.
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Panels seen and panels written from the uniform cache, over the process.
+pub(super) static PANELS_SEEN: AtomicU64 = AtomicU64::new(0);
+pub(super) static PANELS_REUSED: AtomicU64 = AtomicU64::new(0);
+
+/// An output element the SIMD epilogue writes.
+pub(super) trait SimdOut: OutElem {
+    /// Epilogue of 8 accumulator lanes of GEMM row `row` into `dst[..8]`.
+    ///
+    /// # Safety
+    /// AVX2 available; `dst` valid for 8 writes; `row < w.m`.
+    unsafe fn epi8(acc: __m256i, off: i32, w: &GemmWeights, row: usize, dst: *mut Self);
+    fn to_bits(self) -> u32;
+    fn from_bits(bits: u32) -> Self;
+}
+
+impl SimdOut for u8 {
+    #[inline(always)]
+    unsafe fn epi8(acc: __m256i, off: i32, w: &GemmWeights, row: usize, dst: *mut u8) {
+        if let Epilogue::Requant(r) = &w.epilogue {
+            // SAFETY: forwarded from the caller.
+            unsafe { epi8_u8(acc, off, &r[row], dst) }
+        }
+    }
+    fn to_bits(self) -> u32 {
+        self as u32
+    }
+    fn from_bits(bits: u32) -> u8 {
+        bits as u8
+    }
+}
+
+impl SimdOut for f32 {
+    #[inline(always)]
+    unsafe fn epi8(acc: __m256i, off: i32, w: &GemmWeights, row: usize, dst: *mut f32) {
+        let relu = matches!(w.epilogue, Epilogue::Dequant { relu: true, .. });
+        // SAFETY: forwarded from the caller.
+        unsafe { epi8_f32(acc, off, w.deq_scale[row], relu, dst) }
+    }
+    fn to_bits(self) -> u32 {
+        f32::to_bits(self)
+    }
+    fn from_bits(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
 }
 
 /// Where output `(row, column)` goes in the output slice.
@@ -71,27 +139,54 @@ impl Store {
 }
 
 /// The output buffer shared by the bands; each band writes a disjoint set of indices.
-#[derive(Clone, Copy)]
-struct OutPtr {
-    ptr: *mut u8,
+struct OutPtr<T> {
+    ptr: *mut T,
     len: usize,
 }
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
 // SAFETY: bands write disjoint elements (distinct columns map to distinct outputs in every
 // `Store`), and every write is bounds-checked against `len`.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T: Copy> OutPtr<T> {
+    #[inline]
+    fn write(&self, at: usize, v: T) {
+        assert!(at < self.len, "int8 kernel store out of bounds");
+        // SAFETY: in bounds (asserted); the calling band owns this element.
+        unsafe { *self.ptr.add(at) = v };
+    }
+
+    #[inline]
+    fn read(&self, at: usize) -> T {
+        assert!(at < self.len, "int8 kernel read out of bounds");
+        // SAFETY: in bounds (asserted); the calling band wrote this element.
+        unsafe { *self.ptr.add(at) }
+    }
+}
 
 /// One image `[cin, h, w]` -> `[cout, ho, wo]`.
 ///
 /// # Safety
 /// The CPU must support AVX2; `x` and `out` must have the lengths of `g`.
-pub(super) unsafe fn conv2d(w: &GemmWeights, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [u8]) {
+pub(super) unsafe fn conv2d<T: SimdOut>(
+    w: &GemmWeights,
+    x: &[u8],
+    zx: u8,
+    g: &ConvGeom,
+    out: &mut [T],
+) {
     let n = g.ho * g.wo;
     let store = Store::Dense { ldc: n };
     let cin = x.len() / (g.h * g.w);
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, n, zx, out, store, |n0, len, col| {
+        drive(w, n, out, store, zx, |n0, len, col| {
             im2col_band(x, g, cin, zx, n0, len, col)
         })
     }
@@ -102,13 +197,13 @@ pub(super) unsafe fn conv2d(w: &GemmWeights, x: &[u8], zx: u8, g: &ConvGeom, out
 /// # Safety
 /// The CPU must support AVX2; `x` is `[cin, h, w]`, `out` `[cout, h*kh, w*kw]` with
 /// `(kh, kw) == stride`.
-pub(super) unsafe fn upsample(
+pub(super) unsafe fn upsample<T: SimdOut>(
     w: &GemmWeights,
     x: &[u8],
     zx: u8,
     (h, wi): (usize, usize),
     (kh, kw): (usize, usize),
-    out: &mut [u8],
+    out: &mut [T],
 ) {
     let hw = h * wi;
     let store = Store::Upsample {
@@ -121,7 +216,7 @@ pub(super) unsafe fn upsample(
     let cin = x.len() / hw;
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, hw, zx, out, store, |n0, len, col| {
+        drive(w, hw, out, store, zx, |n0, len, col| {
             for ci in 0..cin {
                 col[ci * BAND..ci * BAND + len].copy_from_slice(&x[ci * hw + n0..][..len]);
             }
@@ -133,12 +228,18 @@ pub(super) unsafe fn upsample(
 ///
 /// # Safety
 /// The CPU must support AVX2; `x` is `[rows, cin]`, `out` `[rows, m]`.
-pub(super) unsafe fn linear(w: &GemmWeights, x: &[u8], zx: u8, rows: usize, out: &mut [u8]) {
+pub(super) unsafe fn linear<T: SimdOut>(
+    w: &GemmWeights,
+    x: &[u8],
+    zx: u8,
+    rows: usize,
+    out: &mut [T],
+) {
     let cin = x.len().checked_div(rows).unwrap_or(0);
     let store = Store::RowMajor { ldc: w.m };
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, rows, zx, out, store, |n0, len, col| {
+        drive(w, rows, out, store, zx, |n0, len, col| {
             for (j, r) in x[n0 * cin..(n0 + len) * cin].chunks_exact(cin).enumerate() {
                 for (k, &v) in r.iter().enumerate() {
                     col[k * BAND + j] = v;
@@ -150,18 +251,19 @@ pub(super) unsafe fn linear(w: &GemmWeights, x: &[u8], zx: u8, rows: usize, out:
 
 /// Runs the GEMM over `n` columns in parallel bands. `fill(n0, len, col)` writes columns
 /// `[n0, n0 + len)` of every K row into `col[k * BAND + j]`, `j < len`.
-unsafe fn drive(
+unsafe fn drive<T: SimdOut>(
     w: &GemmWeights,
     n: usize,
-    zx: u8,
-    out: &mut [u8],
+    out: &mut [T],
     store: Store,
+    zx: u8,
     fill: impl Fn(usize, usize, &mut [u8]) + Sync,
 ) {
     let out = OutPtr {
         ptr: out.as_mut_ptr(),
         len: out.len(),
     };
+    let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
     (0..n.div_ceil(BAND)).into_par_iter().for_each(|b| {
         let n0 = b * BAND;
         let len = (n - n0).min(BAND);
@@ -172,29 +274,148 @@ unsafe fn drive(
             if s.col.len() < col_len {
                 s.col.resize(col_len, 0);
             }
-            let xp_len = BAND / NR * w.kp * NR;
+            let xp_len = PANELS * w.kp * NR;
             if s.xp.len() < xp_len {
                 s.xp.resize(xp_len, 0);
             }
+            if s.wb.len() < w.kp * MR {
+                s.wb.resize(w.kp * MR, 0);
+            }
+            if s.cache.call != call {
+                s.cache.call = call;
+                s.cache.valid = false;
+            }
             fill(n0, len, &mut s.col[..col_len]);
-            let panels = len.div_ceil(NR);
             // SAFETY: the caller guarantees AVX2; buffers were sized above.
             unsafe {
-                pack_panels(&s.col[..col_len], w.kp, panels, &mut s.xp[..xp_len]);
-                band_gemm(w, &s.xp[..xp_len], n0, len, zx, out, store);
+                band(
+                    w,
+                    &s.col[..col_len],
+                    &mut s.xp[..xp_len],
+                    &mut s.wb[..w.kp * MR],
+                    &mut s.cache,
+                    n0,
+                    len,
+                    zx,
+                    out,
+                    store,
+                )
             }
         })
     });
 }
 
-/// Widens and interleaves K-row pairs of `col` into panels:
+/// What a band does with one panel.
+#[derive(Clone, Copy, PartialEq)]
+enum Panel {
+    /// Pack and multiply.
+    Compute,
+    /// Uniform and equal to the cached column: write the cached outputs.
+    Cached,
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+unsafe fn band<T: SimdOut>(
+    w: &GemmWeights,
+    col: &[u8],
+    xp: &mut [i32],
+    wb: &mut [i32],
+    cache: &mut UniformCache,
+    n0: usize,
+    len: usize,
+    zx: u8,
+    out: OutPtr<T>,
+    store: Store,
+) {
+    let panels = len.div_ceil(NR);
+    let mut kinds = [Panel::Compute; PANELS];
+    // The first uniform panel that misses the cache refills it after the GEMM.
+    let mut refill = None;
+    for (j, kind) in kinds.iter_mut().enumerate().take(panels) {
+        let valid = (len - j * NR).min(NR);
+        if !uniform(col, w.k, j * NR, valid) {
+            continue;
+        }
+        if cache.valid && (0..w.k).all(|k| col[k * BAND + j * NR] == cache.col[k]) {
+            *kind = Panel::Cached;
+        } else if refill.is_none() {
+            refill = Some(j);
+        }
+    }
+    let reused = kinds[..panels]
+        .iter()
+        .filter(|k| **k == Panel::Cached)
+        .count();
+    PANELS_SEEN.fetch_add(panels as u64, Ordering::Relaxed);
+    PANELS_REUSED.fetch_add(reused as u64, Ordering::Relaxed);
+    // SAFETY: AVX2 is enabled here; buffer sizes were set by `drive`.
+    unsafe {
+        pack_panels(col, w.kp, &kinds[..panels], xp);
+        band_gemm(w, xp, wb, &kinds[..panels], n0, len, zx, out, store);
+    }
+    for (j, _) in kinds[..panels]
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| **k == Panel::Cached)
+    {
+        let (c0, valid) = (n0 + j * NR, (len - j * NR).min(NR));
+        for (row, &bits) in cache.out.iter().enumerate() {
+            let v = T::from_bits(bits);
+            match store {
+                Store::Dense { .. } => {
+                    let at = store.index(row, c0);
+                    assert!(at + valid <= out.len, "int8 kernel store out of bounds");
+                    // SAFETY: in bounds (asserted); this band owns these columns.
+                    unsafe { std::slice::from_raw_parts_mut(out.ptr.add(at), valid) }.fill(v);
+                }
+                _ => (0..valid).for_each(|c| out.write(store.index(row, c0 + c), v)),
+            }
+        }
+    }
+    if let Some(j) = refill {
+        let c0 = n0 + j * NR;
+        cache.col.clear();
+        cache.col.extend((0..w.k).map(|k| col[k * BAND + j * NR]));
+        cache.out.clear();
+        cache
+            .out
+            .extend((0..w.m).map(|row| out.read(store.index(row, c0)).to_bits()));
+        cache.valid = true;
+    }
+}
+
+/// Whether columns `[c0, c0 + valid)` of every K row of `col` are equal.
+#[target_feature(enable = "avx2")]
+fn uniform(col: &[u8], k: usize, c0: usize, valid: usize) -> bool {
+    assert!(c0 + NR <= BAND && col.len() >= k * BAND);
+    let mask = if valid >= NR {
+        0xFFFF
+    } else {
+        (1u32 << valid) - 1
+    };
+    (0..k).all(|kk| {
+        let at = kk * BAND + c0;
+        // SAFETY: `at + 16 <= col.len()` by the assert above.
+        let v = unsafe { _mm_loadu_si128(col.as_ptr().add(at) as *const __m128i) };
+        let eq = _mm_cmpeq_epi8(v, _mm_set1_epi8(col[at] as i8));
+        (_mm_movemask_epi8(eq) as u32) & mask == mask
+    })
+}
+
+/// Widens and interleaves K-row pairs of `col` into panels (those to compute):
 /// `xp[(j * kp + p) * NR + c] = col[2p][16j + c] | col[2p + 1][16j + c] << 16`.
 #[target_feature(enable = "avx2")]
-unsafe fn pack_panels(col: &[u8], kp: usize, panels: usize, xp: &mut [i32]) {
+unsafe fn pack_panels(col: &[u8], kp: usize, kinds: &[Panel], xp: &mut [i32]) {
+    let panels = kinds.len();
     assert!(col.len() >= 2 * kp * BAND && xp.len() >= panels * kp * NR && panels * NR <= BAND);
     let (src, dst) = (col.as_ptr(), xp.as_mut_ptr());
     for p in 0..kp {
-        for j in 0..panels {
+        for (j, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Panel::Compute)
+        {
             // SAFETY: indices bounded by the assert above.
             unsafe {
                 let a = _mm_loadu_si128(src.add(2 * p * BAND + j * NR) as *const __m128i);
@@ -231,10 +452,10 @@ unsafe fn tile(wp: *const i32, xp: *const i32, kp: usize) -> [[__m256i; 2]; MR] 
     acc
 }
 
-/// `Requant::apply(acc + off, 0)` on 8 lanes; the codes land in the low 8 bytes.
+/// `Requant::apply(acc + off, 0)` on 8 lanes, stored as 8 u8 codes at `dst`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn requant8(acc: __m256i, off: i32, r: &Requant) -> __m128i {
+unsafe fn epi8_u8(acc: __m256i, off: i32, r: &Requant, dst: *mut u8) {
     let v = _mm256_add_epi32(acc, _mm256_set1_epi32(off));
     let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(r.multiplier));
     let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
@@ -243,25 +464,54 @@ fn requant8(acc: __m256i, off: i32, r: &Requant) -> __m128i {
     let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), _mm256_set1_epi32(r.zero_point));
     // q is within [lo, hi] ⊂ [0, 255]: the saturating packs are plain narrowing.
     let w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-    _mm_packus_epi16(w, w)
+    // SAFETY: the caller passes 8 writable bytes.
+    unsafe { _mm_storel_epi64(dst as *mut __m128i, _mm_packus_epi16(w, w)) };
 }
 
+/// `dequantize_acc(acc + off, 0, ..)` (then ReLU) on 8 lanes, stored as f32 at `dst`.
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn band_gemm(
+unsafe fn epi8_f32(acc: __m256i, off: i32, scale: f32, relu: bool, dst: *mut f32) {
+    let v = _mm256_add_epi32(acc, _mm256_set1_epi32(off));
+    let mut f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale));
+    if relu {
+        f = _mm256_max_ps(f, _mm256_setzero_ps());
+    }
+    // SAFETY: the caller passes 8 writable floats.
+    unsafe { _mm256_storeu_ps(dst, f) };
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+unsafe fn band_gemm<T: SimdOut>(
     w: &GemmWeights,
     xp: &[i32],
+    wb: &mut [i32],
+    kinds: &[Panel],
     n0: usize,
     len: usize,
     zx: u8,
-    out: OutPtr,
+    out: OutPtr<T>,
     store: Store,
 ) {
-    let panels = len.div_ceil(NR);
-    assert!(xp.len() >= panels * w.kp * NR && w.wp.len() >= w.m.div_ceil(MR) * w.kp * MR);
+    let panels = kinds.len();
+    let blk_len = w.kp * MR;
+    assert!(
+        xp.len() >= panels * w.kp * NR
+            && w.wp.len() >= w.m.div_ceil(MR) * blk_len * 2
+            && wb.len() >= blk_len
+    );
+    if !kinds.contains(&Panel::Compute) {
+        return;
+    }
     for blk in 0..w.m.div_ceil(MR) {
-        // SAFETY: bounded by the assert above.
-        let wp = unsafe { w.wp.as_ptr().add(blk * w.kp * MR) };
-        for j in 0..panels {
+        widen_block(&w.wp[blk * blk_len * 2..(blk + 1) * blk_len * 2], wb);
+        let wp = wb.as_ptr();
+        for (j, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Panel::Compute)
+        {
             // SAFETY: bounded by the assert above.
             let acc = unsafe { tile(wp, xp.as_ptr().add(j * w.kp * NR), w.kp) };
             for (i, acc) in acc.iter().enumerate() {
@@ -276,34 +526,62 @@ unsafe fn band_gemm(
                     if c0 >= len {
                         break;
                     }
-                    let codes = requant8(a, off, &w.requant[row]);
-                    store8(out, store, row, n0 + c0, (len - c0).min(8), codes);
+                    // SAFETY: AVX2 enabled; `row < m`.
+                    unsafe { store8(w, out, store, row, n0 + c0, (len - c0).min(8), a, off) };
                 }
             }
         }
     }
 }
 
-/// Writes the first `valid` codes of `codes` for columns `n..n + valid` of `row`.
+/// Sign-extends a block of i8 weight pairs into i16 pairs (one i32 lane per pair).
+#[target_feature(enable = "avx2")]
+fn widen_block(src: &[i8], dst: &mut [i32]) {
+    assert!(dst.len() * 2 >= src.len());
+    let mut i = 0;
+    while i + 16 <= src.len() {
+        // SAFETY: 16 bytes read at `i` and 8 lanes written at `i / 2`, both in bounds.
+        unsafe {
+            let v = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            let d = dst.as_mut_ptr().add(i / 2) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_cvtepi8_epi16(v));
+        }
+        i += 16;
+    }
+    while i < src.len() {
+        let (lo, hi) = (src[i] as i16 as u16 as u32, src[i + 1] as i16 as u16 as u32);
+        dst[i / 2] = (lo | (hi << 16)) as i32;
+        i += 2;
+    }
+}
+
+/// Runs the epilogue on 8 lanes and writes the first `valid` for columns `n..n + valid`.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2")]
-fn store8(out: OutPtr, store: Store, row: usize, n: usize, valid: usize, codes: __m128i) {
+unsafe fn store8<T: SimdOut>(
+    w: &GemmWeights,
+    out: OutPtr<T>,
+    store: Store,
+    row: usize,
+    n: usize,
+    valid: usize,
+    acc: __m256i,
+    off: i32,
+) {
     if let Store::Dense { .. } = store {
         let at = store.index(row, n);
         if valid == 8 && at + 8 <= out.len {
             // SAFETY: in bounds (checked); this band owns these columns.
-            unsafe { _mm_storel_epi64(out.ptr.add(at) as *mut __m128i, codes) };
+            unsafe { T::epi8(acc, off, w, row, out.ptr.add(at)) };
             return;
         }
     }
-    let mut bytes = [0u8; 16];
-    // SAFETY: 16 bytes into a 16-byte array.
-    unsafe { _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, codes) };
-    for (t, &b) in bytes[..valid].iter().enumerate() {
-        let at = store.index(row, n + t);
-        assert!(at < out.len, "int8 kernel store out of bounds");
-        // SAFETY: in bounds (asserted); this band owns this column.
-        unsafe { *out.ptr.add(at) = b };
+    let mut lanes = [T::default(); 8];
+    // SAFETY: 8 elements into an 8-element array.
+    unsafe { T::epi8(acc, off, w, row, lanes.as_mut_ptr()) };
+    for (t, &v) in lanes[..valid].iter().enumerate() {
+        out.write(store.index(row, n + t), v);
     }
 }
 

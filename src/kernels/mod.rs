@@ -10,8 +10,8 @@
 //!
 //! # Kernels and ISA selection
 //! Weights are packed once at load ([`PackedConv`], [`PackedConvTranspose`],
-//! [`PackedLinear`]): the raw i8 tensor for the reference, plus a GEMM-ready copy
-//! (`pack::GemmWeights`: i16 pairs along K, per-row weight sums). Each call picks an
+//! [`PackedLinear`]) into one GEMM-ready i8 store (`pack::GemmWeights`: pairs along K in
+//! row blocks, per-row weight sums) that every kernel family reads, one byte per weight. Each call picks an
 //! [`Isa`]: [`Isa::detect`] takes the best one this CPU runs unless the environment variable
 //! [`ISA_ENV`] is `scalar`; tests and benches pass an `Isa` explicitly.
 //!
@@ -21,6 +21,19 @@
 //! 32767), so both operands are widened to i16 and multiplied with `vpmaddwd` (i16 pairs
 //! summed into i32, exact). The zero point is folded into the epilogue as
 //! `bias_q - zx * sum_k w[c, k]` (wrapping, identical to the reference mod 2^32).
+//!
+//! # Epilogues
+//! An [`Epilogue`] turns `acc + bias_q` into the layer's output: [`Epilogue::Requant`]
+//! gives u8 codes (`forward`), [`Epilogue::Dequant`] gives f32 reals exactly as
+//! `quant::dequantize_acc` (then an optional ReLU) for layers whose output value stays
+//! float, e.g. the head's last convs (`forward_f32`).
+//!
+//! # Uniform regions
+//! LiDAR BEV maps are mostly empty, and an empty region holds one constant code per
+//! channel (the zero point after the scatter, then `requant(bias)` after each layer). An
+//! output pixel whose im2col column equals another's has the same output, so the AVX2
+//! kernel detects panels of identical columns and reuses the outputs of the last such
+//! column it computed instead of running the GEMM; results stay bit-exact by construction.
 //!
 //! # Where wider ISAs plug in
 //! AVX-512BW / AVX512-VNNI (`vpdpbusd`, u8 x i8 -> i32 without i16 saturation when one
@@ -36,7 +49,7 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
-use crate::quant::Requant;
+use crate::quant::{Requant, dequantize_acc};
 use pack::GemmWeights;
 
 /// Environment variable that forces a kernel family (`scalar` or `avx2`) in [`Isa::detect`].
@@ -82,6 +95,107 @@ impl Isa {
     }
 }
 
+/// SIMD GEMM panels run so far in this process, and how many of them were written from
+/// the uniform-region cache instead of being multiplied (diagnostics for the bench).
+pub fn panel_stats() -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            avx2::PANELS_SEEN.load(Relaxed),
+            avx2::PANELS_REUSED.load(Relaxed),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (0, 0)
+    }
+}
+
+/// How an output channel's `acc + bias_q` becomes the layer's output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Epilogue {
+    /// u8 codes: `Requant::apply` per output channel (ReLU is inside its clamp).
+    Requant(Vec<Requant>),
+    /// f32 reals: `dequantize_acc(acc, bias_q, input_scale, weight_scale[c])`, then
+    /// `max(0)` when `relu`.
+    Dequant {
+        input_scale: f32,
+        weight_scale: Vec<f32>,
+        relu: bool,
+    },
+}
+
+impl Epilogue {
+    /// The same epilogue with each channel repeated `taps` times (GEMM rows `(c, tap)`).
+    fn repeat_rows(&self, taps: usize) -> Epilogue {
+        fn rep<E: Copy>(v: &[E], taps: usize) -> Vec<E> {
+            v.iter()
+                .flat_map(|&e| std::iter::repeat_n(e, taps))
+                .collect()
+        }
+        match self {
+            Epilogue::Requant(r) => Epilogue::Requant(rep(r, taps)),
+            Epilogue::Dequant {
+                input_scale,
+                weight_scale,
+                relu,
+            } => Epilogue::Dequant {
+                input_scale: *input_scale,
+                weight_scale: rep(weight_scale, taps),
+                relu: *relu,
+            },
+        }
+    }
+}
+
+/// An output element type and its reference epilogue.
+trait OutElem: Copy + Default + Send + Sync + 'static {
+    /// Whether this type is produced by [`Epilogue::Dequant`] (else by `Requant`).
+    const DEQUANT: bool;
+    /// The reference epilogue of channel `ch`; only called with a matching epilogue.
+    fn reference(epi: &Epilogue, ch: usize, acc: i32, bias_q: i32) -> Self;
+}
+
+impl OutElem for u8 {
+    const DEQUANT: bool = false;
+    #[inline]
+    fn reference(epi: &Epilogue, ch: usize, acc: i32, bias_q: i32) -> u8 {
+        match epi {
+            Epilogue::Requant(r) => r[ch].apply(acc, bias_q) as u8,
+            Epilogue::Dequant { .. } => 0,
+        }
+    }
+}
+
+impl OutElem for f32 {
+    const DEQUANT: bool = true;
+    #[inline]
+    fn reference(epi: &Epilogue, ch: usize, acc: i32, bias_q: i32) -> f32 {
+        match epi {
+            Epilogue::Dequant {
+                input_scale,
+                weight_scale,
+                relu,
+            } => {
+                let v = dequantize_acc(acc, bias_q, *input_scale, weight_scale[ch]);
+                if *relu { v.max(0.0) } else { v }
+            }
+            Epilogue::Requant(_) => 0.0,
+        }
+    }
+}
+
+/// An output type every kernel family can write.
+#[cfg(target_arch = "x86_64")]
+trait Out: avx2::SimdOut {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx2::SimdOut> Out for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait Out: OutElem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: OutElem> Out for T {}
+
 /// Errors of the INT8 kernels: which argument, what was wrong.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KernelError {
@@ -121,18 +235,17 @@ fn invalid(op: &'static str, arg: &'static str, detail: String) -> KernelError {
     KernelError::Invalid { op, arg, detail }
 }
 
-/// Checks weights, biases and requantizers shared by all packed layers.
+/// Checks weights, biases and epilogues shared by all packed layers.
 fn check_params(
     op: &'static str,
     weight: &[i8],
     expected_weights: usize,
     bias: &[i32],
-    requant: &[Requant],
+    epilogue: &Epilogue,
     cout: usize,
 ) -> Result<()> {
     expect_len(op, "weight", weight.len(), expected_weights)?;
     expect_len(op, "bias", bias.len(), cout)?;
-    expect_len(op, "requant", requant.len(), cout)?;
     if let Some(i) = weight.iter().position(|&w| w == i8::MIN) {
         return Err(invalid(
             op,
@@ -140,18 +253,64 @@ fn check_params(
             format!("element {i} is -128, outside the symmetric grid [-127, 127]"),
         ));
     }
-    for (c, r) in requant.iter().enumerate() {
-        // A finite multiplier keeps the float epilogue NaN-free (SIMD and scalar agree);
-        // [lo, hi] inside [0, 255] keeps the result a u8 code.
-        if !r.multiplier.is_finite() || r.lo < 0 || r.hi > 255 || r.lo > r.hi {
-            return Err(invalid(
-                op,
-                "requant",
-                format!("channel {c}: {r:?} needs a finite multiplier and 0 <= lo <= hi <= 255"),
-            ));
+    match epilogue {
+        Epilogue::Requant(requant) => {
+            expect_len(op, "requant", requant.len(), cout)?;
+            for (c, r) in requant.iter().enumerate() {
+                // A finite multiplier keeps the float epilogue NaN-free (SIMD and scalar
+                // agree); [lo, hi] inside [0, 255] keeps the result a u8 code.
+                if !r.multiplier.is_finite() || r.lo < 0 || r.hi > 255 || r.lo > r.hi {
+                    return Err(invalid(
+                        op,
+                        "requant",
+                        format!(
+                            "channel {c}: {r:?} needs a finite multiplier and 0 <= lo <= hi <= 255"
+                        ),
+                    ));
+                }
+            }
+        }
+        Epilogue::Dequant {
+            input_scale,
+            weight_scale,
+            ..
+        } => {
+            expect_len(op, "weight_scale", weight_scale.len(), cout)?;
+            if let Some(c) = weight_scale
+                .iter()
+                .position(|&s| !(input_scale * s).is_finite())
+            {
+                return Err(invalid(
+                    op,
+                    "weight_scale",
+                    format!(
+                        "channel {c}: {input_scale} * {} is not finite",
+                        weight_scale[c]
+                    ),
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// The output buffer type must be the one the epilogue produces.
+fn check_output<T: OutElem>(op: &'static str, epilogue: &Epilogue) -> Result<()> {
+    let dequant = matches!(epilogue, Epilogue::Dequant { .. });
+    if dequant == T::DEQUANT {
+        Ok(())
+    } else {
+        let (have, call) = if dequant {
+            ("dequantizing (f32)", "forward_f32")
+        } else {
+            ("requantizing (u8)", "forward")
+        };
+        Err(invalid(
+            op,
+            "output",
+            format!("the layer has a {have} epilogue: call `{call}`"),
+        ))
+    }
 }
 
 fn check_isa(op: &'static str, isa: Isa) -> Result<()> {
@@ -188,10 +347,8 @@ pub struct PackedConv {
     pub stride: (usize, usize),
     /// (vertical, horizontal); padded taps read the input zero point.
     pub padding: (usize, usize),
-    /// `[cout, cin, kh, kw]`, the reference's operand.
-    weight: Vec<i8>,
     bias: Vec<i32>,
-    requant: Vec<Requant>,
+    epilogue: Epilogue,
     gemm: GemmWeights,
 }
 
@@ -199,7 +356,7 @@ impl PackedConv {
     const OP: &'static str = "int8 conv2d";
 
     /// Packs `weight` (`[cout, cin, kh, kw]` = `shape`) with a quantized bias and a
-    /// requantizer per output channel.
+    /// requantizer per output channel (u8 output, [`forward`](Self::forward)).
     pub fn new(
         weight: &[i8],
         shape: [usize; 4],
@@ -208,9 +365,22 @@ impl PackedConv {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> Result<Self> {
+        let epilogue = Epilogue::Requant(requant.to_vec());
+        Self::with_epilogue(weight, shape, bias, epilogue, stride, padding)
+    }
+
+    /// Packs `weight` with any [`Epilogue`].
+    pub fn with_epilogue(
+        weight: &[i8],
+        shape: [usize; 4],
+        bias: &[i32],
+        epilogue: Epilogue,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
         let [cout, cin, kh, kw] = shape;
         let op = Self::OP;
-        check_params(op, weight, cout * cin * kh * kw, bias, requant, cout)?;
+        check_params(op, weight, cout * cin * kh * kw, bias, &epilogue, cout)?;
         if cout == 0 || cin == 0 || kh == 0 || kw == 0 {
             return Err(invalid(
                 op,
@@ -222,7 +392,9 @@ impl PackedConv {
             return Err(invalid(op, "stride", format!("{stride:?} must be >= 1")));
         }
         let k = cin * kh * kw;
-        let gemm = GemmWeights::new(cout, k, bias, requant, |row, kk| weight[row * k + kk]);
+        let gemm = GemmWeights::new(cout, k, bias, epilogue.clone(), |row, kk| {
+            weight[row * k + kk]
+        });
         Ok(Self {
             cout,
             cin,
@@ -230,9 +402,8 @@ impl PackedConv {
             kw,
             stride,
             padding,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
-            requant: requant.to_vec(),
+            epilogue,
             gemm,
         })
     }
@@ -280,6 +451,11 @@ impl PackedConv {
         Ok([input[0], self.cout, g.ho, g.wo])
     }
 
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
+    }
+
     /// `out = requant(conv(x - zx, w) + bias)`: `x` is `[n, cin, h, w]` = `input`, `out`
     /// must hold the [`output_shape`](Self::output_shape).
     pub fn forward(
@@ -290,8 +466,32 @@ impl PackedConv {
         zx: u8,
         out: &mut [u8],
     ) -> Result<[usize; 4]> {
+        self.run(isa, x, input, zx, out)
+    }
+
+    /// Like [`forward`](Self::forward) for a dequantizing epilogue: f32 output.
+    pub fn forward_f32(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [f32],
+    ) -> Result<[usize; 4]> {
+        self.run(isa, x, input, zx, out)
+    }
+
+    fn run<T: Out>(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [T],
+    ) -> Result<[usize; 4]> {
         let op = Self::OP;
         check_isa(op, isa)?;
+        check_output::<T>(op, &self.epilogue)?;
         let g = self.geom(input)?;
         let n = input[0];
         let (plane_in, plane_out) = (self.cin * g.h * g.w, self.cout * g.ho * g.wo);
@@ -325,10 +525,8 @@ pub struct PackedConvTranspose {
     pub kw: usize,
     pub stride: (usize, usize),
     pub padding: (usize, usize),
-    /// `[cin, cout, kh, kw]`.
-    weight: Vec<i8>,
     bias: Vec<i32>,
-    requant: Vec<Requant>,
+    epilogue: Epilogue,
     /// Rows `(co, ky, kx)`, K = cin.
     gemm: GemmWeights,
 }
@@ -336,7 +534,7 @@ pub struct PackedConvTranspose {
 impl PackedConvTranspose {
     const OP: &'static str = "int8 conv_transpose2d";
 
-    /// Packs `weight` (`[cin, cout, kh, kw]` = `shape`).
+    /// Packs `weight` (`[cin, cout, kh, kw]` = `shape`), u8 output.
     pub fn new(
         weight: &[i8],
         shape: [usize; 4],
@@ -345,9 +543,22 @@ impl PackedConvTranspose {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> Result<Self> {
+        let epilogue = Epilogue::Requant(requant.to_vec());
+        Self::with_epilogue(weight, shape, bias, epilogue, stride, padding)
+    }
+
+    /// Packs `weight` with any [`Epilogue`].
+    pub fn with_epilogue(
+        weight: &[i8],
+        shape: [usize; 4],
+        bias: &[i32],
+        epilogue: Epilogue,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
         let [cin, cout, kh, kw] = shape;
         let op = Self::OP;
-        check_params(op, weight, cin * cout * kh * kw, bias, requant, cout)?;
+        check_params(op, weight, cin * cout * kh * kw, bias, &epilogue, cout)?;
         if cout == 0 || cin == 0 || kh == 0 || kw == 0 {
             return Err(invalid(
                 op,
@@ -360,11 +571,16 @@ impl PackedConvTranspose {
         }
         let taps = kh * kw;
         let row_bias: Vec<i32> = (0..cout * taps).map(|r| bias[r / taps]).collect();
-        let row_rq: Vec<Requant> = (0..cout * taps).map(|r| requant[r / taps]).collect();
-        let gemm = GemmWeights::new(cout * taps, cin, &row_bias, &row_rq, |row, ci| {
-            let (co, t) = (row / taps, row % taps);
-            weight[(ci * cout + co) * taps + t]
-        });
+        let gemm = GemmWeights::new(
+            cout * taps,
+            cin,
+            &row_bias,
+            epilogue.repeat_rows(taps),
+            |row, ci| {
+                let (co, t) = (row / taps, row % taps);
+                weight[(ci * cout + co) * taps + t]
+            },
+        );
         Ok(Self {
             cin,
             cout,
@@ -372,9 +588,8 @@ impl PackedConvTranspose {
             kw,
             stride,
             padding,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
-            requant: requant.to_vec(),
+            epilogue,
             gemm,
         })
     }
@@ -408,6 +623,11 @@ impl PackedConvTranspose {
         }
     }
 
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
+    }
+
     fn is_upsampling(&self) -> bool {
         (self.kh, self.kw) == self.stride && self.padding == (0, 0)
     }
@@ -421,8 +641,32 @@ impl PackedConvTranspose {
         zx: u8,
         out: &mut [u8],
     ) -> Result<[usize; 4]> {
+        self.run(isa, x, input, zx, out)
+    }
+
+    /// Like [`forward`](Self::forward) for a dequantizing epilogue: f32 output.
+    pub fn forward_f32(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [f32],
+    ) -> Result<[usize; 4]> {
+        self.run(isa, x, input, zx, out)
+    }
+
+    fn run<T: Out>(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        input: [usize; 4],
+        zx: u8,
+        out: &mut [T],
+    ) -> Result<[usize; 4]> {
         let op = Self::OP;
         check_isa(op, isa)?;
+        check_output::<T>(op, &self.epilogue)?;
         let [n, _, ho, wo] = self.output_shape(input)?;
         let (h, w) = (input[2], input[3]);
         let (plane_in, plane_out) = (self.cin * h * w, self.cout * ho * wo);
@@ -450,16 +694,15 @@ impl PackedConvTranspose {
 pub struct PackedLinear {
     pub cout: usize,
     pub cin: usize,
-    weight: Vec<i8>,
     bias: Vec<i32>,
-    requant: Vec<Requant>,
+    epilogue: Epilogue,
     gemm: GemmWeights,
 }
 
 impl PackedLinear {
     const OP: &'static str = "int8 linear";
 
-    /// Packs `weight` (`[cout, cin]`).
+    /// Packs `weight` (`[cout, cin]`), u8 output.
     pub fn new(
         weight: &[i8],
         cout: usize,
@@ -467,26 +710,60 @@ impl PackedLinear {
         bias: &[i32],
         requant: &[Requant],
     ) -> Result<Self> {
+        Self::with_epilogue(weight, cout, cin, bias, Epilogue::Requant(requant.to_vec()))
+    }
+
+    /// Packs `weight` with any [`Epilogue`].
+    pub fn with_epilogue(
+        weight: &[i8],
+        cout: usize,
+        cin: usize,
+        bias: &[i32],
+        epilogue: Epilogue,
+    ) -> Result<Self> {
         let op = Self::OP;
-        check_params(op, weight, cout * cin, bias, requant, cout)?;
+        check_params(op, weight, cout * cin, bias, &epilogue, cout)?;
         if cout == 0 || cin == 0 {
             return Err(invalid(op, "shape", format!("[{cout}, {cin}] is empty")));
         }
-        let gemm = GemmWeights::new(cout, cin, bias, requant, |row, k| weight[row * cin + k]);
+        let gemm = GemmWeights::new(cout, cin, bias, epilogue.clone(), |row, k| {
+            weight[row * cin + k]
+        });
         Ok(Self {
             cout,
             cin,
-            weight: weight.to_vec(),
             bias: bias.to_vec(),
-            requant: requant.to_vec(),
+            epilogue,
             gemm,
         })
     }
 
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
+    }
+
     /// `x` is `[rows, cin]` row-major, `out` `[rows, cout]`.
     pub fn forward(&self, isa: Isa, x: &[u8], rows: usize, zx: u8, out: &mut [u8]) -> Result<()> {
+        self.run(isa, x, rows, zx, out)
+    }
+
+    /// Like [`forward`](Self::forward) for a dequantizing epilogue: f32 output.
+    pub fn forward_f32(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        rows: usize,
+        zx: u8,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.run(isa, x, rows, zx, out)
+    }
+
+    fn run<T: Out>(&self, isa: Isa, x: &[u8], rows: usize, zx: u8, out: &mut [T]) -> Result<()> {
         let op = Self::OP;
         check_isa(op, isa)?;
+        check_output::<T>(op, &self.epilogue)?;
         expect_len(op, "input", x.len(), rows * self.cin)?;
         expect_len(op, "output", out.len(), rows * self.cout)?;
         match isa {

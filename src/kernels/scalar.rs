@@ -1,13 +1,14 @@
 //! The portable scalar reference: the definition of every INT8 kernel. Plain loops, no
-//! packing, no blocking, so that it is obviously the semantics of `quant::scheme`:
+//! blocking (weights read element by element from the packed store, in the layer's
+//! logical layout), so that it is obviously the semantics of `quant::scheme`:
 //! `acc = sum (x_q - zx) * w_q` (padding reads `zx`, so it contributes nothing), then
-//! `Requant::apply(acc, bias_q)`. Integer sums wrap like SIMD adds, so every faster
+//! the epilogue (`Requant::apply(acc, bias_q)` or `dequantize_acc`, see `OutElem`). Integer sums wrap like SIMD adds, so every faster
 //! kernel must agree with these bit for bit.
 
-use super::{ConvGeom, PackedConv, PackedConvTranspose, PackedLinear};
+use super::{ConvGeom, OutElem, PackedConv, PackedConvTranspose, PackedLinear};
 
 /// One image `[cin, h, w]` -> `[cout, ho, wo]`.
-pub(super) fn conv2d(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [u8]) {
+pub(super) fn conv2d<T: OutElem>(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [T]) {
     let zx = zx as i32;
     let (kh, kw) = (p.kh, p.kw);
     for co in 0..p.cout {
@@ -26,12 +27,12 @@ pub(super) fn conv2d(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [
                             } else {
                                 zx
                             };
-                            let wq = p.weight[((co * p.cin + ci) * kh + ky) * kw + kx] as i32;
+                            let wq = p.gemm.at(co, (ci * kh + ky) * kw + kx) as i32;
                             acc = acc.wrapping_add((xq - zx).wrapping_mul(wq));
                         }
                     }
                 }
-                out[(co * g.ho + oy) * g.wo + ox] = p.requant[co].apply(acc, p.bias[co]) as u8;
+                out[(co * g.ho + oy) * g.wo + ox] = T::reference(&p.epilogue, co, acc, p.bias[co]);
             }
         }
     }
@@ -39,13 +40,13 @@ pub(super) fn conv2d(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [
 
 /// One image `[cin, h, w]` -> `[cout, ho, wo]`; general kernel, stride and padding
 /// (padding crops the full output, PyTorch semantics).
-pub(super) fn conv_transpose2d(
+pub(super) fn conv_transpose2d<T: OutElem>(
     p: &PackedConvTranspose,
     x: &[u8],
     zx: u8,
     (h, w): (usize, usize),
     (ho, wo): (usize, usize),
-    out: &mut [u8],
+    out: &mut [T],
 ) {
     let zx = zx as i32;
     let (kh, kw) = (p.kh, p.kw);
@@ -75,28 +76,28 @@ pub(super) fn conv_transpose2d(
                                 continue;
                             }
                             let xq = x[(ci * h + iy) * w + ix] as i32;
-                            let wq = p.weight[((ci * p.cout + co) * kh + ky) * kw + kx] as i32;
+                            let wq = p.gemm.at((co * kh + ky) * kw + kx, ci) as i32;
                             acc = acc.wrapping_add((xq - zx).wrapping_mul(wq));
                         }
                     }
                 }
-                out[(co * ho + oy) * wo + ox] = p.requant[co].apply(acc, p.bias[co]) as u8;
+                out[(co * ho + oy) * wo + ox] = T::reference(&p.epilogue, co, acc, p.bias[co]);
             }
         }
     }
 }
 
 /// `[rows, cin] -> [rows, cout]`.
-pub(super) fn linear(p: &PackedLinear, x: &[u8], zx: u8, rows: usize, out: &mut [u8]) {
+pub(super) fn linear<T: OutElem>(p: &PackedLinear, x: &[u8], zx: u8, rows: usize, out: &mut [T]) {
     let zx = zx as i32;
     for r in 0..rows {
         for co in 0..p.cout {
             let mut acc = 0i32;
             for ci in 0..p.cin {
                 let d = x[r * p.cin + ci] as i32 - zx;
-                acc = acc.wrapping_add(d.wrapping_mul(p.weight[co * p.cin + ci] as i32));
+                acc = acc.wrapping_add(d.wrapping_mul(p.gemm.at(co, ci) as i32));
             }
-            out[r * p.cout + co] = p.requant[co].apply(acc, p.bias[co]) as u8;
+            out[r * p.cout + co] = T::reference(&p.epilogue, co, acc, p.bias[co]);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The CenterPoint model: its YAML description and (growing) the network graph built from
 //! it, voxelisation, training targets and decoding.
 
+pub mod bundle;
 pub mod config;
 pub mod decode;
 pub mod graph;
@@ -8,4 +9,5 @@ pub mod targets;
 pub mod voxelize;
 pub mod weights;
 
+pub use bundle::{BundleError, ModelBundle};
 pub use config::{ConfigError, ModelConfig};

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod model;
 pub mod observers;
 pub mod qnet;
+pub mod quick;
 pub mod reconstruct;
 pub mod scheme;
 pub mod tgpl;

@@ -36,6 +36,18 @@ pub fn record(
     scene: &Scene,
     opts: &RecordOptions,
     out: &Path,
+    progress: impl FnMut(u64),
+) -> Result<PathBuf, BagError> {
+    record_scenes(std::slice::from_ref(scene), opts, out, progress)
+}
+
+/// Records `opts.frames` frames of each scene in turn (a validation set of several
+/// independent drives in one bag); `progress` gets the running frame count. Scenes should
+/// have increasing start stamps so the bag's time runs forward.
+pub fn record_scenes(
+    scenes: &[Scene],
+    opts: &RecordOptions,
+    out: &Path,
     mut progress: impl FnMut(u64),
 ) -> Result<PathBuf, BagError> {
     let mut w = BagWriter::create(out, opts.writer.clone())?;
@@ -57,16 +69,20 @@ pub fn record(
         &detection3d_array_schema(),
         &[Qos::default()],
     )?;
-    let frame_id = scene.config().sensor.frame_id.clone();
-    for k in 0..opts.frames {
-        let f = scene.frame(k);
-        let header = Header::from_nanos(f.stamp_ns, frame_id.clone());
-        let stamp = f.stamp_ns as i64;
-        let cloud = cloud::encode(&f.points, opts.layout, header.clone());
-        w.write(&opts.points_topic, stamp, &cloud.to_cdr())?;
-        let gt = Detection3DArray::from_objects(&header, &f.objects, 1.0);
-        w.write(&opts.ground_truth_topic, stamp, &gt.to_cdr())?;
-        progress(k + 1);
+    let mut done = 0;
+    for scene in scenes {
+        let frame_id = scene.config().sensor.frame_id.clone();
+        for k in 0..opts.frames {
+            let f = scene.frame(k);
+            let header = Header::from_nanos(f.stamp_ns, frame_id.clone());
+            let stamp = f.stamp_ns as i64;
+            let cloud = cloud::encode(&f.points, opts.layout, header.clone());
+            w.write(&opts.points_topic, stamp, &cloud.to_cdr())?;
+            let gt = Detection3DArray::from_objects(&header, &f.objects, 1.0);
+            w.write(&opts.ground_truth_topic, stamp, &gt.to_cdr())?;
+            done += 1;
+            progress(done);
+        }
     }
     w.finish()
 }

@@ -1,0 +1,143 @@
+//! A quick min-max quantized model for timing and tests (`bench --int8 auto`, engine
+//! tests): every layer integer with per-channel max-abs 8-bit weights, every value u8
+//! asymmetric over the range the FP32 model shows on a few scans, except the head outputs,
+//! which stay float. It is not a calibration method (no outlier handling, no grid search,
+//! no reconstruction); `quant` calibration proper produces the models meant for accuracy.
+//!
+//! Sharing rules of `quant::model`: a pillar max or scatter shares its input's parameters,
+//! a concat's inputs share the concat's, so ranges are merged over those groups first.
+
+use super::model::{LayerPlan, Provenance, QuantModel, quantize_weights_minmax};
+use super::scheme::{Flavour, Grid, QParams};
+use crate::cloud::Points;
+use crate::engine::fp32::fold_layers;
+use crate::engine::{EngineError, Fp32Engine, NetInput};
+use crate::model::ModelConfig;
+use crate::model::graph::{Graph, LayerKind, Op};
+use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::weights::Weights;
+use sha2::{Digest, Sha256};
+
+/// The method name recorded in the provenance.
+pub const METHOD: &str = "minmax-quick";
+
+/// Builds the quick min-max model of `weights` from the FP32 activations on `scans`.
+pub fn minmax_quick(
+    cfg: &ModelConfig,
+    graph: &Graph,
+    weights: &Weights,
+    scans: &[Points],
+) -> Result<QuantModel, EngineError> {
+    if scans.is_empty() {
+        return Err(EngineError::Input("min-max needs at least one scan".into()));
+    }
+    let engine = Fp32Engine::new(graph, weights)?;
+    let nv = graph.nodes.len() + 1;
+    let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); nv];
+    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    let (mut pillars, mut dec) = (Pillars::default(), Vec::new());
+    let mut digest = Sha256::new();
+    for pts in scans {
+        for v in pts
+            .x
+            .iter()
+            .chain(&pts.y)
+            .chain(&pts.z)
+            .chain(&pts.intensity)
+        {
+            digest.update(v.to_le_bytes());
+        }
+        vox.voxelize(pts, None, &mut pillars);
+        let width = decorate(cfg, &pillars, &mut dec);
+        let input = NetInput {
+            decorated: &dec,
+            max_points: pillars.max_points,
+            width,
+            counts: &pillars.counts,
+            coords: &pillars.coords,
+        };
+        engine.run_observed(&input, &mut |v, t| {
+            let r = &mut range[v];
+            for &x in &t.data {
+                r.0 = r.0.min(x);
+                r.1 = r.1.max(x);
+            }
+        })?;
+    }
+    // Values that must share parameters, merged with a union-find.
+    let mut parent: Vec<usize> = (0..nv).collect();
+    fn root(p: &mut [usize], mut v: usize) -> usize {
+        while p[v] != v {
+            p[v] = p[p[v]];
+            v = p[v];
+        }
+        v
+    }
+    for (i, n) in graph.nodes.iter().enumerate() {
+        if matches!(n.op, Op::Layer(_)) {
+            continue;
+        }
+        for &u in &n.inputs {
+            let (a, b) = (root(&mut parent, u), root(&mut parent, i + 1));
+            parent[a] = b;
+        }
+    }
+    let mut group = vec![(f32::INFINITY, f32::NEG_INFINITY); nv];
+    for (v, &(lo, hi)) in range.iter().enumerate() {
+        let g = &mut group[root(&mut parent, v)];
+        *g = (g.0.min(lo), g.1.max(hi));
+    }
+    let heads: Vec<usize> = graph
+        .tasks
+        .iter()
+        .flat_map(|t| std::iter::once(t.heatmap).chain(t.regression.iter().copied()))
+        .collect();
+    let grid = Grid::activation(8, Flavour::Asymmetric);
+    let activations = (0..nv)
+        .map(|v| {
+            if heads.contains(&v) {
+                return None;
+            }
+            let (lo, hi) = group[root(&mut parent, v)];
+            // A value never seen (no scan reached it) gets the unit range.
+            let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
+            Some(QParams::asymmetric(lo, hi, grid))
+        })
+        .collect();
+    let folded = fold_layers(graph, weights)?;
+    let layers = graph
+        .nodes
+        .iter()
+        .zip(&folded)
+        .map(|(n, f)| match (&n.op, f) {
+            (Op::Layer(l), Some(f)) => {
+                let axis = match l.kind {
+                    LayerKind::ConvTranspose2d { .. } => 1,
+                    _ => 0,
+                };
+                Some(LayerPlan::Int(quantize_weights_minmax(f, axis, 8)))
+            }
+            _ => None,
+        })
+        .collect();
+    Ok(QuantModel {
+        provenance: Provenance {
+            fp32_digest: weights.digest(),
+            config_yaml: cfg.to_yaml(),
+            method: METHOD.into(),
+            params: Default::default(),
+            weight_bits: 8,
+            activation_bits: 8,
+            frames: scans.len(),
+            frames_digest: digest
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            seed: 0,
+        },
+        activations,
+        layers,
+        input_scales: None,
+    })
+}
