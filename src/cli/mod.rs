@@ -3,3 +3,4 @@
 pub mod calibrate;
 pub mod detect;
 pub mod eval;
+pub mod fidelity;
