@@ -82,6 +82,9 @@ enum Command {
     Detect(cli::detect::DetectArgs),
     /// Quantize an FP32 model to INT8 on unlabelled scans (LiDAR-PTQ or a baseline).
     Calibrate(Box<cli::calibrate::CalibrateArgs>),
+    /// How closely INT8 models reproduce the FP32 detections on the same scans (matched
+    /// boxes, centre and score errors; no labels needed).
+    Fidelity(cli::fidelity::FidelityArgs),
     /// Score detections collected from lidar_ptq_node on a simulated bag against its
     /// ground truth, beside the same model run offline with the node's parameters
     /// (one JSON line on stdout).
@@ -279,6 +282,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => cli::eval::run(&args),
         Command::Detect(args) => cli::detect::run(&args),
         Command::Calibrate(args) => cli::calibrate::run(&args),
+        Command::Fidelity(args) => cli::fidelity::run(&args),
         Command::NodeScore(args) => node_score_verb(&args),
         Command::Bench(args) => bench_verb(&args),
         Command::Import(cmd) => cli::import::run(&cmd),

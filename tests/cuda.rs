@@ -190,8 +190,9 @@ fn fp16_stays_close_to_fp32() {
     }
 }
 
-/// Calibrations with different shapes of integer model: min-max W8A8; 4-bit weights
-/// with symmetric activations; a kept-float neck layer and head.
+/// Calibrations with different shapes of integer model: min-max W8A8 (per-feature input
+/// scales, the default); 4-bit weights with symmetric activations; a kept-float neck
+/// layer; a kept-float first layer; one input scale.
 fn calibrations() -> Vec<CalibOptions> {
     let mut out = vec![CalibOptions::new(Method::MinMax)];
     let mut o = CalibOptions::new(Method::MinMax);
@@ -203,6 +204,14 @@ fn calibrations() -> Vec<CalibOptions> {
         occupied_only: true,
     });
     o.keep_float = vec!["backbone_2d.deblocks.1".into()];
+    out.push(o);
+    // The first layer kept float: it dequantizes the input with per-feature scales.
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.keep_float = vec!["vfe.pfn_layers.0".into()];
+    out.push(o);
+    // One scale for the whole input.
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.input_per_feature = false;
     out.push(o);
     out
 }

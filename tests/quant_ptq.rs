@@ -253,7 +253,26 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
         ),
         None => V::Float(t.clone()),
     };
-    let mut vals: Vec<V> = vec![quant(&x0, m.activations[0])];
+    // The input per feature when the model says so.
+    let per = m.input_scales.clone();
+    let mut vals: Vec<V> = vec![match (m.activations[0], &per) {
+        (Some(q), Some(sc)) => V::Codes(
+            x0.data
+                .iter()
+                .enumerate()
+                .map(|(k, &x)| {
+                    QParams {
+                        scale: sc[k % f],
+                        ..q
+                    }
+                    .quantize(x)
+                })
+                .collect(),
+            x0.shape.clone(),
+            q,
+        ),
+        (q, _) => quant(&x0, q),
+    }];
     let (ny, nx) = graph.bev;
     for (i, node) in graph.nodes.iter().enumerate() {
         let out_q = m.activations[i + 1];
@@ -303,7 +322,18 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
                 }
             }
             (Op::Layer(l), _) => {
-                let y = run_layer(l.kind, &x.float(), folded[i].as_ref().unwrap(), l.relu).unwrap();
+                let xf = match (&x, &per) {
+                    (V::Codes(c, s, q), Some(sc)) if node.inputs[0] == 0 => Tensor::new(
+                        s.clone(),
+                        c.iter()
+                            .enumerate()
+                            .map(|(k, &c)| sc[k % f] * (c - q.zero_point) as f32)
+                            .collect(),
+                    )
+                    .unwrap(),
+                    _ => x.float(),
+                };
+                let y = run_layer(l.kind, &xf, folded[i].as_ref().unwrap(), l.relu).unwrap();
                 quant(&y, out_q)
             }
             (
@@ -433,6 +463,9 @@ fn simulated_integer_network_matches_a_naive_integer_interpreter() {
     let w = weights(&graph, 5);
     let fr = frames(3, 2);
     let mut variants = vec![CalibOptions::new(Method::MinMax)];
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.input_per_feature = false;
+    variants.push(o);
     let mut o = CalibOptions::new(Method::Entropy {
         occupied_only: true,
     });
@@ -452,6 +485,12 @@ fn simulated_integer_network_matches_a_naive_integer_interpreter() {
     variants.push(o);
     for opts in variants {
         let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
+        // Per-feature input scales exactly when asked for and the input's reader is integer.
+        let first_int = !opts.keep_float.contains(&"vfe.pfn_layers.0".to_string());
+        assert_eq!(
+            m.input_scales.is_some(),
+            opts.input_per_feature && first_int
+        );
         let net = QuantNet::new(&graph, &w, &m).unwrap();
         for f in inputs(&cfg, &frames(2, 9)) {
             let got = net.run(&f.net_input()).unwrap();
@@ -622,18 +661,27 @@ fn model_file_round_trips_and_refuses_bad_files() {
         lw.bits = 8;
         lw.codes[0] = 100;
     }
+    let find = |b: &[u8], pat: &[u8]| b.windows(pat.len()).position(|w| w == pat).unwrap();
     let mut b8 = file::to_bytes(&bad, &graph).unwrap();
-    let s = String::from_utf8_lossy(&b8).into_owned();
-    let at = s.find("int:8").unwrap();
+    let at = find(&b8, b"int:8");
     b8[at + 4] = b'4';
     let e = write(&b8);
     assert!(e.contains("weight code outside"), "{e}");
     // Tampered metadata.
     let mut t = bytes.clone();
-    let s = String::from_utf8_lossy(&t).into_owned();
-    let at = s.find("lidar_ptq-int8/1").unwrap();
+    let at = find(&t, b"lidar_ptq-int8/1");
     t[at + 15] = b'9';
     assert!(write(&t).contains("format"), "{}", write(&t));
+    // Per-feature input scales must be positive.
+    let mut neg = m.clone();
+    neg.input_scales
+        .as_mut()
+        .expect("per-feature input by default")[2] = -1.0;
+    assert!(
+        file::to_bytes(&neg, &graph)
+            .unwrap_err()
+            .contains("input scales")
+    );
     // A model that does not fit the graph is not written.
     let mut wrong = m.clone();
     wrong.activations.pop();
@@ -664,7 +712,8 @@ fn same_seed_and_inputs_give_identical_files() {
 /// The optimised quantizers (hardened) have a lower objective than round-to-nearest
 /// with the initial step sizes, unit by unit, for TGPL alone (step sizes only, W8A4 from
 /// min-max), adaptive rounding alone (W4A8 from the grid search) and both (W4A4 from
-/// min-max). The objective is measured on the full map of the first frame.
+/// min-max). The objective is measured on the full map of the first frame; the typical
+/// unit (geometric mean of after / before) must gain, and most units must.
 #[test]
 fn reconstruction_lowers_each_units_objective() {
     let (cfg, graph) = tiny();
@@ -672,9 +721,9 @@ fn reconstruction_lowers_each_units_objective() {
     let fr = frames(4, 6);
     // (tgpl, adaround, weight bits, activation bits, grid search, required gain)
     for (tgpl, ada, wb, ab, grid, gain) in [
-        (true, false, 8, 4, false, 0.96),
-        (false, true, 4, 8, true, 0.85),
-        (true, true, 4, 4, false, 0.93),
+        (true, false, 8, 4, false, 0.97),
+        (false, true, 4, 8, true, 0.8),
+        (true, true, 4, 4, false, 0.85),
     ] {
         let mut o = quick_ptq(80);
         (o.weight_bits, o.activation_bits) = (wb, ab);
@@ -690,8 +739,13 @@ fn reconstruction_lowers_each_units_objective() {
         o.recon.report = true;
         let c = calibrate_detailed(&cfg, &w, &fr, &o, &indicatif::ProgressBar::hidden()).unwrap();
         assert!(!c.units.is_empty());
-        let before: f64 = c.units.iter().map(|u| u.objective_before()).sum();
-        let after: f64 = c.units.iter().map(|u| u.objective_after()).sum();
+        let log_gain: f64 = c
+            .units
+            .iter()
+            .map(|u| (u.objective_after() / u.objective_before()).ln())
+            .sum::<f64>()
+            / c.units.len() as f64;
+        let typical = log_gain.exp();
         let better = c
             .units
             .iter()
@@ -713,12 +767,12 @@ fn reconstruction_lowers_each_units_objective() {
             })
             .collect();
         let report = format!(
-            "tgpl {tgpl} adaround {ada}: {before:.4e} -> {after:.4e}, {better} of {} units better\n{}",
+            "tgpl {tgpl} adaround {ada}: typical unit objective x {typical:.3}, {better} of {} units better\n{}",
             c.units.len(),
             report.join("\n")
         );
         println!("{report}");
-        assert!(after < gain * before, "{report}");
+        assert!(typical < gain, "{report}");
         assert!(better * 2 > c.units.len(), "{report}");
         if ada {
             assert!(c.units.iter().any(|u| u.flipped > 0));
@@ -755,8 +809,13 @@ fn the_int8_engine_reproduces_the_simulated_integer_network() {
     });
     o.keep_float = vec!["backbone_2d.deblocks.1".into()];
     variants.push(o);
+    // One scale for the whole input (the others have one per feature).
+    let mut o = CalibOptions::new(Method::MinMax);
+    o.input_per_feature = false;
+    variants.push(o);
     for opts in variants {
         let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
+        assert_eq!(m.input_scales.is_some(), opts.input_per_feature);
         let net = QuantNet::new(&graph, &w, &m).unwrap();
         let mut engine = lidar_ptq::engine::Int8Engine::new(&graph, &w, &m).unwrap();
         for f in inputs(&cfg, &frames(2, 10)) {

@@ -94,9 +94,11 @@ pub struct CalibrateArgs {
     /// Without --bag: calibrate on this many simulated scans (distinct scenes).
     #[arg(long)]
     frames_from_sim: Option<usize>,
-    /// Simulated sensor (with --frames-from-sim).
-    #[arg(long, value_enum, default_value_t = LidarModel::Hdl64)]
-    lidar: LidarModel,
+    /// Simulated sensors (with --frames-from-sim), comma-separated; frames alternate
+    /// between them. Calibrate on the sensors the model will see: their intensity scales
+    /// differ (KITTI-style 0..1, nuScenes-style 0..255).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LidarModel::Hdl64, LidarModel::Hdl32])]
+    lidar: Vec<LidarModel>,
     /// Scene seed of the simulated scans (keep it apart from training and evaluation).
     #[arg(long, default_value_t = 2_000_000)]
     sim_seed: u64,
@@ -113,6 +115,9 @@ pub struct CalibrateArgs {
     /// Layers kept float (node names, comma-separated).
     #[arg(long, value_delimiter = ',')]
     keep_float: Vec<String>,
+    /// One scale for the whole network input instead of one per decorated feature.
+    #[arg(long)]
+    no_input_per_feature: bool,
     /// LiDAR-PTQ ablation: plain min-max instead of the Lp grid search.
     #[arg(long)]
     no_grid_search: bool,
@@ -230,22 +235,30 @@ fn bag_frames(path: &Path, topic: Option<&str>, frames: usize) -> Result<Vec<Poi
     Ok(scans.into_iter().map(|s| s.scan.points).collect())
 }
 
-/// `n` simulated scans of distinct scenes (seeds drawn from `seed`'s stream).
-fn sim_frames(lidar: LidarModel, n: usize, seed: u64) -> Vec<Points> {
-    let sim = lidar_ptq::sim::Simulator::new(lidar_ptq::sim::SimConfig::new(lidar));
+/// `n` simulated scans of distinct scenes (seeds drawn from `seed`'s stream), frame `k`
+/// from sensor `lidars[k % len]`.
+fn sim_frames(lidars: &[LidarModel], n: usize, seed: u64) -> Result<Vec<Points>> {
+    if lidars.is_empty() {
+        bail!("--lidar needs at least one sensor");
+    }
+    let sims: Vec<lidar_ptq::sim::Simulator> = lidars
+        .iter()
+        .map(|&l| lidar_ptq::sim::Simulator::new(lidar_ptq::sim::SimConfig::new(l)))
+        .collect();
     let mut stream = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let seeds: Vec<u64> = (0..n).map(|_| stream.random()).collect();
     let b = bar(n as u64, "simulating scans");
     let out = seeds
         .par_iter()
-        .map(|&s| {
-            let p = sim.sample(s).0;
+        .enumerate()
+        .map(|(k, &s)| {
+            let p = sims[k % sims.len()].sample(s).0;
             b.inc(1);
             p
         })
         .collect();
     b.finish_and_clear();
-    out
+    Ok(out)
 }
 
 pub fn run(a: &CalibrateArgs) -> Result<()> {
@@ -254,7 +267,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let frames = match (&a.bag, a.frames_from_sim) {
         (Some(_), Some(_)) => bail!("give either --bag or --frames-from-sim, not both"),
         (Some(bag), None) => bag_frames(bag, a.topic.as_deref(), a.frames)?,
-        (None, Some(n)) => sim_frames(a.lidar, n, a.sim_seed),
+        (None, Some(n)) => sim_frames(&a.lidar, n, a.sim_seed)?,
         (None, None) => {
             bail!("calibration needs scans: --bag B [--frames N] or --frames-from-sim N")
         }
@@ -268,6 +281,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     };
     opts.keep_float = a.keep_float.clone();
     opts.seed = a.seed;
+    opts.input_per_feature = !a.no_input_per_feature;
     if a.no_grid_search {
         opts.grid_search = None;
     }

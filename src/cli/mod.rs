@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod detect;
 pub mod eval;
+pub mod fidelity;
 pub mod import;
 
 use anyhow::Result;

@@ -95,6 +95,8 @@ pub struct Int8Engine {
     graph: Graph,
     isa: Isa,
     acts: Vec<Option<QParams>>,
+    /// Per-feature scales of the input codes (`QuantModel::input_scales`).
+    input_scales: Option<Vec<f32>>,
     steps: Vec<Step>,
     loc: Vec<Loc>,
     shapes: Vec<Shape>,
@@ -228,6 +230,7 @@ impl Int8Engine {
             graph: graph.clone(),
             isa,
             acts,
+            input_scales: qm.input_scales.clone(),
             steps,
             loc,
             shapes: vec![Shape::default(); graph.nodes.len() + 1],
@@ -294,17 +297,35 @@ impl Int8Engine {
     ) -> Result<(), EngineError> {
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         check_input(input)?;
+        if let Some(scales) = &self.input_scales
+            && scales.len() != f
+        {
+            return Err(EngineError::Input(format!(
+                "{f} features per point, the model has input scales for {}",
+                scales.len()
+            )));
+        }
         self.shapes[0] = Shape::new(&[p, n, f]);
         // The input value: codes, or the floats as they are.
         let l0 = self.loc[0];
         match self.acts[0] {
             Some(q) => {
+                // One scale, or one per feature: the layers reading the input carry the
+                // per-feature scales in their weight codes.
+                let per_feature: Vec<QParams> = match &self.input_scales {
+                    Some(s) => s.iter().map(|&scale| QParams { scale, ..q }).collect(),
+                    None => vec![q],
+                };
+                let width = per_feature.len();
                 let dst = slot(&mut self.u8_slots, l0, p * n * f);
-                dst.par_chunks_mut(4096)
-                    .zip(input.decorated.par_chunks(4096))
+                // Chunks are a multiple of the feature count, so feature j sits at
+                // offset j modulo the width within each chunk.
+                let chunk = 4096 * width;
+                dst.par_chunks_mut(chunk)
+                    .zip(input.decorated.par_chunks(chunk))
                     .for_each(|(d, s)| {
-                        for (d, &x) in d.iter_mut().zip(s) {
-                            *d = q.quantize(x) as u8;
+                        for (k, (d, &x)) in d.iter_mut().zip(s).enumerate() {
+                            *d = per_feature[k % width].quantize(x) as u8;
                         }
                     });
             }
@@ -388,12 +409,23 @@ impl Int8Engine {
                 os
             }
             Step::Float { kind, folded, relu } => {
-                let data = match self.acts[x] {
-                    Some(q) => view(&self.u8_slots, xl, xs.len())?
+                let data = match (self.acts[x], &self.input_scales) {
+                    (Some(q), Some(scales)) if x == 0 => view(&self.u8_slots, xl, xs.len())?
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &c)| {
+                            QParams {
+                                scale: scales[k % scales.len()],
+                                ..q
+                            }
+                            .dequantize(c as i32)
+                        })
+                        .collect(),
+                    (Some(q), _) => view(&self.u8_slots, xl, xs.len())?
                         .iter()
                         .map(|&c| q.dequantize(c as i32))
                         .collect(),
-                    None => view(&self.f32_slots, xl, xs.len())?.to_vec(),
+                    (None, _) => view(&self.f32_slots, xl, xs.len())?.to_vec(),
                 };
                 let t =
                     Tensor::new(xs.dims().to_vec(), data).map_err(|e| EngineError::op(name, e))?;
@@ -878,9 +910,22 @@ mod tests {
         let folded = fold_layers(graph, w).unwrap();
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let mut vals: Vec<Option<Val>> = vec![None; graph.nodes.len() + 1];
+        // Parameters of input entry k (per feature with input_scales).
+        let in_q = |q: QParams, k: usize| match &qm.input_scales {
+            Some(s) => QParams {
+                scale: s[k % f],
+                ..q
+            },
+            None => q,
+        };
         vals[0] = Some(match qm.activations[0] {
             Some(q) => Val::Q(
-                input.decorated.iter().map(|&x| q.quantize(x)).collect(),
+                input
+                    .decorated
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &x)| in_q(q, k).quantize(x))
+                    .collect(),
                 vec![p, n, f],
             ),
             None => Val::F(input.decorated.to_vec(), vec![p, n, f]),
@@ -1017,7 +1062,11 @@ mod tests {
                     let (data, shape) = match x {
                         Val::Q(c, s) => {
                             let q = qm.activations[node.inputs[0]].unwrap();
-                            (c.iter().map(|&c| q.dequantize(c)).collect(), s)
+                            let first = node.inputs[0] == 0;
+                            let deq = |(k, &c): (usize, &i32)| {
+                                if first { in_q(q, k) } else { q }.dequantize(c)
+                            };
+                            (c.iter().enumerate().map(deq).collect(), s)
                         }
                         Val::F(d, s) => (d, s),
                     };
@@ -1271,6 +1320,86 @@ mod tests {
             e.run(&dense.input()).unwrap(),
             e.run(&sparse.input()).unwrap()
         );
+    }
+
+    /// The quick min-max model with one symmetric scale per input feature, folded into
+    /// the weight columns of the first layer (`QuantModel::input_scales`).
+    fn per_feature_model(cfg: &ModelConfig, graph: &Graph, w: &Weights) -> QuantModel {
+        let mut qm = minmax_quick(cfg, graph, w, &[scan(11, 3000)]).unwrap();
+        let f = Frame::new(cfg, &scan(11, 3000));
+        let mut max_abs = vec![0.0f32; f.width];
+        for (k, &x) in f.dec.iter().enumerate() {
+            max_abs[k % f.width] = max_abs[k % f.width].max(x.abs());
+        }
+        let grid = Grid::activation(8, Flavour::Symmetric);
+        // Distinct scales per feature, some clipping (half range on feature 0).
+        let scales: Vec<f32> = max_abs
+            .iter()
+            .enumerate()
+            .map(|(j, &m)| QParams::symmetric(if j == 0 { m / 2.0 } else { m }, grid).scale)
+            .collect();
+        qm.activations[0] = Some(QParams {
+            scale: 1.0,
+            zero_point: grid.symmetric_zero_point(),
+            grid,
+        });
+        let mut folded = fold_layers(graph, w).unwrap();
+        for (i, n) in graph.nodes.iter().enumerate() {
+            if n.inputs.contains(&0) {
+                let fl = folded[i].as_mut().unwrap();
+                let cin = fl.weight.shape[1];
+                for (k, x) in fl.weight.data.iter_mut().enumerate() {
+                    *x *= scales[k % cin];
+                }
+                qm.layers[i] = Some(LayerPlan::Int(quantize_weights_minmax(fl, 0, 8)));
+            }
+        }
+        qm.input_scales = Some(scales);
+        qm.validate(graph).unwrap();
+        qm
+    }
+
+    /// Per-feature input scales: integer and kept-float first layers match the reference,
+    /// and an input of another width is refused.
+    #[test]
+    fn per_feature_input_scales_follow_the_reference() {
+        let (cfg, graph, w) = tiny();
+        let int_first = per_feature_model(&cfg, &graph, &w);
+        let mut float_first = int_first.clone();
+        let first = graph
+            .nodes
+            .iter()
+            .position(|n| n.inputs.contains(&0))
+            .unwrap();
+        float_first.layers[first] = Some(LayerPlan::Float);
+        let f = Frame::new(&cfg, &scan(5, 3000));
+        for qm in [&int_first, &float_first] {
+            let want = reference(&graph, &w, qm, &f.input());
+            let got = Int8Engine::new(&graph, &w, qm)
+                .unwrap()
+                .run(&f.input())
+                .unwrap();
+            assert_eq!(bits(&got), bits(&want));
+        }
+        // The scales matter: one scale for every feature gives other outputs.
+        let mut one = int_first.clone();
+        one.input_scales = None;
+        let plain = reference(&graph, &w, &one, &f.input());
+        assert_ne!(
+            bits(&plain),
+            bits(&reference(&graph, &w, &int_first, &f.input()))
+        );
+        let narrow = NetInput {
+            width: f.width - 1,
+            decorated: &f.dec[..f.pillars.counts.len() * f.pillars.max_points * (f.width - 1)],
+            ..f.input()
+        };
+        let err = Int8Engine::new(&graph, &w, &int_first)
+            .unwrap()
+            .run(&narrow)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("input scales"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Evaluation: turns "accuracy" into numbers. nuScenes-style mAP (centre-distance
 //! matching, TP errors, NDS) and KITTI-style rotated BEV IoU AP ([`nuscenes_eval`],
 //! [`bev_iou_ap`]), the full report per class and distance band ([`report`]), and the
-//! labelled frame sources a detector is run over ([`sets`]).
+//! labelled frame sources a detector is run over ([`sets`]); quantization fidelity, INT8
+//! boxes against FP32 boxes without labels ([`fidelity`]).
 
 mod ap;
+pub mod fidelity;
 mod iou;
 pub mod report;
 pub mod sets;

@@ -146,6 +146,9 @@ pub struct CalibOptions {
     /// Non-zero entries sampled per value for the activation grid search (zeros are
     /// exact on every candidate grid, so they cannot change the choice).
     pub grid_samples: usize,
+    /// Quantize the network input with one scale per decorated feature (see
+    /// `QuantModel::input_scales`) instead of one for all.
+    pub input_per_feature: bool,
     /// LiDAR-PTQ components 2 and 3.
     pub recon: ReconOptions,
     pub seed: u64,
@@ -164,6 +167,7 @@ impl CalibOptions {
             grid_search: Some(GridSearch::default()),
             grid_frames: 16,
             grid_samples: 1 << 16,
+            input_per_feature: true,
             recon: ReconOptions::default(),
             seed: 0,
         }
@@ -196,6 +200,7 @@ impl CalibOptions {
         };
         put("flavour", format!("{:?}", self.flavour).to_lowercase());
         put("keep_float", self.keep_float.join(","));
+        put("input_per_feature", self.input_per_feature.to_string());
         match self.method {
             Method::Percentile {
                 percentile,
@@ -413,6 +418,8 @@ pub fn calibrate(
 /// positives of a reconstruction frame.
 struct FrameObservation {
     ranges: Vec<(usize, f32, f32)>,
+    /// Per-feature range of the network input (when input features get their own scales).
+    input_ranges: Vec<(f32, f32)>,
     data: Vec<(usize, Tensor)>,
     recon: Option<(FrameInput, Positives)>,
 }
@@ -427,6 +434,7 @@ fn fp_frame(
     observed: &[bool],
     points: &Points,
     keep_data: bool,
+    per_feature: bool,
     recon: Option<&TgplOptions>,
 ) -> Result<FrameObservation, CalibError> {
     let n = graph.nodes.len();
@@ -435,10 +443,18 @@ fn fp_frame(
     let input = frame.net_input();
     let mut obs = FrameObservation {
         ranges: Vec::new(),
+        input_ranges: Vec::new(),
         data: Vec::new(),
         recon: None,
     };
     let mut observe = |v: usize, x: &QValue| -> Result<(), CalibError> {
+        if per_feature && v == 0 {
+            obs.input_ranges = feature_ranges(input_tensor(x), input.width);
+            if keep_data {
+                obs.data.push((0, input_tensor(x).clone()));
+            }
+            return Ok(());
+        }
         if !observed[v] {
             return Ok(());
         }
@@ -486,6 +502,23 @@ fn fp_frame(
         obs.recon = Some((frame, pos));
     }
     Ok(obs)
+}
+
+fn input_tensor(x: &QValue) -> &Tensor {
+    match x {
+        QValue::Float(t) | QValue::Quant { centered: t, .. } => t,
+    }
+}
+
+/// Min and max of every feature (last axis of width `f`).
+fn feature_ranges(t: &Tensor, f: usize) -> Vec<(f32, f32)> {
+    let mut r = vec![(f32::INFINITY, f32::NEG_INFINITY); f];
+    for row in t.data.chunks_exact(f.max(1)) {
+        for (x, &v) in r.iter_mut().zip(row) {
+            *x = (x.0.min(v), x.1.max(v));
+        }
+    }
+    r
 }
 
 /// Per group statistics of the FP pass.
@@ -544,6 +577,20 @@ pub fn calibrate_detailed(
     let act_grid = Grid::activation(opts.activation_bits, opts.flavour);
     let n = graph.nodes.len();
 
+    // Per-feature input scales apply when the input's group is the input alone, read by
+    // integer layers only.
+    let per_feature = opts.input_per_feature
+        && plan.quantized(0)
+        && plan.members(plan.group[0]).count() == 1
+        && graph
+            .nodes
+            .iter()
+            .enumerate()
+            .all(|(i, nd)| {
+                !nd.inputs.contains(&0)
+                    || (plan.int_layer[i]
+                        && matches!(&nd.op, Op::Layer(l) if l.kind == crate::model::graph::LayerKind::Linear))
+            });
     // Values observed: those read by a layer, in a group that gets parameters.
     let mut observed = vec![false; n + 1];
     for node in &graph.nodes {
@@ -551,22 +598,23 @@ pub fn calibrate_detailed(
             observed[node.inputs[0]] = true;
         }
     }
+    // A per-feature input has its own statistics.
+    if per_feature {
+        observed[0] = false;
+    }
     let observer_kind = opts.method.observer();
     let grid_search = match opts.method {
         Method::LidarPtq => opts.grid_search,
         _ => None,
     };
     let mut stats: BTreeMap<usize, GroupStats> = BTreeMap::new();
-    for (v, &seen) in observed.iter().enumerate().take(n + 1) {
-        if seen && !stats.contains_key(&plan.group[v]) {
-            stats.insert(
-                plan.group[v],
-                GroupStats {
-                    minmax: MinMax::new(),
-                    observer: observer_kind.map(|k| k.build()).transpose()?,
-                    samples: Vec::new(),
-                },
-            );
+    for (v, _) in observed.iter().enumerate().filter(|(_, o)| **o) {
+        if let std::collections::btree_map::Entry::Vacant(e) = stats.entry(plan.group[v]) {
+            e.insert(GroupStats {
+                minmax: MinMax::new(),
+                observer: observer_kind.map(|k| k.build()).transpose()?,
+                samples: Vec::new(),
+            });
         }
     }
 
@@ -578,6 +626,9 @@ pub fn calibrate_detailed(
         Vec::new()
     };
     let mut recon_frames: Vec<(FrameInput, Positives)> = Vec::new();
+    let width = cfg.pillar_input_width().unwrap_or(0);
+    let mut input_ranges = vec![(f32::INFINITY, f32::NEG_INFINITY); width];
+    let mut input_samples: Vec<Vec<f32>> = vec![Vec::new(); width];
 
     // The FP pass.
     let fp = QuantNet::from_folded(&graph, &folded, &float_model(&graph, provenance.clone()))?;
@@ -616,6 +667,7 @@ pub fn calibrate_detailed(
                     &observed,
                     points,
                     keep_data,
+                    per_feature,
                     recon_idx.contains(&k).then_some(&opts.recon.tgpl_options),
                 )?;
                 progress.inc(1);
@@ -631,7 +683,30 @@ pub fn calibrate_detailed(
                     .expect("observed value has stats");
                 st.minmax.observe(&[lo, hi])?;
             }
+            for (r, x) in input_ranges.iter_mut().zip(&out.input_ranges) {
+                *r = (r.0.min(x.0), r.1.max(x.1));
+            }
             for (v, t) in out.data {
+                if per_feature && v == 0 {
+                    if grid_search.is_some() && k < opts.grid_frames {
+                        for (j, samples) in input_samples.iter_mut().enumerate() {
+                            let nonzero: Vec<f32> = t
+                                .data
+                                .iter()
+                                .skip(j)
+                                .step_by(width)
+                                .copied()
+                                .filter(|&x| x != 0.0)
+                                .collect();
+                            if !nonzero.is_empty() {
+                                for _ in 0..per_frame_samples / width.max(1) + 1 {
+                                    samples.push(nonzero[rng.random_range(0..nonzero.len())]);
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let st = stats
                     .get_mut(&plan.group[v])
                     .expect("observed value has stats");
@@ -673,9 +748,50 @@ pub fn calibrate_detailed(
         };
         group_params.insert(g, q);
     }
-    let activations: Vec<Option<QParams>> = (0..=n)
-        .map(|v| plan.quantized(v).then(|| group_params[&plan.group[v]]))
+    let mut activations: Vec<Option<QParams>> = (0..=n)
+        .map(|v| {
+            group_params
+                .get(&plan.group[v])
+                .copied()
+                .filter(|_| plan.quantized(v))
+        })
         .collect();
+
+    // Per-feature input scales, folded into the weight columns of the input's readers.
+    let mut folded_q = folded.clone();
+    let input_scales = if per_feature {
+        let sym = Grid::activation(opts.activation_bits, Flavour::Symmetric);
+        let mut scales = Vec::with_capacity(width);
+        for (j, &(lo, hi)) in input_ranges.iter().enumerate() {
+            let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+            let q = match &grid_search {
+                Some(gs) if !input_samples[j].is_empty() => {
+                    gs.search(&input_samples[j], lo, hi, sym, Flavour::Symmetric)?
+                        .qparams
+                }
+                _ => QParams::for_range(lo, hi, sym, Flavour::Symmetric),
+            };
+            scales.push(q.scale);
+        }
+        activations[0] = Some(QParams {
+            scale: 1.0,
+            zero_point: sym.symmetric_zero_point(),
+            grid: sym,
+        });
+        for (i, nd) in graph.nodes.iter().enumerate() {
+            if nd.inputs.contains(&0)
+                && let Some(f) = folded_q[i].as_mut()
+            {
+                let cin = f.weight.shape[1];
+                for (k, w) in f.weight.data.iter_mut().enumerate() {
+                    *w *= scales[k % cin];
+                }
+            }
+        }
+        Some(scales)
+    } else {
+        None
+    };
 
     // Weights.
     let mut layers = Vec::with_capacity(n);
@@ -688,7 +804,7 @@ pub fn calibrate_detailed(
             layers.push(Some(LayerPlan::Float));
             continue;
         }
-        let f = folded[i].as_ref().expect("layer folded");
+        let f = folded_q[i].as_ref().expect("layer folded");
         let axis = weight_out_axis(l.kind);
         let w = match &grid_search {
             Some(gs) => {
@@ -712,6 +828,7 @@ pub fn calibrate_detailed(
         provenance,
         activations,
         layers,
+        input_scales,
     };
     init.validate(&graph).map_err(CalibError::Model)?;
     if !opts.reconstructs() {
@@ -724,6 +841,7 @@ pub fn calibrate_detailed(
         cfg,
         graph: &graph,
         folded: &folded,
+        folded_q: &folded_q,
         plan: &plan,
         opts: &opts.recon,
         seed: opts.seed,

@@ -4,7 +4,9 @@
 //! - `layers.<node>.codes` (I8, the weight's layout), `layers.<node>.scales` and
 //!   `layers.<node>.bias` (F32, per output channel) for every integer layer;
 //! - `activations.quantized` (U8 0/1), `activations.scale` (F32), `activations.zero_point`,
-//!   `activations.qmin`, `activations.qmax` (I32), one entry per graph value.
+//!   `activations.qmin`, `activations.qmax` (I32), one entry per graph value;
+//! - `input_scales` (F32, one per decorated feature) when the input is quantized per
+//!   feature.
 //!
 //! Metadata: one sorted JSON string map (as the FP32 weights file stores it) with the
 //! format tag, the provenance (FP32 weights digest, model config YAML, method and its
@@ -123,6 +125,14 @@ pub fn to_bytes(model: &QuantModel, graph: &Graph) -> Result<Vec<u8>, String> {
         vec![v],
         quantized,
     ));
+    if let Some(scales) = &model.input_scales {
+        tensors.push((
+            "input_scales".into(),
+            Dtype::F32,
+            vec![scales.len()],
+            le_bytes(scales, f32::to_le_bytes),
+        ));
+    }
     tensors.push((
         "activations.scale".into(),
         Dtype::F32,
@@ -379,6 +389,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
             }
         });
     }
+    let input_scales = match st.tensor("input_scales") {
+        Ok(_) => Some(f32s(tensor("input_scales", Dtype::F32, None, &mut used)?)),
+        Err(_) => None,
+    };
     if let Some((name, _)) = st.tensors().into_iter().find(|(n, _)| !used.contains(n)) {
         return Err(bad(format!("unexpected tensor `{name}`")));
     }
@@ -386,6 +400,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(QuantModel, ModelConfig)
         provenance,
         activations,
         layers,
+        input_scales,
     };
     model.validate(&graph).map_err(bad)?;
     Ok((model, cfg))

@@ -74,6 +74,16 @@ pub struct QuantModel {
     pub activations: Vec<Option<QParams>>,
     /// Indexed by node; `None` for glue nodes.
     pub layers: Vec<Option<LayerPlan>>,
+    /// Per-feature scales of the network input (value 0), or `None` (one scale, as every
+    /// other value). The decorated features mix metres over the whole range with
+    /// centimetre offsets inside a pillar, which one 8-bit scale cannot hold. When set,
+    /// feature `j` is quantized with `QParams { scale: input_scales[j], ..activations[0] }`
+    /// (so `activations[0]` must be symmetric: one zero point for every feature, and has
+    /// scale 1), and the weight codes of the layers reading value 0 quantize
+    /// `W[c, j] * input_scales[j]`: the integer layer then runs unchanged with input scale
+    /// 1. A float layer reading value 0 dequantizes feature `j` with its own scale.
+    #[serde(default)]
+    pub input_scales: Option<Vec<f32>>,
 }
 
 /// Per-channel symmetric max-abs weight quantization (the baseline every method starts
@@ -138,6 +148,31 @@ impl QuantModel {
                     && (p.grid.qmin..=p.grid.qmax).contains(&p.zero_point))
             {
                 return Err(format!("value {v}: invalid activation parameters {p:?}"));
+            }
+        }
+        if let Some(scales) = &self.input_scales {
+            let Some(p) = self.activations[0] else {
+                return Err("per-feature input scales without input parameters".into());
+            };
+            if p.scale != 1.0 || p.zero_point != p.grid.symmetric_zero_point() {
+                return Err(format!(
+                    "per-feature input scales need a symmetric input with scale 1, got {p:?}"
+                ));
+            }
+            if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err("per-feature input scales must be finite and positive".into());
+            }
+            for n in graph.nodes.iter().filter(|n| n.inputs.contains(&0)) {
+                match &n.op {
+                    Op::Layer(l) if l.in_channels == scales.len() => {}
+                    _ => {
+                        return Err(format!(
+                            "{}: {} per-feature input scales do not fit this reader of the input",
+                            n.name,
+                            scales.len()
+                        ));
+                    }
+                }
             }
         }
         for (i, (n, plan)) in graph.nodes.iter().zip(&self.layers).enumerate() {

@@ -133,6 +133,54 @@ impl QValue {
     }
 }
 
+/// The network input (value 0) as the model quantizes it: one scale, or one scale per
+/// feature (the last axis) when `input_scales` is set (see `QuantModel::input_scales`).
+pub fn quantize_input(x: &Tensor, params: QParams, input_scales: Option<&[f32]>) -> QValue {
+    let Some(scales) = input_scales else {
+        return QValue::quantize(x, params);
+    };
+    let f = scales.len().max(1);
+    let zp = params.zero_point;
+    let data = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let q = QParams {
+                scale: scales[i % f],
+                ..params
+            };
+            (q.quantize(v) - zp) as f32
+        })
+        .collect();
+    QValue::Quant {
+        centered: Tensor {
+            shape: x.shape.clone(),
+            data,
+        },
+        params,
+    }
+}
+
+/// The network input in reals: [`QValue::to_float`], per feature with `input_scales`.
+pub fn input_to_float(x: &QValue, input_scales: Option<&[f32]>) -> Tensor {
+    match (x, input_scales) {
+        (QValue::Quant { centered, .. }, Some(scales)) => {
+            let f = scales.len().max(1);
+            Tensor {
+                shape: centered.shape.clone(),
+                data: centered
+                    .data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| scales[i % f] * c)
+                    .collect(),
+            }
+        }
+        _ => x.to_float(),
+    }
+}
+
 /// Input channels of one exact-GEMM group and the weight codes restricted to them.
 #[derive(Debug, Clone)]
 struct WeightGroup {
@@ -470,7 +518,7 @@ impl QuantNet {
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let x = Tensor::new(vec![p, n, f], input.decorated.to_vec()).map_err(op_err("input"))?;
         Ok(match self.model.activations[0] {
-            Some(q) => QValue::quantize(&x, q),
+            Some(q) => quantize_input(&x, q, self.model.input_scales.as_deref()),
             None => QValue::Float(x),
         })
     }
@@ -508,9 +556,19 @@ impl QuantNet {
                 layer.run(l.kind, l.relu, x).map_err(&err)?
             }
             (Op::Layer(l), Plan::Float(f)) => {
+                let scales = if node.inputs[0] == 0 {
+                    self.model.input_scales.as_deref()
+                } else {
+                    None
+                };
                 let y = match arg(0)? {
                     QValue::Float(x) => crate::engine::fp32::run_layer(l.kind, x, f, l.relu),
-                    q => crate::engine::fp32::run_layer(l.kind, &q.to_float(), f, l.relu),
+                    q => crate::engine::fp32::run_layer(
+                        l.kind,
+                        &input_to_float(q, scales),
+                        f,
+                        l.relu,
+                    ),
                 }
                 .map_err(&err)?;
                 match self.model.activations[i + 1] {
@@ -622,6 +680,7 @@ pub fn float_model(graph: &Graph, provenance: super::model::Provenance) -> Quant
             .iter()
             .map(|n| matches!(n.op, Op::Layer(_)).then_some(LayerPlan::Float))
             .collect(),
+        input_scales: None,
     }
 }
 

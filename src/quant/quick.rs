@@ -138,5 +138,6 @@ pub fn minmax_quick(
         },
         activations,
         layers,
+        input_scales: None,
     })
 }

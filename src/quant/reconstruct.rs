@@ -38,7 +38,7 @@ use super::adaround::{AdaRound, BetaSchedule, DEFAULT_REG_WEIGHT};
 use super::calibrate::{CalibError, FrameInput, QuantPlan};
 use super::fake_quant::{GradScale, fake_quant, fake_quant_backward};
 use super::model::{LayerPlan, LayerWeights, QuantModel};
-use super::qnet::{QValue, QuantNet, float_model, weight_out_axis};
+use super::qnet::{QValue, QuantNet, float_model, quantize_input, weight_out_axis};
 use super::scheme::{Grid, MIN_SCALE, QParams};
 use super::tgpl::{Positives, TgplOptions, heatmap_loss, regression_loss};
 use crate::engine::fp32::{FoldedLayer, cells, concat_pillar_max, run_layer};
@@ -191,7 +191,11 @@ impl ReconOptions {
 pub struct Context<'a> {
     pub cfg: &'a ModelConfig,
     pub graph: &'a Graph,
+    /// FP32 folded layers (the FP model and the FP rest of the network).
     pub folded: &'a [Option<FoldedLayer>],
+    /// The layers the quantized network runs: `folded`, with per-feature input scales
+    /// folded into the input's readers.
+    pub folded_q: &'a [Option<FoldedLayer>],
     pub plan: &'a QuantPlan,
     pub opts: &'a ReconOptions,
     pub seed: u64,
@@ -498,10 +502,16 @@ pub fn reconstruct(
     Ok(reconstruct_with_report(ctx, init, frames, progress)?.0)
 }
 
+/// Whether unit `i` learns the step size of its input: it is the group's first integer
+/// reader, and the group is not the per-feature-scaled network input (fixed).
+fn owns(ctx: &Context<'_>, init: &QuantModel, i: usize) -> bool {
+    let g = ctx.plan.group[ctx.graph.nodes[i].inputs[0]];
+    ctx.plan.owner[g] == Some(i) && !(init.input_scales.is_some() && g == ctx.plan.group[0])
+}
+
 /// Whether unit `i` has anything to learn.
-fn learns(ctx: &Context<'_>, i: usize) -> bool {
-    let u = ctx.graph.nodes[i].inputs[0];
-    ctx.opts.adaround || ctx.plan.owner[ctx.plan.group[u]] == Some(i)
+fn learns(ctx: &Context<'_>, init: &QuantModel, i: usize) -> bool {
+    ctx.opts.adaround || owns(ctx, init, i)
 }
 
 /// [`reconstruct`] with the per-unit reports.
@@ -537,8 +547,24 @@ pub fn reconstruct_with_report(
         fp[0] = Some(x0);
         states.push(FrameState { input, pos, q, fp });
     }
+    // Per-feature input scales are fixed by the statistics: the input is quantized from
+    // the start.
+    if init.input_scales.is_some() {
+        model.input_scales = init.input_scales.clone();
+        for v in ctx.plan.members(ctx.plan.group[0]) {
+            model.activations[v] = init.activations[v];
+        }
+        let p = init.activations[0]
+            .ok_or_else(|| CalibError::Model("per-feature input without parameters".into()))?;
+        for s in &mut states {
+            if let Some(QValue::Float(t)) = &s.q[0] {
+                s.q[0] = Some(quantize_input(t, p, init.input_scales.as_deref()));
+            }
+        }
+        qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+    }
     let units: Vec<usize> = (0..n)
-        .filter(|&i| ctx.plan.int_layer[i] && learns(ctx, i))
+        .filter(|&i| ctx.plan.int_layer[i] && learns(ctx, &init, i))
         .collect();
     progress.set_length((units.len() * ctx.opts.iters) as u64);
     progress.set_position(0);
@@ -554,7 +580,7 @@ pub fn reconstruct_with_report(
             };
             let u = node.inputs[0];
             let g = ctx.plan.group[u];
-            let owns = ctx.plan.owner[g] == Some(i);
+            let owns = owns(ctx, &init, i);
             let in0 = init.activations[u].ok_or_else(|| {
                 CalibError::Model(format!("{}: quantized input without parameters", node.name))
             })?;
@@ -563,7 +589,7 @@ pub fn reconstruct_with_report(
                 .par_iter()
                 .map(|s| Ok(fpnet.run_node(i, &s.fp, &s.input.net_input())?.into_float()))
                 .collect::<Result<_, CalibError>>()?;
-            let (w, in_params) = if learns(ctx, i) {
+            let (w, in_params) = if learns(ctx, &init, i) {
                 let k = units.iter().position(|&x| x == i).expect("unit");
                 progress.set_message(format!("unit {}/{} {}", k + 1, units.len(), node.name));
                 let (w, p, report) =
@@ -731,7 +757,7 @@ fn optimise_unit(
         source,
     };
     let opts = ctx.opts;
-    let folded = ctx.folded[i].as_ref().expect("layer folded");
+    let folded = ctx.folded_q[i].as_ref().expect("layer folded");
     let layer = UnitLayer {
         kind: l.kind,
         relu: l.relu,

@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 18] = [
+const KERNELS: [&str; 19] = [
     "cast_f16",
     "dequant_u8",
+    "dequant_u8_pf",
     "quant_f32",
     "fill_f32",
     "im2col_f32",

@@ -41,6 +41,13 @@ extern "C" __global__ void dequant_u8(const u8* x, long long n, float scale, int
     GRID_STRIDE(i, n) { y[i] = __fmul_rn(scale, (float)((int)x[i] - zp)); }
 }
 
+// The network input with per-feature scales (QuantModel::input_scales): entry i is
+// feature i % width.
+extern "C" __global__ void dequant_u8_pf(const u8* x, long long n, const float* scales,
+                                         int width, int zp, float* y) {
+    GRID_STRIDE(i, n) { y[i] = __fmul_rn(scales[i % width], (float)((int)x[i] - zp)); }
+}
+
 // QParams::quantize: round(x / scale) half-to-even, NaN -> 0, clamped, plus the zero point.
 extern "C" __global__ void quant_f32(const float* x, long long n, float scale, int zp,
                                      int qmin, int qmax, u8* y) {

@@ -183,6 +183,9 @@ pub(super) struct LayerCall<'a> {
     pub(super) xs: Shape,
     /// Input pointer and its parameters (codes when `Some`).
     pub(super) x: (u64, Option<QParams>),
+    /// The network input's per-feature scales (device pointer and count) when this layer
+    /// reads it and the model has them; `(0, 0)` otherwise.
+    pub(super) x_scales: (u64, usize),
     pub(super) os: Shape,
     /// Output pointer and its parameters.
     pub(super) y: (u64, Option<QParams>),
@@ -229,7 +232,14 @@ pub(super) fn run_float(
             g.ensure(&mut sc.fin, 4 * n)?;
             let (src, dst, ni) = (c.x.0, sc.fin.ptr, i64_of(n)?);
             let (scale, zp) = (q.scale, q.zero_point);
-            g.launch("dequant_u8", n, &[P(src), L(ni), F(scale), I(zp), P(dst)])?;
+            match c.x_scales {
+                (0, _) => g.launch("dequant_u8", n, &[P(src), L(ni), F(scale), I(zp), P(dst)])?,
+                (scales, width) => g.launch(
+                    "dequant_u8_pf",
+                    n,
+                    &[P(src), L(ni), P(scales), I(i32_of(width)?), I(zp), P(dst)],
+                )?,
+            }
             sc.fin.ptr
         }
         None => c.x.0,

@@ -148,6 +148,9 @@ pub struct CudaEngine {
     /// Activation parameters per value (INT8; all `None` in float precisions): a value
     /// with parameters is u8 codes on the device, otherwise f32.
     acts: Vec<Option<QParams>>,
+    /// Per-feature scales of the input codes (`QuantModel::input_scales`), and on the GPU.
+    input_scales: Option<Vec<f32>>,
+    input_scales_dev: DBuf,
     steps: Vec<Step>,
     groups: Vec<Group>,
     /// Each group's stacked output.
@@ -203,6 +206,14 @@ impl CudaEngine {
             _ => (vec![None; nv], vec![None; graph.nodes.len()]),
         };
         let half = matches!(precision, CudaPrecision::Fp16);
+        let input_scales = match precision {
+            CudaPrecision::Int8(qm) => qm.input_scales.clone(),
+            _ => None,
+        };
+        let input_scales_dev = match &input_scales {
+            Some(s) => gpu.alloc_from(s)?,
+            None => DBuf::default(),
+        };
         let (groups, group_of) = plan_groups(&gpu, graph, &plans, &acts, &folded, half)?;
         let (batches, batch_of) = plan_batches(
             &gpu, graph, &plans, &acts, &folded, half, &groups, &group_of,
@@ -280,6 +291,8 @@ impl CudaEngine {
             graph: graph.clone(),
             precision: precision.name(),
             acts,
+            input_scales,
+            input_scales_dev,
             steps,
             group_out: groups.iter().map(|_| DBuf::default()).collect(),
             groups,
@@ -368,13 +381,26 @@ impl CudaEngine {
         self.shapes[0] = Shape::new(&[p, n, f]);
         match self.acts[0] {
             Some(q) => {
+                // One scale, or one per feature (as the CPU INT8 engine).
+                let per_feature: Vec<QParams> = match &self.input_scales {
+                    Some(s) if s.len() != f => {
+                        return Err(EngineError::Input(format!(
+                            "{f} features per point, the model has input scales for {}",
+                            s.len()
+                        )));
+                    }
+                    Some(s) => s.iter().map(|&scale| QParams { scale, ..q }).collect(),
+                    None => vec![q],
+                };
+                let width = per_feature.len();
+                let chunk = 4096 * width;
                 self.host_in.resize(p * n * f, 0);
                 self.host_in
-                    .par_chunks_mut(4096)
-                    .zip(input.decorated.par_chunks(4096))
+                    .par_chunks_mut(chunk)
+                    .zip(input.decorated.par_chunks(chunk))
                     .for_each(|(d, s)| {
-                        for (d, &x) in d.iter_mut().zip(s) {
-                            *d = q.quantize(x) as u8;
+                        for (k, (d, &x)) in d.iter_mut().zip(s).enumerate() {
+                            *d = per_feature[k % width].quantize(x) as u8;
                         }
                     });
                 g.ensure(&mut self.vals[0], p * n * f)?;
@@ -517,6 +543,10 @@ impl CudaEngine {
                         exec,
                         xs,
                         x: (self.vals[x].ptr, self.acts[x]),
+                        x_scales: match &self.input_scales {
+                            Some(s) if x == 0 => (self.input_scales_dev.ptr, s.len()),
+                            _ => (0, 0),
+                        },
                         os,
                         y: (yv.ptr, out_q),
                     },
