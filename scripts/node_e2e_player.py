@@ -9,8 +9,11 @@ calibrate  The node starts without an INT8 model and calibrates online.
   int8         more frames at the sensor rate on the INT8 engine;
   burst        frames at BURST_FACTOR x the rate (the node must drop, not queue);
   after        frames at the rate again (the node must still answer).
-replay     The bag once at the sensor rate (phase `replay`): the restarted node must
-           answer with the cached INT8 model from its first scan.
+replay     The bag at the sensor rate (phase `replay`): the restarted node must answer
+           with the cached INT8 model from its first scan. When the node is slower than
+           the sensor, newest-scan-wins skips scans; the scans not answered are played
+           again (at the same rate) until each has an answer, at most --replay-passes
+           times, so that the answers cover the bag as `lidar_ptq eval` does.
 
 Every cloud is re-stamped with the current time when published (so latency = receive
 time - stamp); answers are mapped back to the bag's stamps for scoring. Writes
@@ -217,6 +220,7 @@ def main():
     ap.add_argument("--burst-frames", type=int, default=40)
     ap.add_argument("--int8-frames", type=int, default=30)
     ap.add_argument("--after-frames", type=int, default=20)
+    ap.add_argument("--replay-passes", type=int, default=6)
     ap.add_argument("--calibration-timeout-s", type=float, default=900.0)
     ap.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the node")
     a = ap.parse_args()
@@ -248,20 +252,33 @@ def main():
     played = 0  # frames published so far (the bag index is played % n)
     malformed_sent = []
 
-    def play(phase, step):
+    def play(phase, step, index=None):
         nonlocal next_t, played
         delay = next_t - time.time()
         if delay > 0:
             time.sleep(delay)
-        bag_stamp, msg = clouds[played % n]
-        node.publish(msg, bag_stamp, phase, played < n)
+        bag_stamp, msg = clouds[played % n if index is None else index]
+        node.publish(msg, bag_stamp, phase, played < n or index is not None)
         played += 1
         next_t += step
 
+    def answered_bag_stamps():
+        with node.lock:
+            stamps = {a_.header.stamp.sec * 1_000_000_000 + a_.header.stamp.nanosec for _, a_ in node.answers}
+            return {node.sent[s][0] for s in stamps if s in node.sent}
+
     timed_out = False
+    replay_passes = 0
     if a.scenario == "replay":
-        for _ in range(n):
-            play("replay", period)
+        todo = list(range(n))
+        while todo and replay_passes < a.replay_passes:
+            replay_passes += 1
+            for i in todo:
+                play("replay", period, i)
+            time.sleep(max(0.0, next_t - time.time()) + 1.0)  # the last answers
+            done = answered_bag_stamps()
+            todo = [i for i in range(n) if clouds[i][0] not in done]
+            next_t = time.time()
     else:
         broken = malformed_variants(clouds[0][1])
         malformed_at = {5: 0, 15: 1, 25: 2}
@@ -309,7 +326,7 @@ def main():
     node.destroy_node()
     rclpy.shutdown()
 
-    collected, seen = [], set()
+    collected, seen, collected_stamps = [], set(), set()
     unexpected = answered_malformed = frame_mismatch = 0
     latency = {"all": [], "fp32": [], "int8": []}
     latency_by_phase, answered_by_phase = {}, {}
@@ -349,8 +366,10 @@ def main():
         if switch_stamp is not None and stamp == switch_stamp and prev_recv is not None:
             switch_gap_ms = (recv - prev_recv) / 1e6
         prev_recv = recv
-        # The first pass over the bag only, so that every bag stamp is answered at most once.
-        if first_pass:
+        # Every bag stamp at most once: in `calibrate` the first pass over the bag, in
+        # `replay` the first answer to each scan.
+        if first_pass and bag_stamp not in collected_stamps:
+            collected_stamps.add(bag_stamp)
             collected.append({"stamp_ns": bag_stamp, "frame_id": msg.header.frame_id,
                               "detections": [detection_json(d) for d in msg.detections]})
 
@@ -364,6 +383,8 @@ def main():
         "frames_in": len(sent),
         "frames_out": len(seen),
         "bag_frames": n,
+        "bag_frames_answered": len(collected_stamps),
+        "replay_passes": replay_passes,
         "sent_by_phase": sent_phase,
         "answered_by_phase": answered_by_phase,
         "malformed_sent": malformed_sent,

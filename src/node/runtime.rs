@@ -100,7 +100,7 @@ fn declare_parameters(node: &r2r::Node) -> Result<NodeParams, ParamError> {
 pub fn run() -> Result<(), NodeError> {
     let ctx = r2r::Context::create()?;
     let mut node = r2r::Node::create(ctx, NODE_NAME, "")?;
-    super::rosout::install(node.logger(), log::LevelFilter::Info);
+    super::rosout::install(&mut node, log::LevelFilter::Info);
     let params = declare_parameters(&node)?;
     let startup = start(&params)?;
     for (level, note) in &startup.notes {
