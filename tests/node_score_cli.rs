@@ -181,7 +181,10 @@ fn node_score_agrees_with_eval_fp32_and_int8() {
     let m = lidar_ptq::node::engine::Fp32Model::load(&params).unwrap();
     let q = lidar_ptq::quant::file::load_for(&int8, &m.config, &m.weights).unwrap();
     let scans = score::read_scans(&bag, &params).unwrap();
-    for (int8_arg, mut det) in [(None, m.fp32().unwrap()), (Some(&int8), m.int8(&q).unwrap())] {
+    for (int8_arg, mut det) in [
+        (None, m.fp32().unwrap()),
+        (Some(&int8), m.int8(&q).unwrap()),
+    ] {
         let collected =
             score::detect_offline(&mut det, &scans, &params, &indicatif::ProgressBar::hidden())
                 .unwrap();
@@ -216,10 +219,16 @@ fn node_score_agrees_with_eval_fp32_and_int8() {
         assert!(ok, "{err}");
         let e: serde_json::Value = serde_json::from_str(&out).unwrap();
         let eval_map = e["mAP"].as_f64().unwrap();
-        assert!(eval_map > 0.05, "the default model finds objects: {eval_map}");
+        assert!(
+            eval_map > 0.05,
+            "the default model finds objects: {eval_map}"
+        );
         for key in ["mAP", "offline_mAP", "offline_mAP_all_frames"] {
             let got = v[key].as_f64().unwrap();
-            assert!((got - eval_map).abs() < 1e-12, "{key} {got} vs eval {eval_map} ({int8_arg:?})");
+            assert!(
+                (got - eval_map).abs() < 1e-12,
+                "{key} {got} vs eval {eval_map} ({int8_arg:?})"
+            );
         }
     }
 }

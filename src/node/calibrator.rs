@@ -44,8 +44,8 @@ pub enum CalibJobError {
 /// asymmetric activations, every LiDAR-PTQ component on) with the configured
 /// reconstruction iterations.
 pub fn options(params: &CalibrationParams) -> Result<CalibOptions, CalibJobError> {
-    let method =
-        Method::from_name(&params.method).ok_or_else(|| CalibJobError::Method(params.method.clone()))?;
+    let method = Method::from_name(&params.method)
+        .ok_or_else(|| CalibJobError::Method(params.method.clone()))?;
     let mut o = CalibOptions::new(method);
     o.recon.iters = params.iters;
     Ok(o)
@@ -369,8 +369,8 @@ mod tests {
 
     /// A self-describing tiny model file with seeded weights.
     fn tiny_model(path: &Path, seed: u64) {
-        let cfg = ModelConfig::from_yaml(include_str!("../../tests/fixtures/tiny_model.yaml"))
-            .unwrap();
+        let cfg =
+            ModelConfig::from_yaml(include_str!("../../tests/fixtures/tiny_model.yaml")).unwrap();
         let meta = BTreeMap::from([(MODEL_CONFIG_KEY.to_string(), cfg.to_yaml())]);
         Weights::init(&Graph::build(&cfg).unwrap(), seed)
             .save(path, &meta)
@@ -461,13 +461,20 @@ mod tests {
         let probe = scans(5).pop().unwrap();
         let got = switch.engine().detect(&probe).unwrap();
         assert_eq!(got, reference.detect(&probe).unwrap());
-        assert!(!got.is_empty(), "seeded tiny model with a low threshold finds boxes");
+        assert!(
+            !got.is_empty(),
+            "seeded tiny model with a low threshold finds boxes"
+        );
 
         // A restart uses the cache without calibrating ...
         let st = start(&p).unwrap();
         assert_eq!(st.engine.precision(), ActivePrecision::Int8);
         assert_eq!(st.plan, CalibrationPlan::None);
-        assert!(st.notes.iter().any(|(_, n)| n.contains("cached INT8")), "{:?}", st.notes);
+        assert!(
+            st.notes.iter().any(|(_, n)| n.contains("cached INT8")),
+            "{:?}",
+            st.notes
+        );
         // ... also with precision int8, and with other thresholds (decoding only).
         let p8 = params(
             dir.path(),
@@ -476,7 +483,10 @@ mod tests {
                 ("score_threshold", ParamValue::Double(0.4)),
             ],
         );
-        assert_eq!(start(&p8).unwrap().engine.precision(), ActivePrecision::Int8);
+        assert_eq!(
+            start(&p8).unwrap().engine.precision(),
+            ActivePrecision::Int8
+        );
 
         // Another method, or other weights under the same path: recalibrate.
         let other_method = params(
@@ -486,12 +496,18 @@ mod tests {
         let st = start(&other_method).unwrap();
         assert_eq!(st.engine.precision(), ActivePrecision::Fp32);
         assert_eq!(st.plan, CalibrationPlan::Online);
-        assert!(st.notes.iter().any(|(_, n)| n.contains("method minmax")), "{:?}", st.notes);
+        assert!(
+            st.notes.iter().any(|(_, n)| n.contains("method minmax")),
+            "{:?}",
+            st.notes
+        );
         tiny_model(&dir.path().join("tiny.safetensors"), 8);
         let st = start(&p).unwrap();
         assert_eq!(st.engine.precision(), ActivePrecision::Fp32);
         assert!(
-            st.notes.iter().any(|(_, n)| n.contains("other FP32 weights")),
+            st.notes
+                .iter()
+                .any(|(_, n)| n.contains("other FP32 weights")),
             "{:?}",
             st.notes
         );
@@ -509,7 +525,10 @@ mod tests {
             ],
         );
         let e = start(&with_path).err().unwrap().to_string();
-        assert!(e.contains("int8_model_path") && e.contains("other FP32 weights"), "{e}");
+        assert!(
+            e.contains("int8_model_path") && e.contains("other FP32 weights"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -548,8 +567,8 @@ mod tests {
             frames: 6,
             ..Default::default()
         };
-        let bag = crate::sim::record::record(&scene, &opts, &dir.path().join("bag"), |_| {})
-            .unwrap();
+        let bag =
+            crate::sim::record::record(&scene, &opts, &dir.path().join("bag"), |_| {}).unwrap();
         let decode = DecodeOptions::default();
         let all = crate::source::read_bag_scans(&bag, None, &decode, |_| true).unwrap();
         assert_eq!(all.len(), 6);
@@ -571,11 +590,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(taken, vec![(1, 3), (2, 3), (3, 3)]);
-        let want: Vec<Points> = want_idx.iter().map(|&i| all[i].scan.points.clone()).collect();
+        let want: Vec<Points> = want_idx
+            .iter()
+            .map(|&i| all[i].scan.points.clone())
+            .collect();
         assert_eq!(got, want);
         // Asking for more than the bag has gives what there is.
-        let got = select_from_bag(&bag, &decode, ScanSelector::new(10, 0.0, 1.0), |_, _| {})
-            .unwrap();
+        let got =
+            select_from_bag(&bag, &decode, ScanSelector::new(10, 0.0, 1.0), |_, _| {}).unwrap();
         assert_eq!(got.len(), 6);
         let e = select_from_bag(
             &dir.path().join("nope"),
@@ -592,7 +614,8 @@ mod tests {
     #[test]
     fn calibration_threads_run_at_the_lowest_priority() {
         // SAFETY: reads the calling thread's priority.
-        let prio = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let prio =
+            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
         let before = prio();
         let lowered = std::thread::spawn(move || {
             lower_priority();

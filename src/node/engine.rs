@@ -335,7 +335,9 @@ pub fn start(params: &NodeParams) -> Result<Startup, StartError> {
         ),
         CalibrationMode::FromBag => {
             let bag = params.calibration.bag_path.clone().ok_or_else(|| {
-                StartError::Unsupported("calibration.mode from-bag needs calibration.bag_path".into())
+                StartError::Unsupported(
+                    "calibration.mode from-bag needs calibration.bag_path".into(),
+                )
             })?;
             (
                 CalibrationState::Collecting { have: 0, want },

@@ -133,12 +133,8 @@ mod tests {
                 2 => c.row_step = rng.random_range(0..2000),
                 3 => c.width = rng.random_range(0..80),
                 4 if nf > 0 => c.fields[rng.random_range(0..nf)].count = rng.random_range(0..3),
-                5 if nf > 0 => {
-                    c.fields[rng.random_range(0..nf)].datatype = rng.random_range(0..12)
-                }
-                6 if nf > 0 => {
-                    c.fields[rng.random_range(0..nf)].offset = rng.random_range(0..40)
-                }
+                5 if nf > 0 => c.fields[rng.random_range(0..nf)].datatype = rng.random_range(0..12),
+                6 if nf > 0 => c.fields[rng.random_range(0..nf)].offset = rng.random_range(0..40),
                 _ if nf > 0 => {
                     c.fields.remove(rng.random_range(0..nf));
                 }
@@ -162,7 +158,17 @@ mod tests {
             .collect();
         assert_eq!(
             logged,
-            vec![(0, 0), (1, 0), (2, 0), (100, 97), (101, 0), (102, 0), (200, 97), (201, 0), (202, 0)]
+            vec![
+                (0, 0),
+                (1, 0),
+                (2, 0),
+                (100, 97),
+                (101, 0),
+                (102, 0),
+                (200, 97),
+                (201, 0),
+                (202, 0)
+            ]
         );
     }
 }

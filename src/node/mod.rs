@@ -11,9 +11,9 @@
 
 pub mod calib;
 pub mod calibrator;
-pub mod intake;
 pub mod diagnostics;
 pub mod engine;
+pub mod intake;
 pub mod mailbox;
 pub mod output;
 pub mod params;

@@ -552,11 +552,7 @@ impl NodeParams {
         }
         let iters = r.integer("calibration.iters")?;
         if !(1..=100_000).contains(&iters) {
-            return Err(invalid(
-                "calibration.iters",
-                iters,
-                "must be in 1..=100000",
-            ));
+            return Err(invalid("calibration.iters", iters, "must be in 1..=100000"));
         }
         let bag_path = r.optional_path("calibration.bag_path")?;
         if mode == CalibrationMode::FromBag && bag_path.is_none() {

@@ -159,12 +159,14 @@ pub fn score(
     let mut all_truth = Vec::with_capacity(scans.len());
     let mut all_off = Vec::with_capacity(scans.len());
     for s in scans {
-        let o = offline_by_stamp.get(&s.header.stamp_nanos()).ok_or_else(|| {
-            ScoreError::Collected(format!(
-                "no offline result for stamp {}",
-                s.header.stamp_nanos()
-            ))
-        })?;
+        let o = offline_by_stamp
+            .get(&s.header.stamp_nanos())
+            .ok_or_else(|| {
+                ScoreError::Collected(format!(
+                    "no offline result for stamp {}",
+                    s.header.stamp_nanos()
+                ))
+            })?;
         all_truth.push(s.scan.objects.as_slice());
         all_off.push(o.detections.as_slice());
     }
