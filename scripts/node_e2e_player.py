@@ -1,13 +1,25 @@
-"""Plays a simulated bag to lidar_ptq_node over ROS 2 and collects what it answers.
+"""Plays a simulated bag to lidar_ptq_node over ROS 2 and records what it answers.
 
-Used by scripts/test-node-e2e (run inside a loopback-only network namespace). Phases:
-  steady  frames at the sensor rate, with malformed clouds (truncated data, no `x`
-          field, absurd point_step) slipped in between;
-  burst   frames at BURST_FACTOR x the rate (the node must drop, not queue);
-  after   frames at the rate again (the node must still answer).
+Used by scripts/test-node-e2e (inside a loopback-only network namespace). Scenarios:
+
+calibrate  The node starts without an INT8 model and calibrates online.
+  calibrating  frames at the sensor rate (the bag looped) until the node's /rosout says
+               it switched to INT8, with three malformed clouds (truncated data, no `x`
+               field, absurd point_step) slipped in early;
+  int8         more frames at the sensor rate on the INT8 engine;
+  burst        frames at BURST_FACTOR x the rate (the node must drop, not queue);
+  after        frames at the rate again (the node must still answer).
+replay     The bag at the sensor rate (phase `replay`): the restarted node must answer
+           with the cached INT8 model from its first scan. When the node is slower than
+           the sensor, newest-scan-wins skips scans; the scans not answered are played
+           again (at the same rate) until each has an answer, at most --replay-passes
+           times, so that the answers cover the bag as `lidar_ptq eval` does.
+
 Every cloud is re-stamped with the current time when published (so latency = receive
 time - stamp); answers are mapped back to the bag's stamps for scoring. Writes
-collected.json (answers with bag stamps) and player.json (counts, latencies, memory).
+<prefix>collected.json (answers with bag stamps; in `calibrate`, only the first pass over
+the bag) and <prefix>player.json (counts, latencies, gaps, memory, the node's /rosout and
+last diagnostics).
 """
 
 import argparse
@@ -15,19 +27,24 @@ import glob
 import json
 import math
 import os
+import re
 import threading
 import time
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from mcap.reader import make_reader
+from rcl_interfaces.msg import Log
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Float64
 from vision_msgs.msg import Detection3DArray
+
+NODE_LOGGER = "lidar_ptq_node"
+SWITCH_RE = re.compile(r"switched engine fp32 -> int8 from the scan stamped (\d+)\.(\d{9})")
 
 
 def percentile(values, q):
@@ -37,6 +54,16 @@ def percentile(values, q):
     v = sorted(values)
     rank = min(max(math.ceil(q * len(v)), 1), len(v))
     return v[rank - 1]
+
+
+def summary(values):
+    return {
+        "n": len(values),
+        "p50": percentile(values, 0.5),
+        "p90": percentile(values, 0.9),
+        "p99": percentile(values, 0.99),
+        "max": max(values) if values else None,
+    }
 
 
 def read_clouds(bag_dir, topic):
@@ -74,52 +101,49 @@ def alive(pid):
         return False
 
 
+def broken_copy(template, **changes):
+    m = PointCloud2()
+    m.header.frame_id = template.header.frame_id
+    m.height, m.width = template.height, template.width
+    m.fields, m.is_bigendian = template.fields, template.is_bigendian
+    m.point_step, m.row_step, m.is_dense = template.point_step, template.row_step, template.is_dense
+    m.data = template.data
+    for k, v in changes.items():
+        setattr(m, k, v)
+    return m
+
+
 def malformed_variants(template):
     """Three broken copies of a real cloud."""
-    out = []
-    m = PointCloud2()
-    m.header.frame_id = template.header.frame_id
-    m.height, m.width = template.height, template.width
-    m.fields, m.is_bigendian = template.fields, template.is_bigendian
-    m.point_step, m.row_step, m.is_dense = template.point_step, template.row_step, template.is_dense
-    m.data = bytes(template.data)[: len(template.data) // 2]  # truncated data
-    out.append(("truncated", m))
-    m = PointCloud2()
-    m.header.frame_id = template.header.frame_id
-    m.height, m.width = template.height, template.width
-    fields = []
-    for f in template.fields:
-        g = type(f)(name=("q" if f.name == "x" else f.name), offset=f.offset, datatype=f.datatype, count=f.count)
-        fields.append(g)
-    m.fields, m.is_bigendian = fields, template.is_bigendian
-    m.point_step, m.row_step, m.is_dense = template.point_step, template.row_step, template.is_dense
-    m.data = template.data  # no `x` field
-    out.append(("missing_x", m))
-    m = PointCloud2()
-    m.header.frame_id = template.header.frame_id
-    m.height, m.width = template.height, template.width
-    m.fields, m.is_bigendian = template.fields, template.is_bigendian
-    m.point_step = 1_000_000_000  # absurd point_step
-    m.row_step, m.is_dense = template.row_step, template.is_dense
-    m.data = template.data
-    out.append(("absurd_point_step", m))
-    return out
+    no_x = [type(f)(name=("q" if f.name == "x" else f.name), offset=f.offset, datatype=f.datatype,
+                    count=f.count) for f in template.fields]
+    return [
+        ("truncated", broken_copy(template, data=bytes(template.data)[: len(template.data) // 2])),
+        ("missing_x", broken_copy(template, fields=no_x)),
+        ("absurd_point_step", broken_copy(template, point_step=1_000_000_000)),
+    ]
 
 
 class Player(Node):
     def __init__(self, ns):
         super().__init__("lidar_ptq_e2e_player")
         self.lock = threading.Lock()
-        self.sent = {}  # published stamp -> (bag stamp, frame_id, phase)
+        self.sent = {}  # published stamp -> (bag stamp, frame_id, phase, first pass over the bag)
         self.malformed_stamps = set()
         self.answers = []  # (recv ns, msg)
         self.processing = []
+        self.rosout = []  # (level, text)
+        self.switch_stamp = None
         self.diagnostics = None
+        self.diagnostics_seen = []  # (precision_active, calibration) in arrival order
         self.pub = self.create_publisher(PointCloud2, f"{ns}/input/pointcloud", qos_profile_sensor_data)
-        reliable = QoSProfile(depth=200)
+        reliable = QoSProfile(depth=1000)
         self.create_subscription(Detection3DArray, f"{ns}/output/detections", self.on_detections, reliable)
         self.create_subscription(Float64, f"{ns}/debug/processing_time_ms", self.on_processing, reliable)
         self.create_subscription(DiagnosticArray, "/diagnostics", self.on_diagnostics, reliable)
+        rosout_qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                                durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.create_subscription(Log, "/rosout", self.on_rosout, rosout_qos)
         self.det_topic = f"{ns}/output/detections"
 
     def on_detections(self, msg):
@@ -131,27 +155,42 @@ class Player(Node):
         with self.lock:
             self.processing.append(msg.data)
 
+    def on_rosout(self, msg):
+        if msg.name != NODE_LOGGER:
+            return
+        with self.lock:
+            self.rosout.append((int(msg.level), msg.msg))
+            m = SWITCH_RE.search(msg.msg)
+            if m and self.switch_stamp is None:
+                self.switch_stamp = int(m.group(1)) * 1_000_000_000 + int(m.group(2))
+
     def on_diagnostics(self, msg):
         for st in msg.status:
-            if "lidar_ptq_node" in st.name:
+            if NODE_LOGGER in st.name:
                 with self.lock:
                     self.diagnostics = {kv.key: kv.value for kv in st.values}
                     self.diagnostics["_level"] = int.from_bytes(st.level, "little") if isinstance(st.level, bytes) else int(st.level)
                     self.diagnostics["_message"] = st.message
+                    self.diagnostics_seen.append((self.diagnostics.get("precision_active"),
+                                                  self.diagnostics.get("calibration")))
 
-    def publish(self, msg, bag_stamp, phase):
+    def publish(self, msg, bag_stamp, phase, first_pass=False):
         now = time.time_ns()
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(now, 1_000_000_000)
         with self.lock:
             if bag_stamp is None:
                 self.malformed_stamps.add(now)
             else:
-                self.sent[now] = (bag_stamp, msg.header.frame_id, phase)
+                self.sent[now] = (bag_stamp, msg.header.frame_id, phase, first_pass)
         self.pub.publish(msg)
 
     def answered(self):
         with self.lock:
             return len(self.answers)
+
+    def switched(self):
+        with self.lock:
+            return self.switch_stamp is not None
 
 
 def detection_json(d):
@@ -170,22 +209,26 @@ def detection_json(d):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bag", required=True)
+    ap.add_argument("--scenario", choices=["calibrate", "replay"], required=True)
     ap.add_argument("--topic", default="/points")
     ap.add_argument("--ns", default="/lidar_ptq_node")
     ap.add_argument("--node-pid", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--prefix", default="", help="prefix of the output file names")
     ap.add_argument("--rate", type=float, default=10.0)
     ap.add_argument("--burst-factor", type=float, default=5.0)
-    ap.add_argument("--burst-frames", type=int, default=20)
-    ap.add_argument("--after-frames", type=int, default=10)
+    ap.add_argument("--burst-frames", type=int, default=40)
+    ap.add_argument("--int8-frames", type=int, default=30)
+    ap.add_argument("--after-frames", type=int, default=20)
+    ap.add_argument("--replay-passes", type=int, default=6)
+    ap.add_argument("--calibration-timeout-s", type=float, default=900.0)
     ap.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the node")
     a = ap.parse_args()
 
     clouds = read_clouds(a.bag, a.topic)
     n = len(clouds)
-    steady = n - a.burst_frames - a.after_frames
-    if steady < 10:
-        raise SystemExit(f"player: {n} frames are too few for the phases")
+    if n < 10:
+        raise SystemExit(f"player: {n} frames are too few")
 
     rclpy.init()
     node = Player(a.ns)
@@ -197,7 +240,7 @@ def main():
     t0 = time.time()
     while (node.pub.get_subscription_count() == 0 or node.count_publishers(node.det_topic) == 0) and time.time() - t0 < a.wait_s:
         if not alive(a.node_pid):
-            raise SystemExit("player: the node exited before subscribing (see node.log)")
+            raise SystemExit("player: the node exited before subscribing (see its log)")
         time.sleep(0.1)
     if node.pub.get_subscription_count() == 0:
         raise SystemExit("player: the node never subscribed")
@@ -205,39 +248,65 @@ def main():
 
     period = 1.0 / a.rate
     rss = {"start": rss_mb(a.node_pid)}
-    broken = malformed_variants(clouds[0][1])
-    malformed_at = {5: 0, 15: 1, 25: 2}
-    malformed_sent = []
     next_t = time.time()
+    played = 0  # frames published so far (the bag index is played % n)
+    malformed_sent = []
 
-    def play(i, phase, step):
-        nonlocal next_t
+    def play(phase, step, index=None):
+        nonlocal next_t, played
         delay = next_t - time.time()
         if delay > 0:
             time.sleep(delay)
-        bag_stamp, msg = clouds[i]
-        node.publish(msg, bag_stamp, phase)
+        bag_stamp, msg = clouds[played % n if index is None else index]
+        node.publish(msg, bag_stamp, phase, played < n or index is not None)
+        played += 1
         next_t += step
 
-    for i in range(steady):
-        play(i, "steady", period)
-        if i in malformed_at:
-            time.sleep(0.02)
-            kind, m = broken[malformed_at[i]]
-            node.publish(m, None, "malformed")
-            malformed_sent.append(kind)
-    time.sleep(max(0.0, next_t - time.time()))
-    rss["before_burst"] = rss_mb(a.node_pid)
-    for i in range(steady, steady + a.burst_frames):
-        play(i, "burst", period / a.burst_factor)
-    time.sleep(max(0.0, next_t - time.time()) + period)
-    rss["after_burst"] = rss_mb(a.node_pid)
-    for i in range(steady + a.burst_frames, n):
-        play(i, "after", period)
+    def answered_bag_stamps():
+        with node.lock:
+            stamps = {a_.header.stamp.sec * 1_000_000_000 + a_.header.stamp.nanosec for _, a_ in node.answers}
+            return {node.sent[s][0] for s in stamps if s in node.sent}
+
+    timed_out = False
+    replay_passes = 0
+    if a.scenario == "replay":
+        todo = list(range(n))
+        while todo and replay_passes < a.replay_passes:
+            replay_passes += 1
+            for i in todo:
+                play("replay", period, i)
+            time.sleep(max(0.0, next_t - time.time()) + 1.0)  # the last answers
+            done = answered_bag_stamps()
+            todo = [i for i in range(n) if clouds[i][0] not in done]
+            next_t = time.time()
+    else:
+        broken = malformed_variants(clouds[0][1])
+        malformed_at = {5: 0, 15: 1, 25: 2}
+        while not node.switched() or played < 30:
+            if time.time() - t0 > a.calibration_timeout_s or not alive(a.node_pid):
+                timed_out = True
+                break
+            play("calibrating", period)
+            if played - 1 in malformed_at:
+                time.sleep(0.02)
+                kind, m = broken[malformed_at[played - 1]]
+                node.publish(m, None, "malformed")
+                malformed_sent.append(kind)
+        if not timed_out:
+            for _ in range(a.int8_frames):
+                play("int8", period)
+            time.sleep(max(0.0, next_t - time.time()))
+            rss["before_burst"] = rss_mb(a.node_pid)
+            for _ in range(a.burst_frames):
+                play("burst", period / a.burst_factor)
+            time.sleep(max(0.0, next_t - time.time()) + period)
+            rss["after_burst"] = rss_mb(a.node_pid)
+            for _ in range(a.after_frames):
+                play("after", period)
 
     # Wait for the last answers: until 3 s pass without one (or the overall limit).
     last, quiet_since = node.answered(), time.time()
-    while time.time() - quiet_since < 3.0 and time.time() - t0 < a.wait_s + 120:
+    while time.time() - quiet_since < 3.0 and time.time() - t0 < a.calibration_timeout_s + 120:
         time.sleep(0.2)
         if node.answered() != last:
             last, quiet_since = node.answered(), time.time()
@@ -249,15 +318,24 @@ def main():
         sent = dict(node.sent)
         processing = list(node.processing)
         diagnostics = dict(node.diagnostics or {})
+        diagnostics_seen = list(node.diagnostics_seen)
         malformed_stamps = set(node.malformed_stamps)
+        rosout = list(node.rosout)
+        switch_stamp = node.switch_stamp
     executor.shutdown()
     node.destroy_node()
     rclpy.shutdown()
 
-    collected, latency, by_phase = [], [], {}
+    collected, seen, collected_stamps = [], set(), set()
     unexpected = answered_malformed = frame_mismatch = 0
-    seen = set()
-    for recv, msg in answers:
+    latency = {"all": [], "fp32": [], "int8": []}
+    latency_by_phase, answered_by_phase = {}, {}
+    steady_recv = []  # receive times of answers to sensor-rate frames (for gaps)
+    switch_gap_ms = None
+    prev_recv = None
+    processing_by_precision = {"fp32": [], "int8": []}
+    pair_processing = len(processing) == len(answers)
+    for k, (recv, msg) in enumerate(answers):
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         if stamp in malformed_stamps:
             answered_malformed += 1
@@ -266,46 +344,75 @@ def main():
             unexpected += 1
             continue
         seen.add(stamp)
-        bag_stamp, frame_id, phase = sent[stamp]
+        bag_stamp, frame_id, phase, first_pass = sent[stamp]
         if msg.header.frame_id != frame_id or any(
             d.header.frame_id != frame_id or (d.header.stamp.sec, d.header.stamp.nanosec) != (msg.header.stamp.sec, msg.header.stamp.nanosec)
             for d in msg.detections
         ):
             frame_mismatch += 1
         ms = (recv - stamp) / 1e6
-        latency.append(ms)
-        by_phase.setdefault(phase, []).append(ms)
-        collected.append({"stamp_ns": bag_stamp, "frame_id": msg.header.frame_id,
-                          "detections": [detection_json(d) for d in msg.detections]})
+        if a.scenario == "replay":
+            precision = "int8" if diagnostics.get("precision_active") == "int8" else "fp32"
+        else:
+            precision = "int8" if switch_stamp is not None and stamp >= switch_stamp else "fp32"
+        latency["all"].append(ms)
+        latency[precision].append(ms)
+        if pair_processing:
+            processing_by_precision[precision].append(processing[k])
+        latency_by_phase.setdefault(phase, []).append(ms)
+        answered_by_phase[phase] = answered_by_phase.get(phase, 0) + 1
+        if phase in ("calibrating", "int8", "replay"):
+            steady_recv.append(recv)
+        if switch_stamp is not None and stamp == switch_stamp and prev_recv is not None:
+            switch_gap_ms = (recv - prev_recv) / 1e6
+        prev_recv = recv
+        # Every bag stamp at most once: in `calibrate` the first pass over the bag, in
+        # `replay` the first answer to each scan.
+        if first_pass and bag_stamp not in collected_stamps:
+            collected_stamps.add(bag_stamp)
+            collected.append({"stamp_ns": bag_stamp, "frame_id": msg.header.frame_id,
+                              "detections": [detection_json(d) for d in msg.detections]})
 
-    answered_phase = {p: len(v) for p, v in by_phase.items()}
+    gaps = [(b - a_) / 1e6 for a_, b in zip(steady_recv, steady_recv[1:])]
     sent_phase = {}
-    for _, _, phase in sent.values():
+    for _, _, phase, _ in sent.values():
         sent_phase[phase] = sent_phase.get(phase, 0) + 1
     report = {
+        "scenario": a.scenario,
+        "timed_out": timed_out,
         "frames_in": len(sent),
-        "frames_out": len(collected),
+        "frames_out": len(seen),
+        "bag_frames": n,
+        "bag_frames_answered": len(collected_stamps),
+        "replay_passes": replay_passes,
         "sent_by_phase": sent_phase,
-        "answered_by_phase": answered_phase,
+        "answered_by_phase": answered_by_phase,
         "malformed_sent": malformed_sent,
         "answered_malformed": answered_malformed,
         "unexpected_outputs": unexpected,
         "header_mismatches": frame_mismatch,
-        "latency_p50_ms": percentile(latency, 0.5),
-        "latency_p99_ms": percentile(latency, 0.99),
-        "latency_max_ms": max(latency) if latency else None,
-        "latency_p99_ms_by_phase": {p: percentile(v, 0.99) for p, v in by_phase.items()},
-        "processing_p50_ms": percentile(processing, 0.5),
-        "processing_p99_ms": percentile(processing, 0.99),
+        "latency_ms": summary(latency["all"]),
+        "latency_ms_fp32": summary(latency["fp32"]),
+        "latency_ms_int8": summary(latency["int8"]),
+        "latency_ms_by_phase": {p: summary(v) for p, v in latency_by_phase.items()},
+        "processing_ms": summary(processing),
+        "processing_ms_fp32": summary(processing_by_precision["fp32"]),
+        "processing_ms_int8": summary(processing_by_precision["int8"]),
+        "max_output_gap_ms": max(gaps) if gaps else None,
+        "switch_stamp_ns": switch_stamp,
+        "switch_gap_ms": switch_gap_ms,
         "node_rss_mb": rss,
         "node_diagnostics": diagnostics,
+        "diagnostics_seen": diagnostics_seen,
+        "rosout": rosout,
+        "detections": sum(len(c["detections"]) for c in collected),
     }
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "collected.json"), "w") as f:
+    with open(os.path.join(a.out, f"{a.prefix}collected.json"), "w") as f:
         json.dump(collected, f)
-    with open(os.path.join(a.out, "player.json"), "w") as f:
+    with open(os.path.join(a.out, f"{a.prefix}player.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(json.dumps({k: report[k] for k in ("frames_in", "frames_out", "latency_p50_ms", "latency_p99_ms")}))
+    print(json.dumps({k: report[k] for k in ("scenario", "frames_in", "frames_out", "switch_gap_ms")}))
 
 
 if __name__ == "__main__":

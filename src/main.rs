@@ -144,6 +144,10 @@ struct NodeScoreArgs {
     /// Overrides the parameter file's model_path.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Run the offline reference with this INT8 model (calibrated for the FP32 model),
+    /// as the node runs it, instead of FP32.
+    #[arg(long)]
+    int8: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -303,7 +307,15 @@ fn node_score_verb(a: &NodeScoreArgs) -> Result<()> {
     }
     let p = params::NodeParams::from_values(&values)
         .with_context(|| format!("parameter file {}", a.params.display()))?;
-    let mut det = engine::load_fp32(&p)?;
+    let model = engine::Fp32Model::load(&p)?;
+    let mut det = match &a.int8 {
+        None => model.fp32()?,
+        Some(q) => model.int8(&lidar_ptq::quant::file::load_for(
+            q,
+            &model.config,
+            &model.weights,
+        )?)?,
+    };
     let scans = score::read_scans(&a.bag, &p)?;
     let bar = indicatif::ProgressBar::new(scans.len() as u64);
     let offline = score::detect_offline(&mut det, &scans, &p, &bar)?;

@@ -124,3 +124,111 @@ fn node_score_compares_collected_with_offline_detections() {
     assert!(!ok);
     assert!(err.contains("precision") && err.contains("int4"), "{err}");
 }
+
+/// With the model's own threshold and every scan answered, node-score's figures are
+/// `lidar_ptq eval`'s: the same metric over the same detections, FP32 and INT8. The
+/// shipped default model, so that there is something to score (a random tiny model
+/// scores 0 everywhere, which would hide a difference in the metric).
+#[test]
+fn node_score_agrees_with_eval_fp32_and_int8() {
+    let dir = tempfile::tempdir().unwrap();
+    let bag = dir.path().join("bag");
+    let (ok, _, err) = run(&[
+        "simulate".as_ref(),
+        "--lidar".as_ref(),
+        "hdl32".as_ref(),
+        "--frames".as_ref(),
+        "2".as_ref(),
+        "--seed".as_ref(),
+        "11".as_ref(),
+        "--out".as_ref(),
+        bag.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default.safetensors");
+    let (cfg, _) = Detector::read_model_file(&model).unwrap();
+    let int8 = dir.path().join("default.int8.safetensors");
+    let (ok, _, err) = run(&[
+        "calibrate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--frames-from-sim".as_ref(),
+        "1".as_ref(),
+        "--lidar".as_ref(),
+        "hdl32".as_ref(),
+        "--method".as_ref(),
+        "minmax".as_ref(),
+        "--out".as_ref(),
+        int8.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let threshold = cfg.decode.score_threshold;
+    let params_file = dir.path().join("params.yaml");
+    std::fs::write(
+        &params_file,
+        format!(
+            "lidar_ptq_node:\n  ros__parameters:\n    model_path: {}\n    score_threshold: {threshold}\n    class_score_thresholds: []\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let values = lidar_ptq::node::params::from_ros_yaml(
+        &std::fs::read_to_string(&params_file).unwrap(),
+        "lidar_ptq_node",
+    )
+    .unwrap();
+    let params = NodeParams::from_values(&values).unwrap();
+    let m = lidar_ptq::node::engine::Fp32Model::load(&params).unwrap();
+    let q = lidar_ptq::quant::file::load_for(&int8, &m.config, &m.weights).unwrap();
+    let scans = score::read_scans(&bag, &params).unwrap();
+    for (int8_arg, mut det) in [
+        (None, m.fp32().unwrap()),
+        (Some(&int8), m.int8(&q).unwrap()),
+    ] {
+        let collected =
+            score::detect_offline(&mut det, &scans, &params, &indicatif::ProgressBar::hidden())
+                .unwrap();
+        let collected_path = dir.path().join("collected.json");
+        std::fs::write(&collected_path, serde_json::to_string(&collected).unwrap()).unwrap();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "node-score".as_ref(),
+            "--bag".as_ref(),
+            bag.as_os_str(),
+            "--detections".as_ref(),
+            collected_path.as_os_str(),
+            "--params".as_ref(),
+            params_file.as_os_str(),
+        ];
+        let mut eval_args: Vec<&std::ffi::OsStr> = vec![
+            "eval".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--bag".as_ref(),
+            bag.as_os_str(),
+            "--json".as_ref(),
+        ];
+        if let Some(q) = int8_arg {
+            args.extend(["--int8".as_ref(), q.as_os_str()]);
+            eval_args.extend(["--int8".as_ref(), q.as_os_str()]);
+        }
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["frames_identical"], 2, "{int8_arg:?}");
+        let (ok, out, err) = run(&eval_args);
+        assert!(ok, "{err}");
+        let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let eval_map = e["mAP"].as_f64().unwrap();
+        assert!(
+            eval_map > 0.05,
+            "the default model finds objects: {eval_map}"
+        );
+        for key in ["mAP", "offline_mAP", "offline_mAP_all_frames"] {
+            let got = v[key].as_f64().unwrap();
+            assert!(
+                (got - eval_map).abs() < 1e-12,
+                "{key} {got} vs eval {eval_map} ({int8_arg:?})"
+            );
+        }
+    }
+}

@@ -153,7 +153,10 @@ pub enum CalibrationState {
         have: usize,
         want: usize,
     },
+    /// Optimising; `stage` names the step (e.g. "FP statistics", "unit 3/20 ..."),
+    /// `progress` is the fraction of that step done.
     Calibrating {
+        stage: String,
         progress: f32,
     },
     /// An INT8 model is in use (loaded from `source`: the cache or a path).
@@ -175,8 +178,13 @@ impl CalibrationState {
         match self {
             Self::Off => "off".into(),
             Self::Collecting { have, want } => format!("collecting scans {have}/{want}"),
-            Self::Calibrating { progress } => {
-                format!("calibrating {:.0}%", progress.clamp(0.0, 1.0) * 100.0)
+            Self::Calibrating { stage, progress } => {
+                let pct = progress.clamp(0.0, 1.0) * 100.0;
+                if stage.is_empty() {
+                    format!("calibrating {pct:.0}%")
+                } else {
+                    format!("calibrating: {stage} {pct:.0}%")
+                }
             }
             Self::Done { source } => format!("int8 ready ({source})"),
             Self::Unavailable { reason } => format!("unavailable: {reason}"),
@@ -266,8 +274,20 @@ mod tests {
             "collecting scans 3/32"
         );
         assert_eq!(
-            CalibrationState::Calibrating { progress: 0.26 }.describe(),
+            CalibrationState::Calibrating {
+                stage: String::new(),
+                progress: 0.26
+            }
+            .describe(),
             "calibrating 26%"
+        );
+        assert_eq!(
+            CalibrationState::Calibrating {
+                stage: "FP statistics".into(),
+                progress: 1.5
+            }
+            .describe(),
+            "calibrating: FP statistics 100%"
         );
         assert!(
             CalibrationState::Unavailable { reason: "x".into() }

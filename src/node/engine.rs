@@ -10,6 +10,9 @@ use crate::boxes::Detection;
 use crate::cloud::Points;
 use crate::detector::{Detector, DetectorError};
 use crate::model::ModelConfig;
+use crate::model::weights::Weights;
+use crate::quant::QuantModel;
+use crate::quant::file::{self, FileError};
 use std::sync::{Arc, Mutex};
 
 /// Numeric precision of an engine.
@@ -39,7 +42,10 @@ pub trait DetectEngine: Send {
 
 impl DetectEngine for Detector {
     fn precision(&self) -> ActivePrecision {
-        ActivePrecision::Fp32
+        match Detector::precision(self) {
+            "int8" => ActivePrecision::Int8,
+            _ => ActivePrecision::Fp32,
+        }
     }
 
     fn config(&self) -> &ModelConfig {
@@ -134,6 +140,8 @@ pub enum StartError {
     Param(#[from] ParamError),
     #[error(transparent)]
     Detector(#[from] DetectorError),
+    #[error("parameter `int8_model_path`: {0}")]
+    Int8Model(#[from] FileError),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -158,66 +166,190 @@ pub fn prepare_config(
     Ok(cfg)
 }
 
+/// The FP32 model as its file holds it. Calibration runs on this config, and INT8 models
+/// are checked against it (not against the node's threshold overrides, which only
+/// change decoding), so a cached model stays valid when thresholds change.
+#[derive(Debug, Clone)]
+pub struct Fp32Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    /// The config with the node's decoding overrides ([`prepare_config`]).
+    pub run_config: ModelConfig,
+}
+
+impl Fp32Model {
+    pub fn load(params: &NodeParams) -> Result<Self, StartError> {
+        let (config, weights) = Detector::read_model_file(&params.model_path)?;
+        let run_config = prepare_config(config.clone(), params)?;
+        Ok(Self {
+            config,
+            weights,
+            run_config,
+        })
+    }
+
+    /// The FP32 detector with the node's decoding overrides.
+    pub fn fp32(&self) -> Result<Detector, DetectorError> {
+        Detector::new(self.run_config.clone(), &self.weights)
+    }
+
+    /// The INT8 detector of `quant` (calibrated for these weights).
+    pub fn int8(&self, quant: &QuantModel) -> Result<Detector, DetectorError> {
+        Detector::new_int8(self.run_config.clone(), &self.weights, quant)
+    }
+}
+
 /// The FP32 detector for the node's parameters.
 pub fn load_fp32(params: &NodeParams) -> Result<Detector, StartError> {
-    let (cfg, weights) = Detector::read_model_file(&params.model_path)?;
-    let cfg = prepare_config(cfg, params)?;
-    Ok(Detector::new(cfg, &weights)?)
+    Ok(Fp32Model::load(params)?.fp32()?)
+}
+
+/// Loads the calibration cache when it was made for this FP32 model (weights digest and
+/// config) with the configured calibration method; otherwise says why not.
+pub fn load_cache(model: &Fp32Model, params: &NodeParams) -> Result<QuantModel, String> {
+    let path = &params.calibration.cache_path;
+    let q = file::load_for(path, &model.config, &model.weights).map_err(|e| e.to_string())?;
+    if q.provenance.method != params.calibration.method {
+        return Err(format!(
+            "calibration cache {} was made with method {}, calibration.method is {}",
+            path.display(),
+            q.provenance.method,
+            params.calibration.method
+        ));
+    }
+    Ok(q)
+}
+
+/// What the node calibrates from after starting.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibrationPlan {
+    /// Nothing (FP32 by request, calibration off, or an INT8 model is already in use).
+    None,
+    /// Collect scans from the input topic.
+    Online,
+    /// Select scans from a recording, in the background.
+    FromBag(std::path::PathBuf),
 }
 
 /// The engine to start with, the initial calibration state, and notes to log.
 pub struct Startup {
     pub engine: Box<dyn DetectEngine>,
+    pub model: Arc<Fp32Model>,
     pub calibration: CalibrationState,
-    pub notes: Vec<String>,
+    pub plan: CalibrationPlan,
+    /// Notes to log at start: (level, text).
+    pub notes: Vec<(log::Level, String)>,
 }
 
-/// Why INT8 cannot be used yet, for messages.
-pub const NO_INT8: &str = "this build has no INT8 engine yet";
-
-/// Chooses the starting engine and calibration state from the parameters. The INT8
-/// engine and LiDAR-PTQ calibration plug in here (through [`SwapHandle`]) once they
-/// exist; until then every path that needs them says so instead of pretending.
+/// Chooses the starting engine and calibration from the parameters:
+/// - `fp32`: FP32, never calibrates.
+/// - `int8`: the INT8 model at `int8_model_path`, else the calibration cache when it
+///   matches the FP32 model; refuses to start without one.
+/// - `auto`: like `int8` when an INT8 model is usable (a bad one is reported, not fatal),
+///   otherwise FP32 while calibrating as `calibration.mode` says.
 pub fn start(params: &NodeParams) -> Result<Startup, StartError> {
+    let model = Arc::new(Fp32Model::load(params)?);
+    let mut notes = Vec::new();
+    let mode = params.calibration.mode;
+    let cache = &params.calibration.cache_path;
+    let int8_start = |q: &QuantModel, source: String, notes: Vec<(log::Level, String)>| {
+        Ok::<_, StartError>(Startup {
+            engine: Box::new(model.int8(q)?),
+            model: model.clone(),
+            calibration: CalibrationState::Done { source },
+            plan: CalibrationPlan::None,
+            notes,
+        })
+    };
+    if params.precision == Precision::Fp32 {
+        if mode != CalibrationMode::Off {
+            notes.push((
+                log::Level::Warn,
+                format!(
+                    "calibration.mode {} has no effect with precision fp32",
+                    mode.as_str()
+                ),
+            ));
+        }
+        return Ok(Startup {
+            engine: Box::new(model.fp32()?),
+            model: model.clone(),
+            calibration: CalibrationState::Off,
+            plan: CalibrationPlan::None,
+            notes,
+        });
+    }
+    if let Some(path) = &params.int8_model_path {
+        match file::load_for(path, &model.config, &model.weights) {
+            Ok(q) => {
+                notes.push((
+                    log::Level::Info,
+                    format!(
+                        "loaded INT8 model {} ({} on {} scans); calibration.mode {} not used",
+                        path.display(),
+                        q.provenance.method,
+                        q.provenance.frames,
+                        mode.as_str()
+                    ),
+                ));
+                return int8_start(&q, path.display().to_string(), notes);
+            }
+            Err(e) if params.precision == Precision::Int8 => return Err(e.into()),
+            Err(e) => notes.push((log::Level::Warn, format!("int8_model_path not used: {e}"))),
+        }
+    }
+    if cache.exists() {
+        match load_cache(&model, params) {
+            Ok(q) => {
+                notes.push((
+                    log::Level::Info,
+                    format!(
+                        "loaded the cached INT8 model {} ({} on {} scans); not recalibrating",
+                        cache.display(),
+                        q.provenance.method,
+                        q.provenance.frames
+                    ),
+                ));
+                return int8_start(&q, format!("cache {}", cache.display()), notes);
+            }
+            Err(why) => notes.push((
+                log::Level::Warn,
+                format!("calibration cache not used: {why}"),
+            )),
+        }
+    }
     if params.precision == Precision::Int8 {
         return Err(StartError::Unsupported(format!(
-            "parameter `precision` = \"int8\": {NO_INT8}; use fp32 or auto"
+            "parameter `precision` = \"int8\" needs an INT8 model: set int8_model_path, or \
+             calibrate first (precision auto with calibration.mode online or from-bag writes \
+             the cache {})",
+            cache.display()
         )));
     }
-    let engine = load_fp32(params)?;
-    let mut notes = Vec::new();
-    if let Some(p) = &params.int8_model_path {
-        notes.push(format!(
-            "int8_model_path {} not loaded: {NO_INT8}; serving FP32",
-            p.display()
-        ));
-    }
-    if params.calibration.cache_path.exists() {
-        notes.push(format!(
-            "calibration cache {} not loaded: {NO_INT8}; serving FP32",
-            params.calibration.cache_path.display()
-        ));
-    }
-    let calibration = match (params.calibration.mode, params.precision) {
-        (CalibrationMode::Off, _) => CalibrationState::Off,
-        (_, Precision::Fp32) => {
-            notes.push(format!(
-                "calibration.mode {} has no effect with precision fp32",
-                params.calibration.mode.as_str()
-            ));
-            CalibrationState::Off
+    let want = params.calibration.frames;
+    let (calibration, plan) = match mode {
+        CalibrationMode::Off => (CalibrationState::Off, CalibrationPlan::None),
+        CalibrationMode::Online => (
+            CalibrationState::Collecting { have: 0, want },
+            CalibrationPlan::Online,
+        ),
+        CalibrationMode::FromBag => {
+            let bag = params.calibration.bag_path.clone().ok_or_else(|| {
+                StartError::Unsupported(
+                    "calibration.mode from-bag needs calibration.bag_path".into(),
+                )
+            })?;
+            (
+                CalibrationState::Collecting { have: 0, want },
+                CalibrationPlan::FromBag(bag),
+            )
         }
-        (CalibrationMode::Online, _) => CalibrationState::Collecting {
-            have: 0,
-            want: params.calibration.frames,
-        },
-        (CalibrationMode::FromBag, _) => CalibrationState::Unavailable {
-            reason: format!("calibration from a bag: {NO_INT8}"),
-        },
     };
     Ok(Startup {
-        engine: Box::new(engine),
+        engine: Box::new(model.fp32()?),
+        model,
         calibration,
+        plan,
         notes,
     })
 }
@@ -308,6 +440,7 @@ mod tests {
             CalibrationState::Collecting { have: 0, want: 8 }
         );
         assert!(st.notes.is_empty());
+        assert_eq!(st.plan, CalibrationPlan::Online);
 
         // A higher node threshold leaves the model's decoder floor alone.
         let st = start(&params(&[
@@ -318,7 +451,8 @@ mod tests {
         .unwrap();
         assert_eq!(st.engine.config().decode.score_threshold, 0.1);
         assert_eq!(st.calibration, CalibrationState::Off);
-        assert!(st.notes[0].contains("no effect"), "{:?}", st.notes);
+        assert!(st.notes[0].1.contains("no effect"), "{:?}", st.notes);
+        assert_eq!(st.plan, CalibrationPlan::None);
 
         let e = start(&params(&[
             ("model_path", path.clone()),
@@ -326,7 +460,7 @@ mod tests {
         ]))
         .err()
         .unwrap();
-        assert!(e.to_string().contains("no INT8 engine"), "{e}");
+        assert!(e.to_string().contains("needs an INT8 model"), "{e}");
         let e = start(&params(&[
             ("model_path", path.clone()),
             (

@@ -3,14 +3,17 @@
 //! Everything that decides what the node does is plain Rust and builds without ROS:
 //! parameters ([`params`]), the newest-scan-wins mailbox ([`mailbox`]), statistics
 //! ([`stats`]), the published content ([`output`], [`diagnostics`]), the engine seam for
-//! swapping in INT8 between scans ([`engine`]), calibration scan selection ([`calib`])
+//! swapping in INT8 between scans ([`engine`]), calibration scan selection ([`calib`]),
+//! background calibration ([`calibrator`]), the cheap checks of incoming clouds ([`intake`])
 //! and scoring against ground truth ([`score`]). With the `ros` feature, [`convert`]
 //! maps these to r2r message types and [`runtime`] wires them to a ROS node; ROS types
 //! appear nowhere else.
 
 pub mod calib;
+pub mod calibrator;
 pub mod diagnostics;
 pub mod engine;
+pub mod intake;
 pub mod mailbox;
 pub mod output;
 pub mod params;

@@ -180,6 +180,11 @@ pub fn specs() -> Vec<ParamSpec> {
             "Calibration method: lidar-ptq | minmax | percentile | entropy",
         ),
         spec(
+            "calibration.iters",
+            Integer(100),
+            "LiDAR-PTQ reconstruction iterations per unit (fewer: faster, coarser rounding)",
+        ),
+        spec(
             "calibration.cache_path",
             s(""),
             "Where the calibrated INT8 model is written and looked for at start (empty: beside the model, `<model>.int8.safetensors`)",
@@ -242,6 +247,8 @@ pub struct CalibrationParams {
     pub spacing_s: f64,
     pub max_similarity: f64,
     pub method: String,
+    /// LiDAR-PTQ reconstruction iterations per unit.
+    pub iters: usize,
     /// Resolved cache path (the default derived from the model path).
     pub cache_path: PathBuf,
     pub bag_path: Option<PathBuf>,
@@ -543,6 +550,10 @@ impl NodeParams {
                 format!("must be one of {}", CALIBRATION_METHODS.join(" | ")),
             ));
         }
+        let iters = r.integer("calibration.iters")?;
+        if !(1..=100_000).contains(&iters) {
+            return Err(invalid("calibration.iters", iters, "must be in 1..=100000"));
+        }
         let bag_path = r.optional_path("calibration.bag_path")?;
         if mode == CalibrationMode::FromBag && bag_path.is_none() {
             return Err(invalid(
@@ -577,6 +588,7 @@ impl NodeParams {
                 spacing_s,
                 max_similarity,
                 method,
+                iters: iters as usize,
                 cache_path,
                 bag_path,
             },
@@ -793,6 +805,7 @@ mod tests {
                 "finite",
             ),
             ("calibration.method", s("magic"), "lidar-ptq | minmax"),
+            ("calibration.iters", ParamValue::Integer(0), "1..=100000"),
             ("model_path", s(""), "a model is required"),
             ("processing_budget_ms", ParamValue::Integer(0), "> 0"),
         ];

@@ -4,14 +4,16 @@
 //! only moved into the mailbox), the detector thread takes the newest scan, runs the
 //! engine in use and publishes.
 
-use super::calib::{CalibrationState, Offer, ScanSelector};
+use super::calib::{CalibrationState, Offer};
+use super::calibrator::{CalibJobError, Controller};
 use super::diagnostics::{self, Snapshot};
-use super::engine::{EngineSwitch, NO_INT8, StartError, start};
+use super::engine::{CalibrationPlan, EngineSwitch, StartError, start};
+use super::intake::{self, LogThrottle};
 use super::mailbox::Mailbox;
-use super::params::{CalibrationMode, NodeParams, ParamError, ParamValue, specs};
+use super::params::{CalibrationMode, NodeParams, ParamError, ParamValue, Precision, specs};
 use super::stats::{RateMeter, Window};
 use super::{convert, output};
-use crate::cloud::decode;
+use crate::cloud::{self, decode};
 use futures::{executor::LocalPool, future, stream::StreamExt, task::LocalSpawnExt};
 use r2r::QosProfile;
 use r2r::sensor_msgs::msg::PointCloud2;
@@ -34,12 +36,15 @@ pub enum NodeError {
     Param(#[from] ParamError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Calibration(#[from] CalibJobError),
     #[error("{0}")]
     Other(String),
 }
 
+/// A cloud that passed [`intake::check`].
 struct Job {
-    msg: PointCloud2,
+    cloud: cloud::PointCloud2,
 }
 
 /// What the detector thread reports and the diagnostics read.
@@ -56,7 +61,6 @@ struct Shared {
     out_rate: RateMeter,
     last_input: Option<Instant>,
     precision_active: &'static str,
-    calibration: CalibrationState,
 }
 
 fn now_nanos() -> u128 {
@@ -96,21 +100,21 @@ fn declare_parameters(node: &r2r::Node) -> Result<NodeParams, ParamError> {
 pub fn run() -> Result<(), NodeError> {
     let ctx = r2r::Context::create()?;
     let mut node = r2r::Node::create(ctx, NODE_NAME, "")?;
-    super::rosout::install(node.logger(), log::LevelFilter::Info);
+    super::rosout::install(&mut node, log::LevelFilter::Info);
     let params = declare_parameters(&node)?;
     let startup = start(&params)?;
-    for note in &startup.notes {
-        log::warn!("{note}");
+    for (level, note) in &startup.notes {
+        log::log!(*level, "{note}");
     }
-    let model_name = startup.engine.config().name.clone();
+    let model_name = startup.model.config.name.clone();
     let classes: Vec<String> = startup
-        .engine
-        .config()
+        .model
+        .config
         .classes()
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let (switch, _swap) = EngineSwitch::new(startup.engine);
+    let (switch, swap) = EngineSwitch::new(startup.engine);
     log::info!(
         "model {} ({}, {} classes) on {}, precision {} (requested {}), calibration {}",
         model_name,
@@ -121,6 +125,17 @@ pub fn run() -> Result<(), NodeError> {
         params.precision.as_str(),
         startup.calibration.describe()
     );
+    let controller = Arc::new(Controller::new(
+        startup.model.clone(),
+        params.calibration.clone(),
+        params.decode_options(),
+        swap,
+        startup.calibration,
+    ));
+    if let CalibrationPlan::FromBag(bag) = &startup.plan {
+        controller.start_bag(bag.clone())?;
+    }
+    let collect_online = startup.plan == CalibrationPlan::Online;
 
     let t0 = Instant::now();
     let shared = Arc::new(Mutex::new(Shared {
@@ -136,10 +151,8 @@ pub fn run() -> Result<(), NodeError> {
         out_rate: RateMeter::new(5.0),
         last_input: None,
         precision_active: switch.precision().as_str(),
-        calibration: startup.calibration,
     }));
     let mailbox: Arc<Mailbox<Job>> = Arc::new(Mailbox::new());
-    let restart_calibration = Arc::new(AtomicBool::new(false));
 
     let det_pub = node.create_publisher::<r2r::vision_msgs::msg::Detection3DArray>(
         &params.output_topic,
@@ -163,22 +176,14 @@ pub fn run() -> Result<(), NodeError> {
         let mailbox = mailbox.clone();
         let shared = shared.clone();
         let params = params.clone();
-        let restart = restart_calibration.clone();
+        let controller = controller.clone();
         let mut switch = switch;
         std::thread::Builder::new()
             .name("detector".into())
             .spawn(move || {
                 let class_refs: Vec<&str> = classes.iter().map(String::as_str).collect();
                 let decode_opts = params.decode_options();
-                let new_selector = || {
-                    ScanSelector::new(
-                        params.calibration.frames,
-                        params.calibration.spacing_s,
-                        params.calibration.max_similarity,
-                    )
-                };
-                let mut selector = (params.calibration.mode == CalibrationMode::Online)
-                    .then(new_selector);
+                let mut selector = collect_online.then(|| controller.selector());
                 loop {
                     let Some(job) = mailbox.take_timeout(Duration::from_millis(200)) else {
                         if mailbox.is_closed() {
@@ -187,25 +192,31 @@ pub fn run() -> Result<(), NodeError> {
                         continue;
                     };
                     let started = Instant::now();
+                    let cloud = job.cloud;
+                    let stamp_ns = cloud.header.stamp_nanos();
+                    // Between two scans: the only place the engine changes.
                     if let Some(s) = switch.poll_swap() {
-                        log::info!("switched engine {} -> {}", s.from.as_str(), s.to.as_str());
+                        log::info!(
+                            "switched engine {} -> {} from the scan stamped {}.{:09} on",
+                            s.from.as_str(),
+                            s.to.as_str(),
+                            cloud.header.stamp_sec,
+                            cloud.header.stamp_nanosec
+                        );
                         shared.lock().unwrap().precision_active = s.to.as_str();
                     }
-                    if restart.swap(false, Ordering::Relaxed) && selector.is_some() {
-                        selector = Some(new_selector());
-                        log::info!("calibration scan collection restarted");
+                    if controller.take_collection_request() {
+                        selector = Some(controller.selector());
+                        log::info!(
+                            "calibration: collecting {} distinct scans from the input",
+                            params.calibration.frames
+                        );
                     }
-                    let cloud = convert::cloud_from_r2r(job.msg);
-                    let stamp_ns = cloud.header.stamp_nanos();
+                    // Cannot fail after intake::check; kept as a guard, counted as malformed.
                     let decoded = match decode(&cloud, &decode_opts) {
                         Ok(d) => d,
                         Err(e) => {
-                            log::warn!(
-                                "skipping malformed PointCloud2 (frame `{}`, stamp {}.{:09}): {e}",
-                                cloud.header.frame_id,
-                                cloud.header.stamp_sec,
-                                cloud.header.stamp_nanosec
-                            );
+                            log::warn!("skipping malformed PointCloud2: {e}");
                             shared.lock().unwrap().malformed += 1;
                             continue;
                         }
@@ -251,26 +262,22 @@ pub fn run() -> Result<(), NodeError> {
                     }
 
                     // Calibration scan collection (after publishing: never delays output).
-                    let mut calibration_update = None;
-                    if let Some(sel) = selector.as_mut() {
-                        match sel.offer(stamp_ns, &decoded.points) {
-                            Offer::Taken { have, want } if have == want => {
-                                log::info!(
-                                    "collected {want} calibration scans ({} near-duplicates skipped); {NO_INT8}, serving FP32",
-                                    sel.skipped_duplicates()
-                                );
-                                calibration_update = Some(CalibrationState::Unavailable {
-                                    reason: format!(
-                                        "collected {want} scans; {NO_INT8}"
-                                    ),
-                                });
-                                selector = None;
+                    if let Some(sel) = selector.as_mut()
+                        && let Offer::Taken { have, want } = sel.offer(stamp_ns, &decoded.points)
+                    {
+                        controller
+                            .status
+                            .set(CalibrationState::Collecting { have, want });
+                        log::info!("calibration: collected scan {have}/{want}");
+                        if have == want {
+                            log::info!(
+                                "calibration: {want} scans collected ({} near-duplicates skipped)",
+                                sel.skipped_duplicates()
+                            );
+                            let scans = selector.take().map(|s| s.into_scans()).unwrap_or_default();
+                            if let Err(e) = controller.start_scans(scans) {
+                                log::error!("calibration: {e}");
                             }
-                            Offer::Taken { have, want } => {
-                                calibration_update =
-                                    Some(CalibrationState::Collecting { have, want });
-                            }
-                            _ => {}
                         }
                     }
 
@@ -284,9 +291,6 @@ pub fn run() -> Result<(), NodeError> {
                     }
                     if at_cap {
                         s.pillar_cap += 1;
-                    }
-                    if let Some(c) = calibration_update {
-                        s.calibration = c;
                     }
                 }
             })
@@ -302,14 +306,43 @@ pub fn run() -> Result<(), NodeError> {
     {
         let mailbox = mailbox.clone();
         let shared = shared.clone();
+        let decode_opts = params.decode_options();
+        let mut throttle = LogThrottle::new(5, 10.0);
         spawner
             .spawn_local(sub.for_each(move |msg| {
+                let now = t0.elapsed().as_secs_f64();
+                let cloud = convert::cloud_from_r2r(msg);
+                let checked = intake::check(&cloud, &decode_opts);
                 {
                     let mut s = shared.lock().unwrap();
-                    s.in_rate.record(t0.elapsed().as_secs_f64());
+                    s.in_rate.record(now);
                     s.last_input = Some(Instant::now());
+                    if checked.is_err() {
+                        s.malformed += 1;
+                    }
                 }
-                mailbox.put(Job { msg });
+                match checked {
+                    // Checked before the mailbox: a broken cloud never displaces a good
+                    // scan waiting for the detector, and is reported as malformed.
+                    Ok(()) => {
+                        mailbox.put(Job { cloud });
+                    }
+                    Err(e) => {
+                        if let Some(left_out) = throttle.allow(now) {
+                            let more = if left_out > 0 {
+                                format!(" ({left_out} more since the last report)")
+                            } else {
+                                String::new()
+                            };
+                            log::warn!(
+                                "skipping malformed PointCloud2 (frame `{}`, stamp {}.{:09}): {e}{more}",
+                                cloud.header.frame_id,
+                                cloud.header.stamp_sec,
+                                cloud.header.stamp_nanosec
+                            );
+                        }
+                    }
+                }
                 future::ready(())
             }))
             .map_err(spawn_err)?;
@@ -321,25 +354,34 @@ pub fn run() -> Result<(), NodeError> {
         let mailbox = mailbox.clone();
         let node_name = node.fully_qualified_name()?;
         let params = params.clone();
+        let controller = controller.clone();
         spawner
             .spawn_local(async move {
                 let mut prev = (0u64, 0u64, 0u64, 0u64, 0u64);
+                let mut last_progress_log = f64::NEG_INFINITY;
                 while timer.tick().await.is_ok() {
                     let counts = mailbox.counts();
+                    let calibration = controller.status.get();
+                    let now = t0.elapsed().as_secs_f64();
+                    if matches!(calibration, CalibrationState::Calibrating { .. })
+                        && now - last_progress_log >= 5.0
+                    {
+                        log::info!("calibration progress: {}", calibration.describe());
+                        last_progress_log = now;
+                    }
                     let snap = {
                         let mut s = shared.lock().unwrap();
-                        let now = t0.elapsed().as_secs_f64();
                         let snap = Snapshot {
                             node_name: node_name.clone(),
                             model: model_name.clone(),
                             model_path: params.model_path.display().to_string(),
                             precision_requested: params.precision.as_str().into(),
                             precision_active: s.precision_active.into(),
-                            calibration: s.calibration.describe(),
+                            calibration: calibration.describe(),
                             device: "cpu".into(),
                             input_rate_hz: s.in_rate.rate(now),
                             output_rate_hz: s.out_rate.rate(now),
-                            frames_in: counts.received,
+                            frames_in: counts.received + s.malformed,
                             frames_out: s.frames_out,
                             dropped: counts.dropped,
                             dropped_recent: counts.dropped - prev.0,
@@ -383,25 +425,33 @@ pub fn run() -> Result<(), NodeError> {
         QosProfile::services_default(),
     )?;
     {
-        let restart = restart_calibration.clone();
+        let controller = controller.clone();
+        let precision = params.precision;
         let mode = params.calibration.mode;
+        let bag = params.calibration.bag_path.clone();
+        let frames = params.calibration.frames;
         spawner
             .spawn_local(calibrate.for_each(move |req| {
-                let message = match mode {
-                    CalibrationMode::Online => {
-                        restart.store(true, Ordering::Relaxed);
-                        format!("calibration scan collection restarted; {NO_INT8}, so no INT8 model will result")
+                let result = match (precision, mode, &bag) {
+                    (Precision::Fp32, _, _) => {
+                        Err("precision is fp32: the node does not use INT8".to_owned())
                     }
-                    other => format!(
-                        "calibration.mode is {}; {NO_INT8}",
-                        other.as_str()
-                    ),
+                    (_, CalibrationMode::FromBag, Some(bag)) => controller
+                        .start_bag(bag.clone())
+                        .map(|()| format!("calibrating from {} in the background", bag.display()))
+                        .map_err(|e| e.to_string()),
+                    _ => controller.request_collection().map(|()| {
+                        format!(
+                            "collecting {frames} distinct scans from the input, then calibrating in the background"
+                        )
+                    }),
+                };
+                let (success, message) = match result {
+                    Ok(m) => (true, m),
+                    Err(m) => (false, m),
                 };
                 log::info!("~/calibrate: {message}");
-                let response = r2r::std_srvs::srv::Trigger::Response {
-                    success: false,
-                    message,
-                };
+                let response = r2r::std_srvs::srv::Trigger::Response { success, message };
                 if let Err(e) = req.respond(response) {
                     log::warn!("~/calibrate: cannot respond: {e}");
                 }
@@ -446,7 +496,7 @@ pub fn run() -> Result<(), NodeError> {
     log::info!(
         "shutting down: {} scans in, {} answered, {} dropped, {} malformed, {} over budget; \
          processing p50 {:.1} ms p99 {:.1} ms, latency p50 {:.1} ms p99 {:.1} ms",
-        counts.received,
+        counts.received + s.malformed,
         s.frames_out,
         counts.dropped,
         s.malformed,

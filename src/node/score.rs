@@ -44,6 +44,9 @@ pub struct Score {
     /// The same for the model run offline over the same frames.
     #[serde(rename = "offline_mAP")]
     pub offline_map: f64,
+    /// The model run offline over every scan of the bag (what `lidar_ptq eval` reports).
+    #[serde(rename = "offline_mAP_all_frames")]
+    pub offline_map_all: f64,
     /// Frames scored (those the node answered).
     pub frames_scored: usize,
     /// Scans in the bag.
@@ -153,9 +156,24 @@ pub fn score(
         node.push(f.detections.as_slice());
         off.push(o.detections.as_slice());
     }
+    let mut all_truth = Vec::with_capacity(scans.len());
+    let mut all_off = Vec::with_capacity(scans.len());
+    for s in scans {
+        let o = offline_by_stamp
+            .get(&s.header.stamp_nanos())
+            .ok_or_else(|| {
+                ScoreError::Collected(format!(
+                    "no offline result for stamp {}",
+                    s.header.stamp_nanos()
+                ))
+            })?;
+        all_truth.push(s.scan.objects.as_slice());
+        all_off.push(o.detections.as_slice());
+    }
     Ok(Score {
         map: map_over(&truth, &node, classes),
         offline_map: map_over(&truth, &off, classes),
+        offline_map_all: map_over(&all_truth, &all_off, classes),
         frames_scored: collected.len(),
         frames_in_bag: scans.len(),
         frames_identical: identical,
@@ -163,11 +181,15 @@ pub fn score(
     })
 }
 
-/// Reads a bag's scans (decoded as the node decodes them) with their ground truth.
+/// Reads a bag's scans (decoded as the node decodes them) with their ground truth, each
+/// object's point count filled in as `lidar_ptq eval` does (objects without a single
+/// point are not scored, as in nuScenes).
 pub fn read_scans(bag: &Path, params: &NodeParams) -> Result<Vec<BagScan>, ScoreError> {
-    Ok(read_bag_scans(bag, None, &params.decode_options(), |_| {
-        true
-    })?)
+    let mut scans = read_bag_scans(bag, None, &params.decode_options(), |_| true)?;
+    for s in &mut scans {
+        crate::eval::sets::count_points(&s.scan.points, &mut s.scan.objects);
+    }
+    Ok(scans)
 }
 
 /// Parses collected frames (a JSON array).
