@@ -750,3 +750,43 @@ fn bias_before_norm_option_drops_the_hidden_conv_biases() {
     let e = Fp32Engine::new(&go, &w).err().unwrap().to_string();
     assert!(e.contains("unexpected tensor"), "{e}");
 }
+
+/// The imported model starts in the node exactly like our own: the node's parameter
+/// file with `model_path` and `int8_model_path` pointing at the imported files, through
+/// the node's own startup (the path `lidar_ptq_node` takes before it subscribes).
+#[test]
+fn imported_model_starts_in_the_node_with_its_int8_model() {
+    use lidar_ptq::node::engine::{ActivePrecision, start};
+    use lidar_ptq::node::params::{self, NodeParams, ParamValue};
+    let m = import("checkpoint.pth");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.safetensors");
+    ModelBundle::save(&model, &m.config, &m.weights, &Default::default()).unwrap();
+    let nus =
+        lidar_ptq::dataset::nuscenes::read_sweep(&common::data_dir().join(NUSCENES_SCAN)).unwrap();
+    let q = calibrate(
+        &m.config,
+        &m.weights,
+        std::slice::from_ref(&nus),
+        &CalibOptions::new(Method::MinMax),
+    )
+    .unwrap();
+    let qpath = dir.path().join("model.int8.safetensors");
+    lidar_ptq::quant::file::save(&qpath, &q, &Graph::build(&m.config).unwrap()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/lidar_ptq_node.yaml")).unwrap();
+    let mut values = params::from_ros_yaml(&text, lidar_ptq::node::NODE_NAME).unwrap();
+    let path = |p: &Path| ParamValue::String(p.display().to_string());
+    values.insert("model_path".into(), path(&model));
+    values.insert("int8_model_path".into(), path(&qpath));
+    values.insert("precision".into(), ParamValue::String("int8".into()));
+    // The shipped file's per-class thresholds name our default model's classes.
+    values.insert(
+        "class_score_thresholds".into(),
+        ParamValue::StringArray(vec!["pedestrian=0.25".into(), "bicycle=0.25".into()]),
+    );
+    let p = NodeParams::from_values(&values).unwrap();
+    let mut s = start(&p).unwrap();
+    assert_eq!(s.engine.precision(), ActivePrecision::Int8);
+    s.engine.detect(&nus).unwrap();
+}
