@@ -96,6 +96,30 @@ fn calibrates_from_a_bag_and_from_the_simulator() {
     let qm = file::load_for(&q2, &cfg, &w).unwrap();
     assert_eq!(qm.provenance.method, "entropy-occupied");
     assert_eq!(qm.provenance.weight_bits, 4);
+
+    // Grid search switches reach the provenance.
+    let out = calibrate(&[
+        "--model",
+        m.to_str().unwrap(),
+        "--frames-from-sim",
+        "1",
+        "--lidar",
+        "vlp16",
+        "--no-tgpl",
+        "--no-adaround",
+        "--no-grid-activations",
+        "--no-grid-input-aware",
+        "--grid-p",
+        "3",
+        "--out",
+        q2.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let p = file::load_for(&q2, &cfg, &w).unwrap().provenance.params;
+    assert_eq!(p["grid_activations"], "false");
+    assert_eq!(p["grid_weights"], "true");
+    assert_eq!(p["grid_input_aware"], "false");
+    assert_eq!(p["grid_p"], "3");
 }
 
 #[test]

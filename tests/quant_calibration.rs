@@ -445,6 +445,85 @@ fn grid_search_per_channel_equals_per_channel_searches() {
     }
 }
 
+/// The input-aware weight search against a brute force over the candidates in f64:
+/// `sum importance[in(i)] * |w_i - q(w_i)|^p` per output channel, for both weight layouts
+/// (conv: out axis 0, in axis 1; transposed conv: the other way round).
+#[test]
+fn weighted_grid_search_picks_the_brute_force_minimum() {
+    let gs = GridSearch::default();
+    let vals = heavy_tailed(6 * 5 * 3 * 3, 31);
+    let t = Tensor::new(vec![6, 5, 3, 3], vals).unwrap();
+    let importance = [0.01, 4.0, 0.0, 1.0, 250.0];
+    let grid = Grid::weight(4);
+    for (axis, in_axis) in [(0usize, 1usize), (1, 0)] {
+        let n_in = t.shape[in_axis];
+        let imp: Vec<f64> = importance.iter().cycle().take(n_in).copied().collect();
+        let got = gs
+            .search_per_channel_weighted(&t, axis, in_axis, &imp, grid, Flavour::Symmetric)
+            .unwrap();
+        assert_eq!(got.len(), t.shape[axis]);
+        let index = |i: usize, ax: usize| {
+            let inner: usize = t.shape[ax + 1..].iter().product();
+            (i / inner) % t.shape[ax]
+        };
+        for (c, r) in got.iter().enumerate() {
+            let members: Vec<usize> = (0..t.data.len()).filter(|&i| index(i, axis) == c).collect();
+            let max_abs = members.iter().map(|&i| t.data[i].abs()).fold(0.0, f32::max);
+            let loss = |q: &QParams| -> f64 {
+                members
+                    .iter()
+                    .map(|&i| imp[index(i, in_axis)] * ref_loss(&[t.data[i]], q, 2.4))
+                    .sum()
+            };
+            let best = (0..gs.candidates)
+                .map(|k| loss(&QParams::symmetric(gs.alpha(k) * max_abs, grid)))
+                .fold(f64::INFINITY, f64::min);
+            let got_loss = loss(&r.qparams);
+            assert!(got_loss <= best * (1.0 + 1e-6), "{got_loss} vs {best}");
+            assert!((r.loss - got_loss).abs() <= 1e-4 * got_loss.max(1e-12));
+        }
+        // Equal importances: the unweighted search.
+        let ones = vec![1.0; n_in];
+        assert_eq!(
+            gs.search_per_channel_weighted(&t, axis, in_axis, &ones, grid, Flavour::Symmetric)
+                .unwrap(),
+            gs.search_per_channel(&t, axis, grid, Flavour::Symmetric)
+                .unwrap()
+        );
+    }
+    // The outlier meets large inputs: the weighted search keeps it (no clipping), the
+    // unweighted one clips it.
+    let mut w: Vec<f32> = (0..1024).map(|k| (k as f32 / 511.5 - 1.0) * 0.9).collect();
+    w[0] = 1.5;
+    let t = Tensor::new(vec![1, 1024], w).unwrap();
+    let mut imp = vec![1.0; 1024];
+    imp[0] = 1e4;
+    let weighted = gs
+        .search_per_channel_weighted(&t, 0, 1, &imp, grid, Flavour::Symmetric)
+        .unwrap();
+    let plain = gs
+        .search_per_channel(&t, 0, grid, Flavour::Symmetric)
+        .unwrap();
+    assert!(plain[0].alpha < 0.9, "{}", plain[0].alpha);
+    assert!(
+        weighted[0].alpha > plain[0].alpha,
+        "{} vs {}",
+        weighted[0].alpha,
+        plain[0].alpha
+    );
+    // Bad importances are errors.
+    for bad in [vec![1.0; 1023], {
+        let mut b = vec![1.0; 1024];
+        b[3] = -1.0;
+        b
+    }] {
+        assert!(
+            gs.search_per_channel_weighted(&t, 0, 1, &bad, grid, Flavour::Symmetric)
+                .is_err()
+        );
+    }
+}
+
 #[test]
 fn bad_observer_settings_are_typed_errors() {
     assert!(matches!(

@@ -825,3 +825,68 @@ fn the_int8_engine_reproduces_the_simulated_integer_network() {
         }
     }
 }
+
+/// A baseline's statistic sets the per-feature input scales: each feature observed on
+/// its own over every entry of the calibration inputs (padding slots included) or over
+/// its non-zero entries, symmetric on the 8-bit grid.
+#[test]
+fn baselines_set_the_per_feature_input_scales_with_their_statistic() {
+    use lidar_ptq::quant::Grid;
+    use lidar_ptq::quant::observers::{Entropy, MinMax, Observer, Percentile};
+    let (cfg, graph) = tiny();
+    let w = weights(&graph, 21);
+    let fr = frames(3, 6);
+    let ins = inputs(&cfg, &fr);
+    let width = ins[0].width;
+    let feature = |j: usize| -> Vec<f32> {
+        ins.iter()
+            .flat_map(|f| f.decorated.iter().skip(j).step_by(width).copied())
+            .collect()
+    };
+    let sym = Grid::activation(8, Flavour::Symmetric);
+    type MakeObserver = Box<dyn Fn() -> Box<dyn Observer>>;
+    let cases: Vec<(Method, MakeObserver)> = vec![
+        (Method::MinMax, Box::new(|| Box::new(MinMax::new()))),
+        (
+            Method::Entropy {
+                occupied_only: false,
+            },
+            Box::new(|| Box::new(Entropy::new(false, Entropy::DEFAULT_BINS).unwrap())),
+        ),
+        (
+            Method::Percentile {
+                percentile: 99.0,
+                occupied_only: true,
+            },
+            Box::new(|| Box::new(Percentile::new(99.0, true, Percentile::DEFAULT_BINS).unwrap())),
+        ),
+    ];
+    let mut all_scales = Vec::new();
+    for (method, observer) in cases {
+        let m = calibrate(&cfg, &w, &fr, &CalibOptions::new(method)).unwrap();
+        let got = m.input_scales.clone().unwrap();
+        let want: Vec<f32> = (0..width)
+            .map(|j| {
+                let xs = feature(j);
+                if xs.iter().all(|&x| x == 0.0) {
+                    // A feature never non-zero keeps the min-max (degenerate) scale.
+                    return QParams::for_range(0.0, 0.0, sym, Flavour::Symmetric).scale;
+                }
+                let mut o = observer();
+                o.observe(&xs).unwrap();
+                o.finish(sym, Flavour::Symmetric).unwrap().scale
+            })
+            .collect();
+        assert_eq!(got, want, "{method:?}");
+        all_scales.push(got);
+    }
+    // Entropy over every entry (mostly padding zeros) clips some feature far below its
+    // min-max range: the baseline's failure reaches the input too.
+    assert!(
+        all_scales[1]
+            .iter()
+            .zip(&all_scales[0])
+            .any(|(e, m)| *e < 0.5 * m),
+        "{all_scales:?}"
+    );
+}

@@ -121,6 +121,18 @@ pub struct CalibrateArgs {
     /// LiDAR-PTQ ablation: plain min-max instead of the Lp grid search.
     #[arg(long)]
     no_grid_search: bool,
+    /// Grid search on activations only (weights: per-channel min-max).
+    #[arg(long)]
+    no_grid_weights: bool,
+    /// Grid search on weights only (activations: min-max).
+    #[arg(long)]
+    no_grid_activations: bool,
+    /// Weight grid search scored on the weights alone, not weighed by their inputs.
+    #[arg(long)]
+    no_grid_input_aware: bool,
+    /// Norm exponent p of the grid search's `||x - q(x)||_p`.
+    #[arg(long)]
+    grid_p: Option<f64>,
     /// LiDAR-PTQ ablation: no TGPL term.
     #[arg(long)]
     no_tgpl: bool,
@@ -284,6 +296,12 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     opts.input_per_feature = !a.no_input_per_feature;
     if a.no_grid_search {
         opts.grid_search = None;
+    }
+    opts.grid_weights = !a.no_grid_weights;
+    opts.grid_activations = !a.no_grid_activations;
+    opts.grid_input_aware = !a.no_grid_input_aware;
+    if let (Some(p), Some(g)) = (a.grid_p, opts.grid_search.as_mut()) {
+        g.p = p;
     }
     let r = &mut opts.recon;
     r.tgpl = !a.no_tgpl;

@@ -141,6 +141,12 @@ pub struct CalibOptions {
     pub keep_float: Vec<String>,
     /// LiDAR-PTQ component 1; `None` keeps plain min-max.
     pub grid_search: Option<GridSearch>,
+    /// What the grid search clips: weights (per channel), activations (per tensor).
+    pub grid_weights: bool,
+    pub grid_activations: bool,
+    /// Weight candidates scored with each weight's error weighed by `E|x|^p` of the input
+    /// channel it multiplies (measured on the grid frames), instead of unweighted.
+    pub grid_input_aware: bool,
     /// Frames whose activations feed the activation grid search.
     pub grid_frames: usize,
     /// Non-zero entries sampled per value for the activation grid search (zeros are
@@ -165,6 +171,9 @@ impl CalibOptions {
             flavour: Flavour::Asymmetric,
             keep_float: Vec::new(),
             grid_search: Some(GridSearch::default()),
+            grid_weights: true,
+            grid_activations: true,
+            grid_input_aware: true,
             grid_frames: 16,
             grid_samples: 1 << 16,
             input_per_feature: true,
@@ -220,6 +229,9 @@ impl CalibOptions {
                         put("grid_p", g.p.to_string());
                         put("grid_frames", self.grid_frames.to_string());
                         put("grid_samples", self.grid_samples.to_string());
+                        put("grid_weights", self.grid_weights.to_string());
+                        put("grid_activations", self.grid_activations.to_string());
+                        put("grid_input_aware", self.grid_input_aware.to_string());
                     }
                     None => put("grid_search", "off".into()),
                 }
@@ -521,6 +533,49 @@ fn feature_ranges(t: &Tensor, f: usize) -> Vec<(f32, f32)> {
     r
 }
 
+/// Adds `sum |x|^p` per channel (axis 1 of a `[1, C, H, W]` map, the last axis
+/// otherwise) and the number of positions of `t` to `acc`. Zeros add nothing (skipped:
+/// BEV maps are mostly empty).
+fn add_moments(acc: &mut (Vec<f64>, u64), t: &Tensor, p: f64) {
+    let (channels, inner) = match t.shape.as_slice() {
+        [_, c, h, w] => (*c, h * w),
+        s => (s.last().copied().unwrap_or(0), 1),
+    };
+    if channels == 0 || t.data.is_empty() {
+        return;
+    }
+    if acc.0.len() != channels {
+        *acc = (vec![0.0; channels], 0);
+    }
+    for (i, &x) in t.data.iter().enumerate() {
+        if x != 0.0 {
+            acc.0[(i / inner) % channels] += (x.abs() as f64).powf(p);
+        }
+    }
+    acc.1 += (t.data.len() / channels) as u64;
+}
+
+/// Input-channel importance `E|x_j|^p` for the weight search, from [`add_moments`]'s
+/// sums. With per-feature input scales folded into the layer, the integer layer's inputs
+/// are `x_j / s_j`. A floor of 1e-3 of the mean keeps channels unseen in calibration
+/// from being clipped without limit.
+fn input_importance(sums: &[f64], n: u64, folded_scales: Option<&[f32]>, p: f64) -> Vec<f64> {
+    let mut m: Vec<f64> = sums
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| {
+            let e = s / n.max(1) as f64;
+            match folded_scales {
+                Some(sc) => e / (sc[j % sc.len()] as f64).powf(p),
+                None => e,
+            }
+        })
+        .collect();
+    let floor = 1e-3 * m.iter().sum::<f64>() / m.len().max(1) as f64;
+    m.iter_mut().for_each(|x| *x = x.max(floor));
+    m
+}
+
 /// Per group statistics of the FP pass.
 struct GroupStats {
     minmax: MinMax,
@@ -603,10 +658,18 @@ pub fn calibrate_detailed(
         observed[0] = false;
     }
     let observer_kind = opts.method.observer();
-    let grid_search = match opts.method {
-        Method::LidarPtq => opts.grid_search,
-        _ => None,
+    let (grid_search, weight_grid_search) = match opts.method {
+        Method::LidarPtq => (
+            opts.grid_search.filter(|_| opts.grid_activations),
+            opts.grid_search.filter(|_| opts.grid_weights),
+        ),
+        _ => (None, None),
     };
+    // Input-aware weight search: per layer input value, per channel `sum |x|^p` and the
+    // number of positions, on the grid frames.
+    let input_aware = opts.grid_input_aware && weight_grid_search.is_some();
+    let mut moments: BTreeMap<usize, (Vec<f64>, u64)> = BTreeMap::new();
+    let moment_p = weight_grid_search.map_or(2.0, |g| g.p);
     let mut stats: BTreeMap<usize, GroupStats> = BTreeMap::new();
     for (v, _) in observed.iter().enumerate().filter(|(_, o)| **o) {
         if let std::collections::btree_map::Entry::Vacant(e) = stats.entry(plan.group[v]) {
@@ -629,6 +692,12 @@ pub fn calibrate_detailed(
     let width = cfg.pillar_input_width().unwrap_or(0);
     let mut input_ranges = vec![(f32::INFINITY, f32::NEG_INFINITY); width];
     let mut input_samples: Vec<Vec<f32>> = vec![Vec::new(); width];
+    // A baseline's statistic decides the per-feature input scales too (each feature over
+    // all its entries, padding slots included, or over its non-zero entries).
+    let mut input_observers: Vec<Box<dyn Observer + Send>> = match observer_kind {
+        Some(k) if per_feature => (0..width).map(|_| k.build()).collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    };
 
     // The FP pass.
     let fp = QuantNet::from_folded(&graph, &folded, &float_model(&graph, provenance.clone()))?;
@@ -657,8 +726,8 @@ pub fn calibrate_detailed(
             .enumerate()
             .map(|(j, points)| {
                 let k = c * chunk + j;
-                let keep_data =
-                    observer_kind.is_some() || (grid_search.is_some() && k < opts.grid_frames);
+                let keep_data = observer_kind.is_some()
+                    || ((grid_search.is_some() || input_aware) && k < opts.grid_frames);
                 let out = fp_frame(
                     cfg,
                     &graph,
@@ -687,7 +756,14 @@ pub fn calibrate_detailed(
                 *r = (r.0.min(x.0), r.1.max(x.1));
             }
             for (v, t) in out.data {
+                if input_aware && k < opts.grid_frames {
+                    add_moments(moments.entry(v).or_default(), &t, moment_p);
+                }
                 if per_feature && v == 0 {
+                    for (j, o) in input_observers.iter_mut().enumerate() {
+                        let xs: Vec<f32> = t.data.iter().skip(j).step_by(width).copied().collect();
+                        o.observe(&xs)?;
+                    }
                     if grid_search.is_some() && k < opts.grid_frames {
                         for (j, samples) in input_samples.iter_mut().enumerate() {
                             let nonzero: Vec<f32> = t
@@ -765,6 +841,9 @@ pub fn calibrate_detailed(
         for (j, &(lo, hi)) in input_ranges.iter().enumerate() {
             let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
             let q = match &grid_search {
+                _ if !input_observers.is_empty() && (lo, hi) != (0.0, 0.0) => {
+                    input_observers[j].finish(sym, Flavour::Symmetric)?
+                }
                 Some(gs) if !input_samples[j].is_empty() => {
                     gs.search(&input_samples[j], lo, hi, sym, Flavour::Symmetric)?
                         .qparams
@@ -806,18 +885,25 @@ pub fn calibrate_detailed(
         }
         let f = folded_q[i].as_ref().expect("layer folded");
         let axis = weight_out_axis(l.kind);
-        let w = match &grid_search {
+        let w = match &weight_grid_search {
             Some(gs) => {
-                let qs: Vec<QParams> = gs
-                    .search_per_channel(
+                let wgrid = Grid::weight(opts.weight_bits);
+                let importance = moments.get(&node.inputs[0]).map(|(sums, n)| {
+                    let folded_scales = input_scales.as_deref().filter(|_| node.inputs[0] == 0);
+                    input_importance(sums, *n, folded_scales, gs.p)
+                });
+                let results = match importance {
+                    Some(m) if input_aware => gs.search_per_channel_weighted(
                         &f.weight,
                         axis,
-                        Grid::weight(opts.weight_bits),
+                        1 - axis,
+                        &m,
+                        wgrid,
                         Flavour::Symmetric,
-                    )?
-                    .into_iter()
-                    .map(|r| r.qparams)
-                    .collect();
+                    )?,
+                    _ => gs.search_per_channel(&f.weight, axis, wgrid, Flavour::Symmetric)?,
+                };
+                let qs: Vec<QParams> = results.into_iter().map(|r| r.qparams).collect();
                 layer_weights(f, axis, &qs, opts.weight_bits)
             }
             None => quantize_weights_minmax(f, axis, opts.weight_bits),
@@ -849,4 +935,53 @@ pub fn calibrate_detailed(
     let (model, units) = reconstruct::reconstruct_with_report(&ctx, init, recon_frames, progress)?;
     model.validate(&graph).map_err(CalibError::Model)?;
     Ok(Calibration { model, units })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_moments_per_channel_against_naive_sums() {
+        let p = 2.4;
+        // [1, C, H, W]: channel axis 1; [P, N, C]: the last axis.
+        let map = Tensor::from_fn(
+            &[1, 3, 2, 2],
+            |i| if i % 5 == 0 { 0.0 } else { i as f32 - 6.0 },
+        );
+        let rows = Tensor::from_fn(&[2, 2, 3], |i| (i as f32 * 0.7).sin());
+        for (t, channel) in [
+            (
+                &map,
+                Box::new(|i: usize| i / 4) as Box<dyn Fn(usize) -> usize>,
+            ),
+            (&rows, Box::new(|i: usize| i % 3)),
+        ] {
+            let mut acc = (Vec::new(), 0u64);
+            add_moments(&mut acc, t, p);
+            add_moments(&mut acc, t, p);
+            let mut want = [0.0f64; 3];
+            for (i, &x) in t.data.iter().enumerate() {
+                want[channel(i)] += 2.0 * (x.abs() as f64).powf(p);
+            }
+            assert_eq!(acc.1, 2 * (t.data.len() / 3) as u64);
+            for (g, w) in acc.0.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-12 * w.max(1.0), "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn input_importance_divides_by_folded_scales_and_floors() {
+        let sums = [8.0, 0.0, 2.0];
+        let m = input_importance(&sums, 2, None, 2.0);
+        assert_eq!(m[0], 4.0);
+        assert_eq!(m[2], 1.0);
+        // The unseen channel gets 1e-3 of the mean.
+        assert!((m[1] - 1e-3 * 5.0 / 3.0).abs() < 1e-15);
+        // Folded per-feature scales: the layer sees x / s.
+        let m = input_importance(&sums, 2, Some(&[2.0, 1.0, 0.5]), 2.0);
+        assert_eq!(m[0], 1.0);
+        assert_eq!(m[2], 4.0);
+    }
 }
