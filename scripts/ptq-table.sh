@@ -46,7 +46,8 @@ ROWS=(
 NOISE_ROWS=(minmax lidar-ptq)
 BITS=(w8a8 w4a8)
 
-row_args() { for r in "${ROWS[@]}"; do [ "${r%%|*}" = "$1" ] && echo "${r##*|}"; done; }
+row_args() { for r in "${ROWS[@]}"; do if [ "${r%%|*}" = "$1" ]; then echo "${r##*|}"; fi; done; }
+row_index() { for i in "${!ROWS[@]}"; do if [ "${ROWS[$i]%%|*}" = "$1" ]; then echo "$i"; fi; done; }
 
 # calibrate BITS NAME SEED: WORK/BITS/NAME[-sSEED].safetensors, its log and wall time (s).
 calibrate() {
@@ -125,7 +126,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
   echo "  HDL-32E (scene stream seed $SIM_SEED, apart from training and validation), every layer"
   echo "  quantized (no keep-float), per-channel symmetric weights, per-tensor asymmetric"
   echo "  activations, per-feature input scales; calibration seed 0."
-  echo "- Scores: \`eval\` on the held-out validation bag \`$VAL\` (120 HDL-64E scans, 40 drives):"
+  echo "- Scores: \`eval\` on the held-out validation bag \`$VAL\` ($(jq .frames "$WORK/fp32.json") scans):"
   echo "  nuScenes-style centre-distance AP, 11 classes; per-distance columns are the mAP within"
   echo "  each range band. On the same bag, \`fidelity\` against the FP32 detections (see"
   echo "  below): the share of FP32 boxes the INT8 model reproduces and the mean score error of"
@@ -156,7 +157,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
     echo
     echo "| method | mAP | car AP | pedestrian AP | mAP 0-30 m | mAP 30-50 m | mAP 50+ m | mAP - FP32 | FP32 boxes kept | score error | calibrate s |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
-    echo "$(line FP32 "$WORK/fp32.json") | | | | |"
+    echo "$(line FP32 "$WORK/fp32.json") | | | |"
     for k in "${!ROWS[@]}"; do
       IFS='|' read -r name label _ <<<"${ROWS[$k]}"
       j=$WORK/$bits/$name.json
@@ -179,7 +180,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
     k=0
     for name in "${NOISE_ROWS[@]}"; do
       # Index of the seed-0 row in the validation fidelity report.
-      k0=$(for i in "${!ROWS[@]}"; do [ "${ROWS[$i]%%|*}" = "$name" ] && echo "$i"; done)
+      k0=$(row_index "$name")
       maps=("$(metric "$WORK/$bits/$name.json" .mAP)")
       errs=("$(jq ".int8[$k0].mean_score_error" "$fv")")
       for s in $NOISE_SEEDS; do
