@@ -274,12 +274,16 @@ mod tests {
         }
     }
 
+    /// What the naive reference expects: sites, f64 means, counts, capped points.
+    struct Expected {
+        coords: Vec<[u32; 3]>,
+        means: Vec<Vec<f64>>,
+        counts: Vec<u32>,
+        capped: usize,
+    }
+
     /// Naive reference: per point its cell, voxels by first sight with the caps, mean in f64.
-    fn naive(
-        p: &VoxelMeanParams,
-        pts: &Points,
-        lag: &[f32],
-    ) -> (Vec<[u32; 3]>, Vec<Vec<f64>>, Vec<u32>, usize) {
+    fn naive(p: &VoxelMeanParams, pts: &Points, lag: &[f32]) -> Expected {
         let r = p.point_range;
         let grid: Vec<i64> = (0..3)
             .map(|a| ((r[a + 3] - r[a]) / p.cell_size[a]).round() as i64)
@@ -332,18 +336,23 @@ mod tests {
             })
             .collect();
         let counts = order.iter().map(|k| members[k].len() as u32).collect();
-        (order, means, counts, capped)
+        Expected {
+            coords: order,
+            means,
+            counts,
+            capped,
+        }
     }
 
     fn check(p: &VoxelMeanParams, pts: &Points, lag: &[f32]) -> MeanVoxels {
         let mut vm = VoxelMean::new(p.clone()).unwrap();
         let out = vm.voxelize(pts, Some(lag)).unwrap();
         out.voxels.validate().unwrap();
-        let (coords, means, counts, capped) = naive(p, pts, lag);
-        assert_eq!(out.voxels.coords, coords);
-        assert_eq!(out.counts, counts);
-        assert_eq!(out.capped_points, capped);
-        for (row, want) in out.voxels.features.data.chunks_exact(5).zip(&means) {
+        let want = naive(p, pts, lag);
+        assert_eq!(out.voxels.coords, want.coords);
+        assert_eq!(out.counts, want.counts);
+        assert_eq!(out.capped_points, want.capped);
+        for (row, want) in out.voxels.features.data.chunks_exact(5).zip(&want.means) {
             for (g, w) in row.iter().zip(want) {
                 assert!(
                     (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),

@@ -376,6 +376,7 @@ mod tests {
 
     /// Dense 3D cross-correlation in f64 of the zero-filled grid, read at `out_sites`:
     /// `y[o, co] = b[co] + sum w[co, kk, ci] * x_dense[ci, o * s - p + kk]`.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         coords: &[[u32; 3]],
         x: &[f64],

@@ -83,7 +83,7 @@ impl Rulebook {
     /// Submanifold conv with a centred `k x k x k` kernel (`k` odd): outputs are the input
     /// sites, row for row, and a pair exists where both ends are active.
     pub fn submanifold(coords: &[[u32; 3]], shape: [usize; 3], k: usize) -> Result<Self> {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             return Err(OpsError::Invalid {
                 op: OP,
                 arg: "kernel",
