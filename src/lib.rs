@@ -23,4 +23,5 @@ pub mod quant;
 pub mod render;
 pub mod sim;
 pub mod source;
+pub mod sparse;
 pub mod train;

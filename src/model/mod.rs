@@ -6,6 +6,7 @@ pub mod config;
 pub mod decode;
 pub mod graph;
 pub mod targets;
+pub mod voxel_mean;
 pub mod voxelize;
 pub mod weights;
 

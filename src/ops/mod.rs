@@ -24,7 +24,8 @@
 //!
 //! Ops: [`linear`], [`batchnorm`] (train/eval, BN folding), [`relu`], [`sigmoid`],
 //! [`pillar_max`], [`repeat_points`], [`scatter`] (and gather), [`conv2d`], [`conv_transpose2d`], [`concat`](mod@concat)
-//! (and split), [`focal_loss`], [`reg_l1_loss`]. Convolutions and linear run on the `gemm`
+//! (and split), [`focal_loss`], [`reg_l1_loss`], and for the voxel branch [`sparse_conv`]
+//! (over a `sparse::Rulebook`) and [`height_compress`]. Convolutions and linear run on the `gemm`
 //! crate through a safe strided wrapper; parallelism comes from the global rayon pool.
 //!
 //! Shapes are validated on every call; a mismatch is an [`OpsError`] naming the op and the
@@ -35,6 +36,7 @@ pub mod concat;
 pub mod conv2d;
 pub mod conv_transpose2d;
 pub mod focal_loss;
+pub mod height_compress;
 mod im2col;
 pub mod linear;
 mod matmul;
@@ -44,6 +46,7 @@ pub mod relu;
 pub mod repeat_points;
 pub mod scatter;
 pub mod sigmoid;
+pub mod sparse_conv;
 
 #[cfg(test)]
 pub(crate) mod testutil;

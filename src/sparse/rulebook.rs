@@ -1,0 +1,450 @@
+//! Rulebooks: for each kernel offset, the (input row, output row) pairs a sparse
+//! convolution multiplies by that offset's weight slice.
+//!
+//! Semantics are PyTorch's / spconv's cross-correlation: along each axis, output site `o`
+//! reads input site `i = o * s - p + kk` for kernel index `kk` in `0..k`, and the output
+//! size is `(i + 2p - k) / s + 1`. A submanifold conv (odd `k`, stride 1, padding
+//! `k / 2`) keeps exactly the input sites as outputs; a regular conv outputs every site
+//! that some active input reaches. Offsets are numbered `(kz_i * ky + ky_i) * kx + kx_i`,
+//! matching the spconv-2 weight layout `[Cout, kz, ky, kx, Cin]`.
+
+use rayon::prelude::*;
+
+use super::{CoordHash, check_coords, linear_index};
+use crate::ops::{OpsError, Result};
+
+const OP: &str = "rulebook";
+
+/// The pairs of one kernel offset; `input[j]` feeds `output[j]`. Input rows are strictly
+/// increasing, and no output row repeats (one offset links each output to one input).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OffsetPairs {
+    pub input: Vec<u32>,
+    pub output: Vec<u32>,
+}
+
+impl OffsetPairs {
+    pub fn len(&self) -> usize {
+        self.input.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input.is_empty()
+    }
+}
+
+/// Input/output pairs per kernel offset, and the output sites, of one sparse convolution
+/// geometry on one set of input sites. Immutable once built, so layers can share it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rulebook {
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+    in_shape: [usize; 3],
+    out_shape: [usize; 3],
+    n_in: usize,
+    out_coords: Vec<[u32; 3]>,
+    pairs: Vec<OffsetPairs>,
+    submanifold: bool,
+}
+
+/// Kernel index (z, y, x) of each offset number, in offset order.
+fn kernel_indices(kernel: [usize; 3]) -> Vec<[usize; 3]> {
+    let mut v = Vec::with_capacity(kernel.iter().product());
+    for a in 0..kernel[0] {
+        for b in 0..kernel[1] {
+            for c in 0..kernel[2] {
+                v.push([a, b, c]);
+            }
+        }
+    }
+    v
+}
+
+fn check_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<CoordHash> {
+    if shape.contains(&0) || shape.iter().any(|&s| s > u32::MAX as usize) {
+        return Err(OpsError::Invalid {
+            op: OP,
+            arg: "shape",
+            detail: format!("grid {shape:?} must have sides in 1..=2^32-1"),
+        });
+    }
+    if coords.len() > u32::MAX as usize {
+        return Err(OpsError::Invalid {
+            op: OP,
+            arg: "coords",
+            detail: format!("{} sites exceed the u32 row index", coords.len()),
+        });
+    }
+    check_coords(OP, coords, shape)
+}
+
+impl Rulebook {
+    /// Submanifold conv with a centred `k x k x k` kernel (`k` odd): outputs are the input
+    /// sites, row for row, and a pair exists where both ends are active.
+    pub fn submanifold(coords: &[[u32; 3]], shape: [usize; 3], k: usize) -> Result<Self> {
+        if k.is_multiple_of(2) {
+            return Err(OpsError::Invalid {
+                op: OP,
+                arg: "kernel",
+                detail: format!("submanifold kernel {k} must be odd (centred)"),
+            });
+        }
+        let index = check_sites(coords, shape)?;
+        let r = (k / 2) as i64;
+        let kernel = [k; 3];
+        let pairs = kernel_indices(kernel)
+            .into_par_iter()
+            .map(|kk| {
+                // Input site ci feeds output co = ci - (kk - r).
+                let d = kk.map(|v| v as i64 - r);
+                let mut p = OffsetPairs::default();
+                for (i, &ci) in coords.iter().enumerate() {
+                    let co = [0, 1, 2].map(|a| ci[a] as i64 - d[a]);
+                    if (0..3).any(|a| co[a] < 0 || co[a] >= shape[a] as i64) {
+                        continue;
+                    }
+                    let co = co.map(|v| v as u32);
+                    if let Some(o) = index.get(linear_index(co, shape)) {
+                        p.input.push(i as u32);
+                        p.output.push(o);
+                    }
+                }
+                p
+            })
+            .collect();
+        Ok(Self {
+            kernel,
+            stride: [1; 3],
+            padding: [k / 2; 3],
+            in_shape: shape,
+            out_shape: shape,
+            n_in: coords.len(),
+            out_coords: coords.to_vec(),
+            pairs,
+            submanifold: true,
+        })
+    }
+
+    /// Regular (strided) sparse conv: outputs are all sites that an active input reaches,
+    /// ordered by linear index in the output grid.
+    pub fn regular(
+        coords: &[[u32; 3]],
+        shape: [usize; 3],
+        kernel: [usize; 3],
+        stride: [usize; 3],
+        padding: [usize; 3],
+    ) -> Result<Self> {
+        check_sites(coords, shape)?;
+        if kernel.contains(&0) || stride.contains(&0) {
+            return Err(OpsError::Invalid {
+                op: OP,
+                arg: "kernel",
+                detail: format!("kernel {kernel:?} and stride {stride:?} must be >= 1"),
+            });
+        }
+        let mut out_shape = [0; 3];
+        for a in 0..3 {
+            let padded = shape[a] + 2 * padding[a];
+            if padded < kernel[a] {
+                return Err(OpsError::Invalid {
+                    op: OP,
+                    arg: "kernel",
+                    detail: format!(
+                        "kernel {kernel:?} does not fit the grid {shape:?} padded by {padding:?}"
+                    ),
+                });
+            }
+            out_shape[a] = (padded - kernel[a]) / stride[a] + 1;
+        }
+        let kidx = kernel_indices(kernel);
+        // Output site of input `ci` under kernel index `kk`, if it exists.
+        let target = |ci: [u32; 3], kk: [usize; 3]| -> Option<[u32; 3]> {
+            let mut o = [0u32; 3];
+            for a in 0..3 {
+                let t = ci[a] as i64 + padding[a] as i64 - kk[a] as i64;
+                let s = stride[a] as i64;
+                if t < 0 || t % s != 0 || t / s >= out_shape[a] as i64 {
+                    return None;
+                }
+                o[a] = (t / s) as u32;
+            }
+            Some(o)
+        };
+        let mut keys: Vec<u64> = coords
+            .par_iter()
+            .flat_map_iter(|&ci| {
+                kidx.iter()
+                    .filter_map(move |&kk| target(ci, kk))
+                    .map(|o| linear_index(o, out_shape))
+            })
+            .collect();
+        keys.par_sort_unstable();
+        keys.dedup();
+        let (h, w) = (out_shape[1] as u64, out_shape[2] as u64);
+        let out_coords: Vec<[u32; 3]> = keys
+            .iter()
+            .map(|&l| [(l / (h * w)) as u32, (l / w % h) as u32, (l % w) as u32])
+            .collect();
+        let mut out_index = CoordHash::with_capacity(keys.len());
+        for (row, &l) in keys.iter().enumerate() {
+            out_index.get_or_insert(l, row as u32);
+        }
+        let pairs = kidx
+            .into_par_iter()
+            .map(|kk| {
+                let mut p = OffsetPairs::default();
+                for (i, &ci) in coords.iter().enumerate() {
+                    if let Some(o) = target(ci, kk) {
+                        let row = out_index
+                            .get(linear_index(o, out_shape))
+                            .expect("every reached site is an output");
+                        p.input.push(i as u32);
+                        p.output.push(row);
+                    }
+                }
+                p
+            })
+            .collect();
+        Ok(Self {
+            kernel,
+            stride,
+            padding,
+            in_shape: shape,
+            out_shape,
+            n_in: coords.len(),
+            out_coords,
+            pairs,
+            submanifold: false,
+        })
+    }
+
+    /// Kernel size (kz, ky, kx).
+    pub fn kernel(&self) -> [usize; 3] {
+        self.kernel
+    }
+
+    /// Number of kernel offsets (kz * ky * kx).
+    pub fn kernel_volume(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn stride(&self) -> [usize; 3] {
+        self.stride
+    }
+
+    pub fn padding(&self) -> [usize; 3] {
+        self.padding
+    }
+
+    pub fn is_submanifold(&self) -> bool {
+        self.submanifold
+    }
+
+    /// Input grid (D, H, W).
+    pub fn in_shape(&self) -> [usize; 3] {
+        self.in_shape
+    }
+
+    /// Output grid (D', H', W').
+    pub fn out_shape(&self) -> [usize; 3] {
+        self.out_shape
+    }
+
+    /// Number of input sites the rulebook was built for.
+    pub fn n_in(&self) -> usize {
+        self.n_in
+    }
+
+    /// Number of output sites.
+    pub fn n_out(&self) -> usize {
+        self.out_coords.len()
+    }
+
+    /// Output sites (z, y, x), row order of the conv's output features.
+    pub fn out_coords(&self) -> &[[u32; 3]] {
+        &self.out_coords
+    }
+
+    /// Pairs of every offset, in offset order.
+    pub fn pairs(&self) -> &[OffsetPairs] {
+        &self.pairs
+    }
+
+    /// Total pairs over all offsets (multiply-adds per channel pair).
+    pub fn num_pairs(&self) -> usize {
+        self.pairs.iter().map(OffsetPairs::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::rng;
+    use rand::RngExt;
+    use rand_chacha::ChaCha8Rng;
+    use std::collections::BTreeSet;
+
+    pub(crate) fn random_sites(r: &mut ChaCha8Rng, shape: [usize; 3], n: usize) -> Vec<[u32; 3]> {
+        let mut seen = BTreeSet::new();
+        let mut v = Vec::new();
+        while v.len() < n {
+            let c = shape.map(|s| r.random_range(0..s as u32));
+            if seen.insert(c) {
+                v.push(c);
+            }
+        }
+        v
+    }
+
+    fn check_pair_invariants(rb: &Rulebook) {
+        for p in rb.pairs() {
+            assert!(p.input.windows(2).all(|w| w[0] < w[1]));
+            let outs: BTreeSet<_> = p.output.iter().collect();
+            assert_eq!(outs.len(), p.len(), "an output repeats within an offset");
+            assert!(p.output.iter().all(|&o| (o as usize) < rb.n_out()));
+        }
+    }
+
+    /// Submanifold: outputs are the inputs; a pair exists exactly where input = output +
+    /// (offset - centre) and both are active.
+    #[test]
+    fn sparse_rulebook_submanifold_properties() {
+        let mut r = rng(3);
+        let shape = [5, 6, 7];
+        let coords = random_sites(&mut r, shape, 60);
+        let rb = Rulebook::submanifold(&coords, shape, 3).unwrap();
+        assert_eq!(rb.out_coords(), coords.as_slice());
+        assert_eq!(rb.out_shape(), shape);
+        assert_eq!(rb.kernel_volume(), 27);
+        check_pair_invariants(&rb);
+        // The centre offset maps every site to itself.
+        let centre = &rb.pairs()[13];
+        assert_eq!(centre.input, centre.output);
+        assert_eq!(centre.len(), coords.len());
+        for (k, kk) in kernel_indices([3; 3]).into_iter().enumerate() {
+            let mut want = Vec::new();
+            for (o, co) in coords.iter().enumerate() {
+                for (i, ci) in coords.iter().enumerate() {
+                    if (0..3).all(|a| ci[a] as i64 == co[a] as i64 + kk[a] as i64 - 1) {
+                        want.push((i as u32, o as u32));
+                    }
+                }
+            }
+            want.sort();
+            let p = &rb.pairs()[k];
+            let got: Vec<_> = p
+                .input
+                .iter()
+                .copied()
+                .zip(p.output.iter().copied())
+                .collect();
+            assert_eq!(got, want, "offset {kk:?}");
+        }
+    }
+
+    /// Regular conv: output sites are exactly the dense-conv outputs some active input
+    /// touches, sorted by linear index, and pairs match the index arithmetic.
+    #[test]
+    fn sparse_rulebook_regular_properties() {
+        let mut r = rng(4);
+        for (shape, kernel, stride, padding) in [
+            ([7, 9, 8], [3, 3, 3], [2, 2, 2], [1, 1, 1]),
+            ([5, 6, 6], [3, 3, 3], [2, 2, 2], [0, 1, 1]),
+            ([5, 4, 3], [3, 1, 1], [2, 1, 1], [0, 0, 0]),
+            ([6, 5, 5], [2, 3, 1], [1, 2, 3], [1, 0, 2]),
+        ] {
+            let coords = random_sites(&mut r, shape, 25);
+            let rb = Rulebook::regular(&coords, shape, kernel, stride, padding).unwrap();
+            let out_shape: [usize; 3] =
+                std::array::from_fn(|a| (shape[a] + 2 * padding[a] - kernel[a]) / stride[a] + 1);
+            assert_eq!(rb.out_shape(), out_shape);
+            check_pair_invariants(&rb);
+            // Brute force over every dense output site and kernel offset.
+            let mut want_sites = Vec::new();
+            let mut want_pairs = vec![Vec::new(); kernel.iter().product()];
+            for oz in 0..out_shape[0] {
+                for oy in 0..out_shape[1] {
+                    for ox in 0..out_shape[2] {
+                        let o = [oz, oy, ox];
+                        let mut touched = false;
+                        for (k, kk) in kernel_indices(kernel).into_iter().enumerate() {
+                            let ci: [i64; 3] = std::array::from_fn(|a| {
+                                (o[a] * stride[a] + kk[a]) as i64 - padding[a] as i64
+                            });
+                            if let Some(i) = coords
+                                .iter()
+                                .position(|c| (0..3).all(|a| c[a] as i64 == ci[a]))
+                            {
+                                touched = true;
+                                want_pairs[k].push((i as u32, o.map(|v| v as u32)));
+                            }
+                        }
+                        if touched {
+                            want_sites.push(o.map(|v| v as u32));
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                rb.out_coords(),
+                want_sites.as_slice(),
+                "{kernel:?} {stride:?}"
+            );
+            for (k, p) in rb.pairs().iter().enumerate() {
+                let mut got: Vec<_> = p
+                    .input
+                    .iter()
+                    .zip(&p.output)
+                    .map(|(&i, &o)| (i, rb.out_coords()[o as usize]))
+                    .collect();
+                got.sort();
+                want_pairs[k].sort();
+                assert_eq!(got, want_pairs[k]);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_rulebook_errors() {
+        let c = [[0, 0, 0], [1, 1, 1]];
+        let e = |r: Result<Rulebook>| r.unwrap_err().to_string();
+        assert!(e(Rulebook::submanifold(&c, [2, 2, 2], 2)).contains("odd"));
+        assert!(e(Rulebook::submanifold(&c, [2, 2, 1], 3)).contains("outside the grid"));
+        assert!(e(Rulebook::submanifold(&[[0, 0, 0]; 2], [2, 2, 2], 3)).contains("rows 0 and 1"));
+        assert!(e(Rulebook::submanifold(&[], [0, 2, 2], 3)).contains("shape"));
+        assert!(
+            e(Rulebook::regular(
+                &c,
+                [2, 2, 2],
+                [3, 3, 3],
+                [1, 1, 1],
+                [0, 0, 0]
+            ))
+            .contains("does not fit")
+        );
+        assert!(
+            e(Rulebook::regular(
+                &c,
+                [2, 2, 2],
+                [1, 1, 1],
+                [0, 1, 1],
+                [0, 0, 0]
+            ))
+            .contains(">= 1")
+        );
+        assert!(
+            e(Rulebook::regular(
+                &[[0, 0, 5]],
+                [2, 2, 2],
+                [1, 1, 1],
+                [1, 1, 1],
+                [0, 0, 0]
+            ))
+            .contains("outside")
+        );
+        // Empty inputs are valid and produce nothing.
+        let rb = Rulebook::regular(&[], [4, 4, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1]).unwrap();
+        assert_eq!((rb.n_in(), rb.n_out(), rb.num_pairs()), (0, 0, 0));
+    }
+}
