@@ -105,7 +105,8 @@ struct BenchArgs {
     /// Model description (YAML); random seeded weights unless --model is given.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in model with random seeded weights: nuscenes-pillar, default, autoware-pillar.
+    /// Built-in model with random seeded weights: nuscenes-pillar, nuscenes-voxel, default,
+    /// autoware-pillar.
     #[arg(long)]
     preset: Option<String>,
     /// INT8 model: a file written by `lidar_ptq calibrate`, `auto` (a quick min-max model built on

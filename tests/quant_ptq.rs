@@ -161,6 +161,7 @@ fn acc(
 ) -> (Vec<i32>, Vec<usize>) {
     let w = |i: usize| codes[i] as i64;
     match kind {
+        k @ LayerKind::SparseConv3d { .. } => panic!("{k:?} in a pillar model"),
         LayerKind::Linear => {
             let (cout, cin) = (ws[0], ws[1]);
             let rows = x.len() / cin;
@@ -278,6 +279,9 @@ fn naive(graph: &Graph, m: &QuantModel, w: &Weights, input: &NetInput<'_>) -> He
         let out_q = m.activations[i + 1];
         let x = vals[node.inputs[0]].clone();
         let out = match (&node.op, &m.layers[i]) {
+            (op @ (Op::Add { .. } | Op::HeightCompress { .. }), _) => {
+                panic!("{op:?} in a pillar model")
+            }
             (Op::Layer(l), Some(LayerPlan::Int(lw))) => {
                 let V::Codes(c, xs, qin) = x else {
                     panic!("integer layer on floats")

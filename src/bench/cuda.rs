@@ -10,7 +10,6 @@ use super::{
 use crate::engine::HeadOutputs;
 use crate::engine::cuda::{CudaEngine, CudaPrecision, Gpu};
 use crate::model::decode::decode;
-use crate::model::voxelize::{Mode, Pillars, Voxelizer};
 use crate::sim::{SimConfig, Simulator};
 use serde::Serialize;
 use std::time::Instant;
@@ -84,11 +83,7 @@ pub fn run(
     }
     let runs_per = opts.warmup + opts.iters;
     progress.set_length((runs_per * precisions.len()) as u64);
-    let mut frame = Frame {
-        vox: Voxelizer::new(&cfg, Mode::Test),
-        pillars: Pillars::default(),
-        dec: Vec::new(),
-    };
+    let mut frame = Frame::new(&cfg)?;
     let mut device = String::new();
     let mut runs = Vec::new();
     for p in precisions {
@@ -104,7 +99,7 @@ pub fn run(
         let mut detections = 0;
         for it in 0..runs_per {
             let t0 = Instant::now();
-            let width = frame.prepare(&cfg, &pts);
+            let width = frame.prepare(&cfg, &pts)?;
             let t1 = Instant::now();
             engine.run_into(&frame.input(width), &mut heads)?;
             let t2 = Instant::now();
@@ -126,7 +121,7 @@ pub fn run(
             // A few more runs with an event after every node: where the time goes.
             engine.enable_profile();
             for _ in 0..5 {
-                let width = frame.prepare(&cfg, &pts);
+                let width = frame.prepare(&cfg, &pts)?;
                 engine.run_into(&frame.input(width), &mut heads)?;
             }
             let mut prof = engine.profile();

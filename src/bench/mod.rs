@@ -5,7 +5,9 @@
 //! quantization included), backbone (`backbone_2d.blocks`), neck (`backbone_2d.deblocks`
 //! and the concat), head (`dense_head`, with collecting the head maps) and decode (boxes +
 //! NMS). The dense part is backbone + neck + head, whose multiply-accumulates
-//! (`Graph::dense_macs`) give the GOP/s figures.
+//! (`Graph::dense_macs`) give the GOP/s figures. For a voxel model, "voxelise" is the mean
+//! voxeliser and "pfn" is the sparse 3D backbone (rulebooks, sparse convs, height
+//! compression), reported also as `sparse_ms` with the active sites of each resolution.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -13,8 +15,10 @@ pub mod cuda;
 use crate::cloud::Points;
 use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
 use crate::kernels::{Isa, panel_stats};
+use crate::model::config::Encoder;
 use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
+use crate::model::voxel_mean::VoxelMean;
 use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
 use crate::model::weights::{Weights, WeightsError};
 use crate::model::{ConfigError, ModelConfig};
@@ -26,10 +30,14 @@ use std::time::Instant;
 use thiserror::Error;
 
 /// Built-in model descriptions (`--preset`), so the preset benchmark needs only the binary.
-pub const PRESETS: [(&str, &str); 3] = [
+pub const PRESETS: [(&str, &str); 4] = [
     (
         "nuscenes-pillar",
         include_str!("../../config/models/nuscenes_pillar.yaml"),
+    ),
+    (
+        "nuscenes-voxel",
+        include_str!("../../config/models/nuscenes_voxel.yaml"),
     ),
     ("default", include_str!("../../config/models/default.yaml")),
     (
@@ -46,7 +54,9 @@ const AUTO_SCANS: usize = 3;
 
 #[derive(Debug, Error)]
 pub enum BenchError {
-    #[error("unknown preset `{0}` (known: nuscenes-pillar, default, autoware-pillar)")]
+    #[error(
+        "unknown preset `{0}` (known: nuscenes-pillar, nuscenes-voxel, default, autoware-pillar)"
+    )]
     Preset(String),
     #[error("{0}")]
     Usage(String),
@@ -160,6 +170,14 @@ pub struct BenchReport {
     pub int8_weight_bytes: Option<usize>,
     /// INT8 / FP32 parameter bytes.
     pub int8_weight_ratio: Option<f64>,
+    /// Voxel models: median FP32 milliseconds of the sparse 3D backbone (rulebooks
+    /// included), its share of the end-to-end time, and the active sites of each
+    /// resolution of the timed scan (the input voxels first).
+    pub sparse_ms: Option<f64>,
+    pub sparse_share: Option<f64>,
+    pub active_sites: Option<Vec<usize>>,
+    /// Why INT8 was not timed although asked for.
+    pub int8_skipped: Option<String>,
 }
 
 /// CPU features that matter to the kernels, as detected at run time.
@@ -316,27 +334,82 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Reusable per-scan buffers.
+/// Reusable per-scan buffers: pillars, or the mean voxels of a voxel model.
 struct Frame {
-    vox: Voxelizer,
+    vox: Option<Voxelizer>,
+    mean: Option<VoxelMean>,
     pillars: Pillars,
     dec: Vec<f32>,
+    counts: Vec<u32>,
+    coords: Vec<[u32; 3]>,
 }
 
 impl Frame {
-    /// Voxelises and decorates; returns the input width.
-    fn prepare(&mut self, cfg: &ModelConfig, pts: &Points) -> usize {
-        self.vox.voxelize(pts, None, &mut self.pillars);
-        decorate(cfg, &self.pillars, &mut self.dec)
+    fn new(cfg: &ModelConfig) -> Result<Self, BenchError> {
+        let (vox, mean) = match cfg.voxelization.encoder {
+            Encoder::Pillar => (Some(Voxelizer::new(cfg, Mode::Test)), None),
+            Encoder::Voxel => {
+                let m = VoxelMean::from_config(cfg, Mode::Test).map_err(|e| BenchError::Graph {
+                    model: cfg.name.clone(),
+                    message: e.to_string(),
+                })?;
+                (None, Some(m))
+            }
+        };
+        Ok(Self {
+            vox,
+            mean,
+            pillars: Pillars::default(),
+            dec: Vec::new(),
+            counts: Vec::new(),
+            coords: Vec::new(),
+        })
+    }
+
+    /// Voxelises (and decorates pillars); returns the input width.
+    fn prepare(&mut self, cfg: &ModelConfig, pts: &Points) -> Result<usize, BenchError> {
+        if let Some(m) = &mut self.mean {
+            let v = m
+                .voxelize(pts, None)
+                .map_err(|e| EngineError::op("voxel_mean", e))?;
+            let width = v.voxels.channels();
+            self.dec = v.voxels.features.data;
+            self.counts = v.counts;
+            self.coords = v.voxels.coords;
+            return Ok(width);
+        }
+        let vox = self.vox.as_mut().ok_or_else(|| {
+            BenchError::Usage("internal: a bench frame without a voxeliser".into())
+        })?;
+        vox.voxelize(pts, None, &mut self.pillars);
+        Ok(decorate(cfg, &self.pillars, &mut self.dec))
     }
 
     fn input(&self, width: usize) -> NetInput<'_> {
+        if self.mean.is_some() {
+            return NetInput {
+                decorated: &self.dec,
+                max_points: 1,
+                width,
+                counts: &self.counts,
+                coords: &self.coords,
+            };
+        }
         NetInput {
             decorated: &self.dec,
             max_points: self.pillars.max_points,
             width,
             counts: &self.pillars.counts,
             coords: &self.pillars.coords,
+        }
+    }
+
+    /// Pillars or voxels of the last scan.
+    fn cells(&self) -> usize {
+        if self.mean.is_some() {
+            self.coords.len()
+        } else {
+            self.pillars.len()
         }
     }
 }
@@ -363,7 +436,7 @@ fn time_pipeline(
     for it in 0..opts.warmup + opts.iters {
         let mut s: Sample = [0.0; 6];
         let t0 = Instant::now();
-        let width = frame.prepare(cfg, pts);
+        let width = frame.prepare(cfg, pts)?;
         let t1 = Instant::now();
         s[STAGE_VOX] = ms(t1 - t0);
         let mut last = t1;
@@ -433,13 +506,17 @@ pub fn run(
     let (pts, _) = sim.sample(SCAN_SEED);
     let (bb, head) = graph.dense_macs();
     let dense_gmac = (bb + head) as f64 / 1e9;
-    let mut frame = Frame {
-        vox: Voxelizer::new(&cfg, Mode::Test),
-        pillars: Pillars::default(),
-        dec: Vec::new(),
-    };
+    let mut frame = Frame::new(&cfg)?;
     let runs = opts.warmup + opts.iters;
-    let with_int8 = !matches!(opts.int8, Int8Source::None);
+    let int8_skipped =
+        (graph.sparse.is_some() && !matches!(opts.int8, Int8Source::None)).then(|| {
+            "INT8 execution of the voxel model's sparse 3D backbone is not implemented yet"
+                .to_string()
+        });
+    if let Some(why) = &int8_skipped {
+        log::warn!("{}: {why}; timing FP32 only", cfg.name);
+    }
+    let with_int8 = !matches!(opts.int8, Int8Source::None) && int8_skipped.is_none();
     progress.set_length((runs * if with_int8 { 2 } else { 1 }) as u64);
 
     let fp32 = Fp32Engine::new(&graph, &weights)?;
@@ -461,7 +538,12 @@ pub fn run(
     )?;
     let fp32_times = summarize(&samples, det, dense_gmac);
 
+    let fp32_sparse_ms = graph.sparse.as_ref().map(|_| fp32_times.stages.pfn);
+    let fp32_sparse_share = fp32_sparse_ms.map(|s| s / fp32_times.total_ms);
+    let active_sites =
+        crate::engine::sparse::frame_sites(&graph, &frame.coords)?.map(|fs| fs.counts());
     let qm = match &opts.int8 {
+        _ if !with_int8 => None,
         Int8Source::None => None,
         Int8Source::File(p) => Some(load_quant_model(p, &cfg, &weights)?),
         Int8Source::Auto => {
@@ -504,7 +586,7 @@ pub fn run(
         model: cfg.name.clone(),
         lidar: lidar.name().to_string(),
         points: pts.len(),
-        pillars: frame.pillars.len(),
+        pillars: frame.cells(),
         iters: opts.iters,
         warmup: opts.warmup,
         threads: rayon::current_num_threads(),
@@ -527,6 +609,10 @@ pub fn run(
         fp32_weight_bytes,
         int8_weight_bytes,
         int8_weight_ratio: int8_weight_bytes.map(|b| b as f64 / fp32_weight_bytes as f64),
+        sparse_share: fp32_sparse_share,
+        sparse_ms: fp32_sparse_ms,
+        active_sites,
+        int8_skipped,
     })
 }
 

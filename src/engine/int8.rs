@@ -196,6 +196,9 @@ impl Int8Engine {
                             )
                             .map_err(kerr)?,
                         ),
+                        LayerKind::SparseConv3d { .. } => {
+                            return Err(sparse_unsupported());
+                        }
                     };
                     Step::Int {
                         kernel,
@@ -221,6 +224,9 @@ impl Int8Engine {
                 },
                 (Op::Scatter { .. }, _) => Step::Scatter,
                 (Op::Concat, _) => Step::Concat { aliased: false },
+                (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
+                    return Err(sparse_unsupported());
+                }
             };
             steps.push(step);
         }
@@ -809,6 +815,13 @@ fn plan_memory(
     (loc, pools.n_u8, pools.n_f32)
 }
 
+/// The INT8 engines do not run the voxel model's sparse backbone yet.
+fn sparse_unsupported() -> EngineError {
+    EngineError::Input(
+        "INT8 execution of the voxel model's sparse 3D backbone is not implemented yet (the FP32 CPU engine runs it)".into(),
+    )
+}
+
 /// Shapes known before a frame arrives: everything from the scatter on.
 fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
     let (ny, nx) = graph.bev;
@@ -822,7 +835,7 @@ fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
                 x.zip(c)
                     .map(|(x, c)| Shape::new(&[1, c, x.dims[2], x.dims[3]]))
             }
-            Op::PillarMax { .. } => None,
+            Op::PillarMax { .. } | Op::Add { .. } | Op::HeightCompress { .. } => None,
             Op::Layer(l) => x.and_then(|x| {
                 let (h, w) = (x.dims[2], x.dims[3]);
                 let (ho, wo) = match l.kind {
@@ -838,6 +851,7 @@ fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
                     LayerKind::ConvTranspose2d { kernel, stride } => {
                         ((h - 1) * stride + kernel, (w - 1) * stride + kernel)
                     }
+                    LayerKind::SparseConv3d { .. } => return None,
                 };
                 Some(Shape::new(&[1, l.out_channels, ho, wo]))
             }),
@@ -934,6 +948,9 @@ mod tests {
             let x = vals[node.inputs[0]].clone().unwrap();
             let oq = qm.activations[i + 1];
             let out = match (&node.op, &qm.layers[i]) {
+                (op @ (Op::Add { .. } | Op::HeightCompress { .. }), _) => {
+                    panic!("{op:?} in a pillar model")
+                }
                 (Op::Layer(l), Some(LayerPlan::Int(lw))) => {
                     let Val::Q(xq, xs) = x else {
                         panic!("int layer on floats")
@@ -945,6 +962,7 @@ mod tests {
                     let mut accs: Vec<(usize, i32)> = Vec::new();
                     let os: Vec<usize>;
                     match l.kind {
+                        k @ LayerKind::SparseConv3d { .. } => panic!("{k:?} in a pillar model"),
                         LayerKind::Linear => {
                             let (rows, ci_n, co_n) = (xs[0] * xs[1], xs[2], l.out_channels);
                             os = vec![xs[0], xs[1], co_n];

@@ -5,6 +5,7 @@
 pub mod cuda;
 pub mod fp32;
 pub mod int8;
+pub mod sparse;
 
 use crate::model::decode::TaskOutputs;
 use crate::model::weights::WeightsError;

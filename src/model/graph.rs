@@ -24,6 +24,10 @@ pub enum LayerKind {
     },
     /// 2D transposed convolution (kernel == stride in CenterPoint's neck).
     ConvTranspose2d { kernel: usize, stride: usize },
+    /// Sparse 3D convolution over active sites `[N, Cin] -> [N', Cout]`, kernel (z, y, x);
+    /// stride, padding and the input/output sites are those of `Graph::sparse`'s rulebook
+    /// `rulebook` (layers of one resolution share one).
+    SparseConv3d { kernel: [usize; 3], rulebook: usize },
 }
 
 /// A layer: weighted op, then optional BatchNorm (eval: folded), then optional ReLU.
@@ -53,6 +57,13 @@ impl Layer {
             LayerKind::ConvTranspose2d { kernel, .. } => {
                 vec![self.in_channels, self.out_channels, kernel, kernel]
             }
+            // spconv 2.x layout, so OpenPCDet checkpoints map directly.
+            LayerKind::SparseConv3d {
+                kernel: [kz, ky, kx],
+                ..
+            } => {
+                vec![self.out_channels, kz, ky, kx, self.in_channels]
+            }
         }
     }
 
@@ -62,6 +73,7 @@ impl Layer {
             LayerKind::Conv2d { kernel, .. } | LayerKind::ConvTranspose2d { kernel, .. } => {
                 kernel * kernel
             }
+            LayerKind::SparseConv3d { kernel, .. } => kernel.iter().product(),
         }
     }
 }
@@ -81,6 +93,91 @@ pub enum Op {
     },
     /// Concatenation along channels.
     Concat,
+    /// Element-wise sum of two values of the same shape (and, when sparse, the same
+    /// sites), then ReLU when `relu`: the residual join of a sparse basic block.
+    Add {
+        relu: bool,
+    },
+    /// Sparse features `[N, C]` on the sites of set `sites` to the dense BEV image
+    /// `[1, C * D, H, W]`, depth folded into channels (channel `c * D + z`).
+    HeightCompress {
+        sites: usize,
+        channels: usize,
+    },
+}
+
+/// A rulebook of the sparse backbone: the convolution geometry applied to one site set.
+/// A submanifold rulebook keeps its input sites; a regular one creates a new site set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RulebookSpec {
+    pub input: usize,
+    pub output: usize,
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+    pub padding: [usize; 3],
+    pub submanifold: bool,
+}
+
+/// The sparse part of a voxel model. Site set 0 holds the input voxels; engines build the
+/// rulebooks once per frame, in order (each reads a site set an earlier one produced).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseSpec {
+    /// Grid (D, H, W) of each site set.
+    pub grids: Vec<[usize; 3]>,
+    pub rulebooks: Vec<RulebookSpec>,
+}
+
+impl SparseSpec {
+    /// The submanifold 3x3x3 rulebook of site set `sites`, added on first use.
+    fn submanifold(&mut self, sites: usize) -> usize {
+        if let Some(i) = self
+            .rulebooks
+            .iter()
+            .position(|r| r.submanifold && r.input == sites)
+        {
+            return i;
+        }
+        self.rulebooks.push(RulebookSpec {
+            input: sites,
+            output: sites,
+            kernel: [3; 3],
+            stride: [1; 3],
+            padding: [1; 3],
+            submanifold: true,
+        });
+        self.rulebooks.len() - 1
+    }
+
+    /// A regular (strided) rulebook from site set `sites` to a new site set.
+    fn regular(
+        &mut self,
+        sites: usize,
+        kernel: [usize; 3],
+        stride: [usize; 3],
+        padding: [usize; 3],
+    ) -> Result<usize, String> {
+        let g = self.grids[sites];
+        let mut out = [0; 3];
+        for a in 0..3 {
+            let padded = g[a] + 2 * padding[a];
+            if padded < kernel[a] {
+                return Err(format!(
+                    "sparse conv kernel {kernel:?} does not fit the grid {g:?} padded by {padding:?}"
+                ));
+            }
+            out[a] = (padded - kernel[a]) / stride[a] + 1;
+        }
+        self.grids.push(out);
+        self.rulebooks.push(RulebookSpec {
+            input: sites,
+            output: self.grids.len() - 1,
+            kernel,
+            stride,
+            padding,
+            submanifold: false,
+        });
+        Ok(self.rulebooks.len() - 1)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,14 +202,18 @@ pub struct ParamSpec {
     pub shape: Vec<usize>,
 }
 
-/// The network. Value 0 is the input (decorated pillar points `[P, N, F]` with the pillar
-/// coordinates alongside); value `i + 1` is the output of node `i`.
+/// The network. Value 0 is the input: decorated pillar points `[P, N, F]` with the pillar
+/// coordinates alongside, or for a voxel model the voxel features `[V, F]` on site set 0;
+/// value `i + 1` is the output of node `i`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub tasks: Vec<TaskHeads>,
-    /// BEV size (ny, nx) of the scatter.
+    /// BEV size (ny, nx) where the 2D part starts (the scatter's image, or the height
+    /// compression's).
     pub bev: (usize, usize),
+    /// The sparse backbone of a voxel model; `None` for pillars.
+    pub sparse: Option<SparseSpec>,
 }
 
 /// Multiply-accumulates of one node for a given input map size, and its output size.
@@ -124,52 +225,21 @@ struct Dims {
 }
 
 impl Graph {
-    /// Builds the pillar network of a model description.
+    /// Builds the network of a model description.
     pub fn build(cfg: &ModelConfig) -> Result<Graph, String> {
-        if cfg.voxelization.encoder != Encoder::Pillar {
-            return Err(format!(
-                "model {}: the voxel encoder's sparse backbone is not part of the dense graph",
-                cfg.name
-            ));
-        }
-        let pf = cfg
-            .pillar_features
-            .as_ref()
-            .ok_or("pillar encoder without pillar_features")?;
         let mut g = GraphBuilder::default();
-        let [nx, ny, _] = cfg.grid_size();
-
-        // Pillar feature net.
-        let mut x: ValueId = 0;
-        let mut width = cfg.pillar_input_width().expect("pillar");
-        for (i, &w) in pf.widths.iter().enumerate() {
-            let last = i + 1 == pf.widths.len();
-            let out = if last { w } else { w / 2 };
-            x = g.layer(
-                &format!("vfe.pfn_layers.{i}"),
-                Layer {
-                    kind: LayerKind::Linear,
-                    in_channels: width,
-                    out_channels: out,
-                    param: format!("vfe.pfn_layers.{i}.linear"),
-                    bias: false,
-                    bn: Some((format!("vfe.pfn_layers.{i}.norm"), pf.bn_eps)),
-                    relu: true,
-                    bias_init: 0.0,
-                },
-                x,
-            );
-            x = g.node(
-                &format!("vfe.pfn_layers.{i}.max"),
-                Op::PillarMax {
-                    concat_back: !last,
-                    include_padding: pf.max_includes_padding,
-                },
-                vec![x],
-            );
-            width = if last { out } else { 2 * out };
-        }
-        x = g.node("map_to_bev", Op::Scatter { channels: width }, vec![x]);
+        let (x, width, bev, sparse) = match cfg.voxelization.encoder {
+            Encoder::Pillar => {
+                let (x, width) = pillar_encoder(cfg, &mut g)?;
+                let [nx, ny, _] = cfg.grid_size();
+                (x, width, (ny, nx), None)
+            }
+            Encoder::Voxel => {
+                let (x, width, bev, sparse) = sparse_backbone(cfg, &mut g)?;
+                (x, width, bev, Some(sparse))
+            }
+        };
+        let mut x = x;
 
         // 2D backbone levels and the upsampling neck.
         let b = &cfg.backbone_2d;
@@ -307,7 +377,8 @@ impl Graph {
         Ok(Graph {
             nodes: g.nodes,
             tasks,
-            bev: (ny, nx),
+            bev,
+            sparse,
         })
     }
 
@@ -369,6 +440,16 @@ impl Graph {
                     })
                 }
                 Op::PillarMax { .. } => None,
+                // Sparse values have no dense size; an add keeps its input's.
+                Op::Add { .. } => dims[n.inputs[0]],
+                Op::HeightCompress { sites, channels } => self.sparse.as_ref().map(|sp| {
+                    let [d, h, w] = sp.grids[*sites];
+                    Dims {
+                        channels: channels * d,
+                        h,
+                        w,
+                    }
+                }),
                 Op::Layer(l) => dims[n.inputs[0]].map(|inp| {
                     let (h, w) = match l.kind {
                         LayerKind::Linear => (0, 0),
@@ -383,6 +464,7 @@ impl Graph {
                         LayerKind::ConvTranspose2d { stride, .. } => {
                             (inp.h * stride, inp.w * stride)
                         }
+                        LayerKind::SparseConv3d { .. } => (0, 0),
                     };
                     // A transposed conv does its MACs per input pixel.
                     let pixels = match l.kind {
@@ -406,6 +488,187 @@ impl Graph {
         }
         (backbone, head)
     }
+}
+
+/// The pillar feature net and the scatter: value 0 (decorated points) to the BEV image.
+/// Returns the image's value and channels.
+fn pillar_encoder(cfg: &ModelConfig, g: &mut GraphBuilder) -> Result<(ValueId, usize), String> {
+    let pf = cfg
+        .pillar_features
+        .as_ref()
+        .ok_or("pillar encoder without pillar_features")?;
+    let mut x: ValueId = 0;
+    let mut width = cfg
+        .pillar_input_width()
+        .ok_or("pillar encoder without pillar_features")?;
+    for (i, &w) in pf.widths.iter().enumerate() {
+        let last = i + 1 == pf.widths.len();
+        let out = if last { w } else { w / 2 };
+        x = g.layer(
+            &format!("vfe.pfn_layers.{i}"),
+            Layer {
+                kind: LayerKind::Linear,
+                in_channels: width,
+                out_channels: out,
+                param: format!("vfe.pfn_layers.{i}.linear"),
+                bias: false,
+                bn: Some((format!("vfe.pfn_layers.{i}.norm"), pf.bn_eps)),
+                relu: true,
+                bias_init: 0.0,
+            },
+            x,
+        );
+        x = g.node(
+            &format!("vfe.pfn_layers.{i}.max"),
+            Op::PillarMax {
+                concat_back: !last,
+                include_padding: pf.max_includes_padding,
+            },
+            vec![x],
+        );
+        width = if last { out } else { 2 * out };
+    }
+    x = g.node("map_to_bev", Op::Scatter { channels: width }, vec![x]);
+    Ok((x, width))
+}
+
+/// The sparse 3D backbone of the voxel model (OpenPCDet's VoxelResBackBone8x, parameter
+/// names included): a submanifold stem, stages of a stride-2 sparse conv (the first stage
+/// has none; the last pads z by 0) and residual blocks, a (3,1,1) stride-(2,1,1) sparse
+/// conv, then height compression. Value 0 holds the voxel features `[V, F]` on a grid of
+/// `nz + 1` layers (spconv's convention, which makes 40 z cells come out as 2).
+/// Returns the BEV image's value, channels, size (ny, nx) and the sparse spec.
+fn sparse_backbone(
+    cfg: &ModelConfig,
+    g: &mut GraphBuilder,
+) -> Result<(ValueId, usize, (usize, usize), SparseSpec), String> {
+    let b = cfg
+        .backbone_3d
+        .as_ref()
+        .ok_or("voxel encoder without backbone_3d")?;
+    let [nx, ny, nz] = cfg.grid_size();
+    let mut sp = SparseSpec {
+        grids: vec![[nz + 1, ny, nx]],
+        rulebooks: Vec::new(),
+    };
+    let conv = |g: &mut GraphBuilder,
+                name: &str,
+                param: &str,
+                bn: &str,
+                kernel: [usize; 3],
+                rulebook: usize,
+                (cin, cout): (usize, usize),
+                (bias, relu): (bool, bool),
+                x: ValueId| {
+        g.layer(
+            name,
+            Layer {
+                kind: LayerKind::SparseConv3d { kernel, rulebook },
+                in_channels: cin,
+                out_channels: cout,
+                param: param.to_owned(),
+                bias,
+                bn: Some((bn.to_owned(), b.bn_eps)),
+                relu,
+                bias_init: 0.0,
+            },
+            x,
+        )
+    };
+    let mut sites = 0;
+    let f = cfg.input.point_features.len();
+    let rb = sp.submanifold(sites);
+    let mut x = conv(
+        g,
+        "backbone_3d.conv_input",
+        "backbone_3d.conv_input.0",
+        "backbone_3d.conv_input.1",
+        [3; 3],
+        rb,
+        (f, b.stem_channels),
+        (false, true),
+        0,
+    );
+    let mut c = b.stem_channels;
+    let stages = b.stage_channels.len();
+    for (s, (&blocks, &ch)) in b.blocks_per_stage.iter().zip(&b.stage_channels).enumerate() {
+        let name = format!("backbone_3d.conv{}", s + 1);
+        let mut first = 0;
+        if s > 0 {
+            let pad_z = if s + 1 == stages { 0 } else { 1 };
+            let rb = sp.regular(sites, [3; 3], [2; 3], [pad_z, 1, 1])?;
+            sites = sp.rulebooks[rb].output;
+            x = conv(
+                g,
+                &format!("{name}.0"),
+                &format!("{name}.0.0"),
+                &format!("{name}.0.1"),
+                [3; 3],
+                rb,
+                (c, ch),
+                (false, true),
+                x,
+            );
+            first = 1;
+        } else if ch != c {
+            return Err(format!(
+                "backbone_3d: the first stage has no downsampling conv, so its {ch} channels must equal stem_channels {c}"
+            ));
+        }
+        c = ch;
+        for k in 0..blocks {
+            // SparseBasicBlock: conv-bn-relu, conv-bn, + identity, relu. OpenPCDet gives
+            // its convs a bias (bias = norm_fn is not None).
+            let p = format!("{name}.{}", first + k);
+            let rb = sp.submanifold(sites);
+            let h = conv(
+                g,
+                &format!("{p}.conv1"),
+                &format!("{p}.conv1"),
+                &format!("{p}.bn1"),
+                [3; 3],
+                rb,
+                (c, c),
+                (true, true),
+                x,
+            );
+            let h = conv(
+                g,
+                &format!("{p}.conv2"),
+                &format!("{p}.conv2"),
+                &format!("{p}.bn2"),
+                [3; 3],
+                rb,
+                (c, c),
+                (true, false),
+                h,
+            );
+            x = g.node(&format!("{p}.add"), Op::Add { relu: true }, vec![h, x]);
+        }
+    }
+    let rb = sp.regular(sites, [3, 1, 1], [2, 1, 1], [0; 3])?;
+    sites = sp.rulebooks[rb].output;
+    x = conv(
+        g,
+        "backbone_3d.conv_out",
+        "backbone_3d.conv_out.0",
+        "backbone_3d.conv_out.1",
+        [3, 1, 1],
+        rb,
+        (c, b.out_channels),
+        (false, true),
+        x,
+    );
+    let [d, h, w] = sp.grids[sites];
+    x = g.node(
+        "map_to_bev",
+        Op::HeightCompress {
+            sites,
+            channels: b.out_channels,
+        },
+        vec![x],
+    );
+    Ok((x, b.out_channels * d, (h, w), sp))
 }
 
 #[derive(Default)]
@@ -453,6 +716,60 @@ mod tests {
         let (bb, head) = (bb as f64 / 1e9, head as f64 / 1e9);
         assert!((bb - 38.0).abs() < 3.0, "{bb} GMAC backbone");
         assert!((head - 26.0).abs() < 3.0, "{head} GMAC head");
+    }
+
+    /// The nuScenes voxel model: the spec's grids ([41,1440,1440] down to [2,180,180], 256
+    /// BEV channels), OpenPCDet's VoxelResBackBone8x parameter names and layouts, and the
+    /// published size (~8.9 M parameters, ~63 GMAC 2D part, ~54 GMAC head).
+    #[test]
+    fn nuscenes_voxel_matches_the_reference() {
+        let g = Graph::build(&load("nuscenes_voxel.yaml")).unwrap();
+        let sp = g.sparse.as_ref().unwrap();
+        assert_eq!(
+            sp.grids,
+            vec![
+                [41, 1440, 1440],
+                [21, 720, 720],
+                [11, 360, 360],
+                [5, 180, 180],
+                [2, 180, 180]
+            ]
+        );
+        // One submanifold rulebook per resolution before conv_out, shared by its layers.
+        assert_eq!(sp.rulebooks.iter().filter(|r| r.submanifold).count(), 4);
+        assert_eq!(sp.rulebooks.len(), 8);
+        assert_eq!(g.bev, (180, 180));
+        let params: Vec<ParamSpec> = g.params();
+        let shape = |n: &str| {
+            params
+                .iter()
+                .find(|p| p.name == n)
+                .unwrap_or_else(|| panic!("missing {n}"))
+                .shape
+                .clone()
+        };
+        assert_eq!(
+            shape("backbone_3d.conv_input.0.weight"),
+            vec![16, 3, 3, 3, 5]
+        );
+        assert_eq!(shape("backbone_3d.conv1.1.conv2.bias"), vec![16]);
+        assert_eq!(shape("backbone_3d.conv2.0.0.weight"), vec![32, 3, 3, 3, 16]);
+        assert_eq!(shape("backbone_3d.conv4.2.bn2.running_var"), vec![128]);
+        assert_eq!(
+            shape("backbone_3d.conv_out.0.weight"),
+            vec![128, 3, 1, 1, 128]
+        );
+        assert_eq!(shape("backbone_2d.blocks.0.1.weight"), vec![128, 256, 3, 3]);
+        assert_eq!(
+            shape("dense_head.shared_conv.0.weight"),
+            vec![64, 512, 3, 3]
+        );
+        let m = g.num_trainable() as f64 / 1e6;
+        assert!((m - 8.9).abs() < 0.4, "{m} M parameters");
+        let (bb, head) = g.dense_macs();
+        let (bb, head) = (bb as f64 / 1e9, head as f64 / 1e9);
+        assert!((bb - 63.0).abs() < 5.0, "{bb} GMAC 2D part");
+        assert!((head - 54.0).abs() < 5.0, "{head} GMAC head");
     }
 
     #[test]

@@ -235,6 +235,12 @@ impl QuantModel {
                         ));
                     }
                 }
+                (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
+                    return Err(format!(
+                        "{}: quantization of the voxel model's sparse 3D backbone is not implemented yet",
+                        n.name
+                    ));
+                }
             }
         }
         Ok(())

@@ -206,6 +206,7 @@ fn weight_in_axis(kind: LayerKind) -> usize {
     match kind {
         LayerKind::Linear | LayerKind::Conv2d { .. } => 1,
         LayerKind::ConvTranspose2d { .. } => 0,
+        LayerKind::SparseConv3d { .. } => 4,
     }
 }
 
@@ -320,6 +321,16 @@ pub fn weighted_op(kind: LayerKind, x: &Tensor, w: &Tensor) -> ops::Result<Tenso
         LayerKind::ConvTranspose2d { stride, .. } => {
             ops::conv_transpose2d::forward(x, w, None, ConvTranspose2dParams::new(stride, 0))
         }
+        LayerKind::SparseConv3d { .. } => Err(sparse_needs_rulebook()),
+    }
+}
+
+/// A sparse conv runs with its frame's rulebook, which these graph-free helpers lack.
+pub(crate) fn sparse_needs_rulebook() -> ops::OpsError {
+    ops::OpsError::Invalid {
+        op: "sparse_conv",
+        arg: "rulebook",
+        detail: "quantized execution of the sparse 3D backbone is not implemented yet".into(),
     }
 }
 
@@ -611,6 +622,12 @@ impl QuantNet {
                     })
                     .map_err(&err)?
             }
+            (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
+                return Err(QnetError::Model(format!(
+                    "{}: fake-quant execution of the sparse 3D backbone is not implemented yet",
+                    node.name
+                )));
+            }
             (Op::Concat, _) => {
                 let ins: Vec<&QValue> =
                     (0..node.inputs.len()).map(arg).collect::<Result<_, _>>()?;
@@ -695,6 +712,7 @@ mod tests {
     fn naive_acc(kind: LayerKind, x: &[i32], xs: &[usize], w: &LayerWeights, zp: i32) -> Vec<i32> {
         let wq = |i: usize| w.codes[i] as i32;
         match kind {
+            k @ LayerKind::SparseConv3d { .. } => panic!("{k:?} in a pillar model"),
             LayerKind::Linear => {
                 let (cout, cin) = (w.shape[0], w.shape[1]);
                 let rows = x.len() / cin;

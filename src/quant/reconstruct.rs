@@ -54,6 +54,10 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+/// LiDAR-PTQ on the voxel model is not implemented yet.
+const SPARSE_UNSUPPORTED: &str =
+    "LiDAR-PTQ calibration of the voxel model's sparse 3D backbone is not implemented yet";
+
 /// Options of the reconstruction (LiDAR-PTQ components 2 and 3).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReconOptions {
@@ -353,6 +357,9 @@ impl UnitLayer<'_> {
     /// `relu(op(x, w) + b)` on a cropped input.
     fn forward(&self, x: &Tensor, w: &Tensor, crop: &Crop) -> ops::Result<Tensor> {
         let mut y = match self.kind {
+            LayerKind::SparseConv3d { .. } => {
+                return Err(crate::quant::qnet::sparse_needs_rulebook());
+            }
             LayerKind::Linear => ops::linear::forward(x, w, Some(self.bias))?,
             LayerKind::Conv2d { .. } => {
                 ops::conv2d::forward(x, w, Some(self.bias), self.conv_params(crop))?
@@ -385,6 +392,9 @@ impl UnitLayer<'_> {
             gy.clone()
         };
         Ok(match self.kind {
+            LayerKind::SparseConv3d { .. } => {
+                return Err(crate::quant::qnet::sparse_needs_rulebook());
+            }
             LayerKind::Linear => {
                 let r = ops::linear::backward(x, w, false, &g)?;
                 (r.input, r.weight)
@@ -418,6 +428,7 @@ impl UnitLayer<'_> {
 /// Gradient of a layer's input from the gradient of its pre-ReLU output (FP weights).
 fn input_grad(kind: LayerKind, w: &Tensor, g: &Tensor, in_shape: &[usize]) -> ops::Result<Tensor> {
     match kind {
+        LayerKind::SparseConv3d { .. } => Err(crate::quant::qnet::sparse_needs_rulebook()),
         LayerKind::Linear => {
             let (cout, cin) = (w.shape[0], w.shape[1]);
             let wt = Tensor::from_fn(&[cin, cout], |i| w.data[(i % cout) * cin + i / cout]);
@@ -865,6 +876,9 @@ fn optimise_unit(
         // The crop of this iteration.
         let yf = &y_fp[f];
         let crop = match l.kind {
+            LayerKind::SparseConv3d { .. } => {
+                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
+            }
             LayerKind::Linear => {
                 let p = yf.shape[0];
                 if opts.crop_pillars == 0 || opts.crop_pillars >= p {
@@ -1054,6 +1068,9 @@ fn tgpl_downstream(
         }
         let x = vals[node.inputs[0]].as_deref().expect("fetched");
         let out = match &node.op {
+            Op::Add { .. } | Op::HeightCompress { .. } => {
+                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
+            }
             Op::Layer(l) => {
                 let f = ctx.folded[j].as_ref().expect("layer folded");
                 run_layer(l.kind, x, f, l.relu).map_err(err)?
@@ -1136,6 +1153,9 @@ fn tgpl_downstream(
         };
         let x = vals[node.inputs[0]].as_deref().expect("forward value");
         match &node.op {
+            Op::Add { .. } | Op::HeightCompress { .. } => {
+                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
+            }
             Op::Layer(l) => {
                 let yv = vals[j + 1].as_deref().expect("forward value");
                 let g = if l.relu {

@@ -107,6 +107,12 @@ fn add_into(slot: &mut Option<Tensor>, g: Tensor) {
 impl Network {
     pub fn new(cfg: &ModelConfig) -> Result<Self, TrainError> {
         let graph = Graph::build(cfg).map_err(TrainError::Model)?;
+        if graph.sparse.is_some() {
+            return Err(TrainError::Model(format!(
+                "model {}: training the voxel model's sparse 3D backbone is not implemented yet",
+                cfg.name
+            )));
+        }
         let d = cfg.regression_channels();
         if cfg.loss.code_weights.len() != d {
             return Err(TrainError::Model(format!(
@@ -144,6 +150,7 @@ impl Network {
             LayerKind::ConvTranspose2d { stride, .. } => {
                 ops::conv_transpose2d::forward(x, wt, b, ConvTranspose2dParams::new(stride, 0))
             }
+            LayerKind::SparseConv3d { .. } => Err(crate::quant::qnet::sparse_needs_rulebook()),
         };
         y.map_err(op_err(&l.param))
     }
@@ -232,6 +239,12 @@ impl Network {
                         .map(|&v| values[v].as_ref().expect("topological order"))
                         .collect();
                     (ops::concat::forward(&ins, 1).map_err(&err)?, Saved::None)
+                }
+                Op::Add { .. } | Op::HeightCompress { .. } => {
+                    return Err(TrainError::Model(format!(
+                        "{}: training the sparse 3D backbone is not implemented yet",
+                        node.name
+                    )));
                 }
             };
             values[i + 1] = Some(out);
@@ -372,6 +385,11 @@ impl Network {
                     }
                     let wt = w.get(&format!("{}.weight", l.param))?;
                     let (gx, gw, gb) = match l.kind {
+                        LayerKind::SparseConv3d { .. } => {
+                            return Err(op_err(&l.param)(
+                                crate::quant::qnet::sparse_needs_rulebook(),
+                            ));
+                        }
                         LayerKind::Linear => {
                             let r = ops::linear::backward(x, wt, l.bias, &g).map_err(&err)?;
                             (r.input, r.weight, r.bias)

@@ -10,6 +10,9 @@ use crate::engine::fp32::FoldedLayer;
 use crate::model::graph::LayerKind;
 use crate::quant::{QParams, Requant, quantize_bias};
 
+/// The GPU engine does not run the voxel model's sparse 3D backbone yet.
+pub(super) const SPARSE_ON_GPU: &str = "the CUDA engine does not run the voxel model's sparse 3D backbone yet (the FP32 CPU engine does)";
+
 pub(super) enum IntEpi {
     Requant {
         mult: DBuf,
@@ -93,6 +96,9 @@ pub(super) fn int_weight_rows(
     lw: &crate::quant::LayerWeights,
 ) -> Result<(Vec<i8>, usize), EngineError> {
     let (cols, k, taps) = match kind {
+        LayerKind::SparseConv3d { .. } => {
+            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
+        }
         LayerKind::Linear => (cout, cin, 1),
         LayerKind::Conv2d { kernel, .. } => (cout, cin * kernel * kernel, 1),
         LayerKind::ConvTranspose2d { kernel, .. } => (cout * kernel * kernel, cin, kernel * kernel),
@@ -262,6 +268,9 @@ pub(super) fn run_float(
     };
     let cout = c.cout;
     let epi = match c.kind {
+        LayerKind::SparseConv3d { .. } => {
+            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
+        }
         LayerKind::Linear => {
             let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
             let b = if half { as_half(sc, r * cin)? } else { xin };
@@ -417,6 +426,9 @@ pub(super) fn run_int(
         |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx, 0);
     // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
     let map = match c.kind {
+        LayerKind::SparseConv3d { .. } => {
+            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
+        }
         LayerKind::Linear => {
             let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
             g.ensure(&mut sc.col, r * kpad)?;

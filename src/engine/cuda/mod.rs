@@ -221,6 +221,9 @@ impl CudaEngine {
         let mut steps = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
             let step = match &node.op {
+                Op::Add { .. } | Op::HeightCompress { .. } => {
+                    return Err(EngineError::Input(layers::SPARSE_ON_GPU.into()));
+                }
                 Op::Layer(l) => {
                     if let LayerKind::ConvTranspose2d { kernel, stride } = l.kind
                         && kernel != stride
@@ -993,6 +996,7 @@ fn append(
 
 fn out_shape(kind: LayerKind, xs: &Shape, cout: usize) -> Option<Shape> {
     Some(match kind {
+        LayerKind::SparseConv3d { .. } => return None,
         LayerKind::Linear => {
             if xs.rank != 3 {
                 return None;

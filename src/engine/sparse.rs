@@ -1,0 +1,111 @@
+//! The sparse backbone's per-frame geometry: the rulebooks of `Graph::sparse`, built once
+//! per frame from the input voxels and shared by every layer that names them.
+
+use super::EngineError;
+use crate::model::graph::{Graph, SparseSpec};
+use crate::ops::{self, Tensor};
+use crate::sparse::{Rulebook, SparseTensor};
+
+/// One frame's rulebooks and site sets.
+pub struct FrameSites<'a> {
+    input: &'a [[u32; 3]],
+    grids: Vec<[usize; 3]>,
+    /// For each site set above 0, the rulebook that produced it.
+    producer: Vec<usize>,
+    pub rulebooks: Vec<Rulebook>,
+}
+
+impl<'a> FrameSites<'a> {
+    /// Builds every rulebook of `spec` for the input voxels `coords` (z, y, x) on site set 0.
+    pub fn build(spec: &SparseSpec, coords: &'a [[u32; 3]]) -> Result<Self, EngineError> {
+        let mut s = FrameSites {
+            input: coords,
+            grids: spec.grids.clone(),
+            producer: vec![usize::MAX; spec.grids.len()],
+            rulebooks: Vec::with_capacity(spec.rulebooks.len()),
+        };
+        for (i, r) in spec.rulebooks.iter().enumerate() {
+            let sites = s.sites(r.input);
+            let grid = s.grids[r.input];
+            let rb = if r.submanifold {
+                Rulebook::submanifold(sites, grid, r.kernel[0])
+            } else {
+                Rulebook::regular(sites, grid, r.kernel, r.stride, r.padding)
+            }
+            .map_err(|e| EngineError::op(&format!("rulebook {i}"), e))?;
+            if !r.submanifold {
+                s.producer[r.output] = i;
+            }
+            s.rulebooks.push(rb);
+        }
+        Ok(s)
+    }
+
+    /// Coordinates of site set `set`.
+    pub fn sites(&self, set: usize) -> &[[u32; 3]] {
+        if set == 0 {
+            self.input
+        } else {
+            self.rulebooks[self.producer[set]].out_coords()
+        }
+    }
+
+    /// Grid (D, H, W) of site set `set`.
+    pub fn grid(&self, set: usize) -> [usize; 3] {
+        self.grids[set]
+    }
+
+    /// Active sites per set (set 0 = the voxels), for benchmarks and logs.
+    pub fn counts(&self) -> Vec<usize> {
+        (0..self.grids.len()).map(|s| self.sites(s).len()).collect()
+    }
+}
+
+/// Builds the frame's rulebooks when the graph has a sparse part.
+pub fn frame_sites<'a>(
+    graph: &Graph,
+    coords: &'a [[u32; 3]],
+) -> Result<Option<FrameSites<'a>>, EngineError> {
+    graph
+        .sparse
+        .as_ref()
+        .map(|sp| FrameSites::build(sp, coords))
+        .transpose()
+}
+
+/// `a + b`, then ReLU when asked: the residual join.
+pub fn add(a: &Tensor, b: &Tensor, relu: bool) -> ops::Result<Tensor> {
+    if a.shape != b.shape {
+        return Err(ops::OpsError::Shape {
+            op: "add",
+            arg: "rhs",
+            got: b.shape.clone(),
+            expected: format!("{:?} (the lhs shape)", a.shape),
+        });
+    }
+    let mut y = a.clone();
+    for (o, &v) in y.data.iter_mut().zip(&b.data) {
+        *o += v;
+        if relu && *o < 0.0 {
+            *o = 0.0;
+        }
+    }
+    Ok(y)
+}
+
+/// Height compression of sparse features on site set `set` to `[1, C * D, H, W]`.
+pub fn height_compress(fs: &FrameSites<'_>, set: usize, x: &Tensor) -> ops::Result<Tensor> {
+    let t = SparseTensor {
+        coords: fs.sites(set).to_vec(),
+        features: x.clone(),
+        shape: fs.grid(set),
+    };
+    ops::height_compress::forward(&t)
+}
+
+/// The error for an op that needs the frame's sparse sites in a graph without them.
+pub fn no_sites(node: &str) -> EngineError {
+    EngineError::Internal(format!(
+        "{node} is a sparse op but the graph has no sparse part"
+    ))
+}
