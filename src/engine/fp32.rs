@@ -715,7 +715,20 @@ pub(crate) mod tests {
         assert_eq!(det.head_outputs(&pts).unwrap(), got);
         assert_eq!(det.last_voxel_count(), v.voxels.len());
         // What does not run the sparse backbone yet says so.
-        let e = crate::train::Network::new(&cfg).err().unwrap().to_string();
+        let e = crate::quant::quick::minmax_quick(&cfg, &graph, &w, std::slice::from_ref(&pts))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not implemented yet"), "{e}");
+        let e = crate::quant::calibrate::calibrate(
+            &cfg,
+            &w,
+            std::slice::from_ref(&pts),
+            &crate::quant::calibrate::CalibOptions::new(crate::quant::calibrate::Method::MinMax),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("not implemented yet"), "{e}");
     }
 

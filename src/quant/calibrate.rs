@@ -616,6 +616,12 @@ pub fn calibrate_detailed(
         return Err(CalibError::NoFrames);
     }
     let graph = Graph::build(cfg).map_err(CalibError::Model)?;
+    if graph.sparse.is_some() {
+        return Err(CalibError::Model(format!(
+            "model {}: calibration of the voxel model's sparse 3D backbone is not implemented yet",
+            cfg.name
+        )));
+    }
     let folded = fold_layers(&graph, weights)?;
     let plan = QuantPlan::new(&graph, &opts.keep_float)?;
     let provenance = Provenance {

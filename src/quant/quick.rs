@@ -31,6 +31,12 @@ pub fn minmax_quick(
     if scans.is_empty() {
         return Err(EngineError::Input("min-max needs at least one scan".into()));
     }
+    if graph.sparse.is_some() {
+        return Err(EngineError::Input(format!(
+            "model {}: quantization of the voxel model's sparse 3D backbone is not implemented yet",
+            cfg.name
+        )));
+    }
     let engine = Fp32Engine::new(graph, weights)?;
     let nv = graph.nodes.len() + 1;
     let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); nv];

@@ -5,7 +5,9 @@ use super::TrainError;
 use crate::boxes::Object;
 use crate::cloud::Points;
 use crate::model::ModelConfig;
+use crate::model::config::Encoder;
 use crate::model::targets::{TaskTargets, build_targets};
+use crate::model::voxel_mean::VoxelMean;
 use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
 use crate::ops::{self, Tensor};
 use std::ops::Range;
@@ -39,12 +41,15 @@ impl Batch {
         if frames.is_empty() {
             return Err(TrainError::EmptyBatch("no frames".into()));
         }
-        let width = cfg.pillar_input_width().ok_or_else(|| {
-            TrainError::Model(format!("model {} has no pillar encoder", cfg.name))
-        })?;
         let [nx, ny, _] = cfg.grid_size();
         let stride = cfg.head_stride();
         let map = ((ny as f32 / stride) as usize, (nx as f32 / stride) as usize);
+        if cfg.voxelization.encoder == Encoder::Voxel {
+            return Self::from_voxel_frames(cfg, frames, map);
+        }
+        let width = cfg.pillar_input_width().ok_or_else(|| {
+            TrainError::Model(format!("model {} has no pillar encoder", cfg.name))
+        })?;
         let mut vox = Voxelizer::new(cfg, Mode::Train);
         let mut pillars = Pillars::default();
         let mut buf = Vec::new();
@@ -66,6 +71,45 @@ impl Batch {
             b.decorated.extend_from_slice(&buf);
             b.counts.extend_from_slice(&pillars.counts);
             b.coords.extend_from_slice(&pillars.coords);
+            b.starts.push(b.counts.len());
+            b.targets.push(build_targets(cfg, objects));
+        }
+        if b.counts.is_empty() {
+            return Err(TrainError::EmptyBatch(
+                "no point of the batch falls inside the model's range".into(),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// A voxel model's batch: one row of mean point features per voxel (training caps).
+    fn from_voxel_frames(
+        cfg: &ModelConfig,
+        frames: &[(Points, Vec<Object>)],
+        map: (usize, usize),
+    ) -> Result<Batch, TrainError> {
+        let mut vm = VoxelMean::from_config(cfg, Mode::Train)
+            .map_err(|e| TrainError::Model(format!("model {}: {e}", cfg.name)))?;
+        let mut b = Batch {
+            max_points: 1,
+            width: cfg.input.point_features.len(),
+            decorated: Vec::new(),
+            counts: Vec::new(),
+            coords: Vec::new(),
+            starts: vec![0],
+            targets: Vec::new(),
+            map,
+            reg_channels: cfg.regression_channels(),
+            max_objects: cfg.target.max_objects,
+        };
+        for (points, objects) in frames {
+            let v = vm.voxelize(points, None).map_err(|source| TrainError::Op {
+                node: "voxel_mean".into(),
+                source,
+            })?;
+            b.decorated.extend_from_slice(&v.voxels.features.data);
+            b.counts.extend_from_slice(&v.counts);
+            b.coords.extend_from_slice(&v.voxels.coords);
             b.starts.push(b.counts.len());
             b.targets.push(build_targets(cfg, objects));
         }
