@@ -127,7 +127,7 @@ impl Rulebook {
     }
 
     /// Regular (strided) sparse conv: outputs are all sites that an active input reaches,
-    /// ordered by linear index in the output grid.
+    /// numbered in order of first reach (inputs in row order, then offsets in order).
     pub fn regular(
         coords: &[[u32; 3]],
         shape: [usize; 3],
@@ -171,41 +171,25 @@ impl Rulebook {
             }
             Some(o)
         };
-        let mut keys: Vec<u64> = coords
-            .par_iter()
-            .flat_map_iter(|&ci| {
-                kidx.iter()
-                    .filter_map(move |&kk| target(ci, kk))
-                    .map(|o| linear_index(o, out_shape))
-            })
-            .collect();
-        keys.par_sort_unstable();
-        keys.dedup();
-        let (h, w) = (out_shape[1] as u64, out_shape[2] as u64);
-        let out_coords: Vec<[u32; 3]> = keys
-            .iter()
-            .map(|&l| [(l / (h * w)) as u32, (l / w % h) as u32, (l % w) as u32])
-            .collect();
-        let mut out_index = CoordHash::with_capacity(keys.len());
-        for (row, &l) in keys.iter().enumerate() {
-            out_index.get_or_insert(l, row as u32);
-        }
-        let pairs = kidx
-            .into_par_iter()
-            .map(|kk| {
-                let mut p = OffsetPairs::default();
-                for (i, &ci) in coords.iter().enumerate() {
-                    if let Some(o) = target(ci, kk) {
-                        let row = out_index
-                            .get(linear_index(o, out_shape))
-                            .expect("every reached site is an output");
-                        p.input.push(i as u32);
-                        p.output.push(row);
+        // Outputs are numbered by first reach, scanning inputs in row order and offsets in
+        // offset order: deterministic, and output order follows input order, which keeps
+        // the gathers and scatters of the conv local (lidar sites arrive in scan order).
+        let mut out_index = CoordHash::with_capacity(coords.len());
+        let mut out_coords: Vec<[u32; 3]> = Vec::with_capacity(coords.len());
+        let mut pairs = vec![OffsetPairs::default(); kidx.len()];
+        for (i, &ci) in coords.iter().enumerate() {
+            for (p, &kk) in pairs.iter_mut().zip(&kidx) {
+                if let Some(o) = target(ci, kk) {
+                    let (row, new) = out_index
+                        .get_or_insert(linear_index(o, out_shape), out_coords.len() as u32);
+                    if new {
+                        out_coords.push(o);
                     }
+                    p.input.push(i as u32);
+                    p.output.push(row);
                 }
-                p
-            })
-            .collect();
+            }
+        }
         Ok(Self {
             kernel,
             stride,
@@ -344,7 +328,7 @@ mod tests {
     }
 
     /// Regular conv: output sites are exactly the dense-conv outputs some active input
-    /// touches, sorted by linear index, and pairs match the index arithmetic.
+    /// touches, numbered by first reach, and pairs match the index arithmetic.
     #[test]
     fn sparse_rulebook_regular_properties() {
         let mut r = rng(4);
@@ -386,11 +370,26 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(
-                rb.out_coords(),
-                want_sites.as_slice(),
-                "{kernel:?} {stride:?}"
-            );
+            let mut got_sites = rb.out_coords().to_vec();
+            got_sites.sort();
+            assert_eq!(got_sites, want_sites, "{kernel:?} {stride:?}");
+            // First-reach numbering: scanning pairs by input row, then offset, output rows
+            // appear as 0, 1, 2, ...
+            let mut seen = vec![false; rb.n_out()];
+            let mut next = 0;
+            for i in 0..coords.len() as u32 {
+                for p in rb.pairs() {
+                    if let Ok(j) = p.input.binary_search(&i) {
+                        let o = p.output[j] as usize;
+                        if !seen[o] {
+                            assert_eq!(o, next, "output rows numbered by first reach");
+                            seen[o] = true;
+                            next += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(next, rb.n_out());
             for (k, p) in rb.pairs().iter().enumerate() {
                 let mut got: Vec<_> = p
                     .input
