@@ -118,6 +118,36 @@ fn without_a_gpu_opening_one_is_a_clear_error() {
     }
 }
 
+/// The node's `device: cuda` puts its detectors on the GPU, or (no GPU here) fails with
+/// the device error instead of silently running on the CPU.
+#[test]
+fn the_node_device_parameter_selects_the_gpu() {
+    use lidar_ptq::node::engine::Fp32Model;
+    use lidar_ptq::node::params::{NodeParams, ParamValue};
+    let model = root().join("models/default.safetensors");
+    let values = [
+        ("device", ParamValue::String("cuda:0".into())),
+        (
+            "model_path",
+            ParamValue::String(model.display().to_string()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let params = NodeParams::from_values(&values).unwrap();
+    let m = Fp32Model::load(&params).unwrap();
+    match (Gpu::open(0), m.fp32()) {
+        (Ok(_), Ok(d)) => assert_ne!(d.device(), "cpu"),
+        (Err(_), Err(e)) => assert!(e.to_string().contains("GPU"), "{e}"),
+        (gpu, det) => panic!(
+            "GPU opens: {}, detector: {}",
+            gpu.is_ok(),
+            det.map(|d| d.device()).unwrap_or_else(|e| e.to_string())
+        ),
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn fp32_matches_the_cpu_engine() {

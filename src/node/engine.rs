@@ -5,7 +5,7 @@
 //! for calibration.
 
 use super::calib::CalibrationState;
-use super::params::{CalibrationMode, NodeParams, ParamError, Precision};
+use super::params::{CalibrationMode, Device, NodeParams, ParamError, Precision};
 use crate::boxes::Detection;
 use crate::cloud::Points;
 use crate::detector::{Detector, DetectorError};
@@ -175,6 +175,8 @@ pub struct Fp32Model {
     pub weights: Weights,
     /// The config with the node's decoding overrides ([`prepare_config`]).
     pub run_config: ModelConfig,
+    /// Where the detectors run (calibration stays on the CPU).
+    pub device: Device,
 }
 
 impl Fp32Model {
@@ -185,17 +187,44 @@ impl Fp32Model {
             config,
             weights,
             run_config,
+            device: params.device,
         })
     }
 
-    /// The FP32 detector with the node's decoding overrides.
+    /// The FP32 detector with the node's decoding overrides, on the node's device.
     pub fn fp32(&self) -> Result<Detector, DetectorError> {
-        Detector::new(self.run_config.clone(), &self.weights)
+        match self.device {
+            Device::Cpu => Detector::new(self.run_config.clone(), &self.weights),
+            Device::Cuda(n) => self.cuda(None, n),
+        }
     }
 
-    /// The INT8 detector of `quant` (calibrated for these weights).
+    /// The INT8 detector of `quant` (calibrated for these weights), on the node's device.
     pub fn int8(&self, quant: &QuantModel) -> Result<Detector, DetectorError> {
-        Detector::new_int8(self.run_config.clone(), &self.weights, quant)
+        match self.device {
+            Device::Cpu => Detector::new_int8(self.run_config.clone(), &self.weights, quant),
+            Device::Cuda(n) => self.cuda(Some(quant), n),
+        }
+    }
+
+    /// The detector on GPU `ordinal`: FP32, or INT8 with `quant`.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, quant: Option<&QuantModel>, ordinal: usize) -> Result<Detector, DetectorError> {
+        use crate::engine::cuda::CudaPrecision;
+        let precision = match quant {
+            Some(q) => CudaPrecision::Int8(q),
+            None => CudaPrecision::Fp32,
+        };
+        Detector::new_cuda(self.run_config.clone(), &self.weights, precision, ordinal)
+    }
+
+    /// Without the `cuda` feature no parameter selects a GPU; this says so if one does.
+    #[cfg(not(feature = "cuda"))]
+    fn cuda(&self, _: Option<&QuantModel>, ordinal: usize) -> Result<Detector, DetectorError> {
+        Err(crate::engine::EngineError::Device(format!(
+            "cuda:{ordinal} requested, but this build has no `cuda` feature"
+        ))
+        .into())
     }
 }
 

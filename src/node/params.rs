@@ -98,7 +98,11 @@ pub fn specs() -> Vec<ParamSpec> {
             s("auto"),
             "fp32 | int8 | auto (FP32 until an INT8 model matching the FP32 weights is available)",
         ),
-        spec("device", s("cpu"), "Compute device: cpu"),
+        spec(
+            "device",
+            s("cpu"),
+            "Compute device: cpu, or cuda[:N] for GPU N (builds with the `cuda` feature); calibration runs on the CPU either way",
+        ),
         spec(
             "score_threshold",
             Double(0.3),
@@ -218,6 +222,17 @@ impl Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
+    /// A GPU by ordinal (builds with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,16 +454,36 @@ impl NodeParams {
             ],
         )?;
         let device_name = r.string("device")?;
-        let device = match device_name.to_ascii_lowercase().as_str() {
+        let lower = device_name.to_ascii_lowercase();
+        let device = match lower.as_str() {
             "cpu" => Device::Cpu,
-            "cuda" => {
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(n) => n.parse().map_err(|_| {
+                        invalid(
+                            "device",
+                            format!("{device_name:?}"),
+                            "cuda:N needs a GPU number N >= 0",
+                        )
+                    })?,
+                };
+                if !cfg!(feature = "cuda") {
+                    return Err(invalid(
+                        "device",
+                        format!("{device_name:?}"),
+                        "not supported by this build (built without the `cuda` feature); use cpu",
+                    ));
+                }
+                Device::Cuda(ordinal)
+            }
+            _ => {
                 return Err(invalid(
                     "device",
-                    "\"cuda\"",
-                    "not supported by this build yet; use cpu",
+                    format!("{device_name:?}"),
+                    "must be cpu or cuda[:N]",
                 ));
             }
-            _ => return Err(invalid("device", format!("{device_name:?}"), "must be cpu")),
         };
         let score_threshold = r.probability("score_threshold")?;
         let mut class_score_thresholds = BTreeMap::new();
@@ -763,8 +798,8 @@ mod tests {
     fn bad_values_are_refused_by_name() {
         let cases: Vec<(&str, ParamValue, &str)> = vec![
             ("precision", s("int4"), "fp32 | int8 | auto"),
-            ("device", s("cuda"), "not supported"),
             ("device", s("tpu"), "must be cpu"),
+            ("device", s("cuda:x"), "GPU number"),
             ("score_threshold", ParamValue::Double(1.5), "[0, 1]"),
             ("score_threshold", s("high"), "must be a double"),
             (
@@ -820,6 +855,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown parameter `scor_threshold`"), "{e}");
+    }
+
+    /// `device: cuda[:N]` selects a GPU in a `cuda` build and is refused, saying why, in
+    /// one without it.
+    #[test]
+    fn device_selection() {
+        assert_eq!(with(&[]).unwrap().device, Device::Cpu);
+        for (value, ordinal) in [("cuda", 0), ("CUDA:1", 1)] {
+            let r = with(&[("device", s(value))]);
+            if cfg!(feature = "cuda") {
+                assert_eq!(r.unwrap().device, Device::Cuda(ordinal));
+            } else {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("without the `cuda` feature"), "{e}");
+            }
+        }
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
     }
 
     #[test]

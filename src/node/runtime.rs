@@ -378,7 +378,7 @@ pub fn run() -> Result<(), NodeError> {
                             precision_requested: params.precision.as_str().into(),
                             precision_active: s.precision_active.into(),
                             calibration: calibration.describe(),
-                            device: "cpu".into(),
+                            device: params.device.to_string(),
                             input_rate_hz: s.in_rate.rate(now),
                             output_rate_hz: s.out_rate.rate(now),
                             frames_in: counts.received + s.malformed,
