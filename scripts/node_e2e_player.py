@@ -145,6 +145,20 @@ class Player(Node):
                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.create_subscription(Log, "/rosout", self.on_rosout, rosout_qos)
         self.det_topic = f"{ns}/output/detections"
+        # Autoware's objects (a node built with the `autoware` feature): one message per
+        # Detection3DArray, same header, same boxes.
+        self.objects = []  # (stamp ns, frame_id, object count)
+        try:
+            from autoware_perception_msgs.msg import DetectedObjects
+        except ImportError:
+            DetectedObjects = None
+        if DetectedObjects is not None:
+            self.create_subscription(DetectedObjects, f"{ns}/output/objects", self.on_objects, reliable)
+
+    def on_objects(self, msg):
+        with self.lock:
+            self.objects.append((msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec,
+                                 msg.header.frame_id, len(msg.objects)))
 
     def on_detections(self, msg):
         now = time.time_ns()
@@ -315,6 +329,7 @@ def main():
 
     with node.lock:
         answers = list(node.answers)
+        objects = list(node.objects)
         sent = dict(node.sent)
         processing = list(node.processing)
         diagnostics = dict(node.diagnostics or {})
@@ -377,6 +392,8 @@ def main():
     sent_phase = {}
     for _, _, phase, _ in sent.values():
         sent_phase[phase] = sent_phase.get(phase, 0) + 1
+    det_by_stamp = {m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec:
+                    (m.header.frame_id, len(m.detections)) for _, m in answers}
     report = {
         "scenario": a.scenario,
         "timed_out": timed_out,
@@ -406,6 +423,10 @@ def main():
         "diagnostics_seen": diagnostics_seen,
         "rosout": rosout,
         "detections": sum(len(c["detections"]) for c in collected),
+        "autoware_objects": {
+            "messages": len(objects),
+            "matching_detections": sum(1 for s, f, k in objects if det_by_stamp.get(s) == (f, k)),
+        },
     }
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"{a.prefix}collected.json"), "w") as f:

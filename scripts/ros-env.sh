@@ -27,5 +27,5 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST            # DDS traffic stays on
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-42}"
 # r2r generates Rust types only for these packages (it always adds rcl_interfaces,
 # builtin_interfaces, unique_identifier_msgs, action_msgs); nested dependencies are listed.
-export IDL_PACKAGE_FILTER="std_msgs;geometry_msgs;sensor_msgs;visualization_msgs;vision_msgs;diagnostic_msgs;std_srvs;service_msgs"
+export IDL_PACKAGE_FILTER="std_msgs;geometry_msgs;sensor_msgs;visualization_msgs;vision_msgs;autoware_perception_msgs;diagnostic_msgs;std_srvs;service_msgs"
 unset _lp_root _lp_venv _lp_ld _lp_d _lp_pylib

@@ -97,6 +97,6 @@ for pkg_dir in "$ROOT"/ros/interfaces/*/; do
 done
 
 # ---- 5. smoke check: the Python side sees every message package the node uses.
-"$VPY" -c 'import rclpy, sensor_msgs.msg, vision_msgs.msg, visualization_msgs.msg, diagnostic_msgs.msg, std_srvs.srv' \
+"$VPY" -c 'import rclpy, sensor_msgs.msg, vision_msgs.msg, autoware_perception_msgs.msg, visualization_msgs.msg, diagnostic_msgs.msg, std_srvs.srv' \
   || { say "the ROS 2 Python packages do not import; see the errors above" >&2; exit 1; }
 say "ready: . scripts/ros-env.sh"

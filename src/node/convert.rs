@@ -233,6 +233,54 @@ pub fn time_from_nanos(ns: u128) -> Time {
     }
 }
 
+/// `autoware_perception_msgs/DetectedObjects` of the plain objects (feature `autoware`).
+#[cfg(feature = "autoware")]
+pub fn autoware_to_r2r(
+    header: &msgs::Header,
+    objects: &[crate::node::output::AutowareObject],
+) -> r2r::autoware_perception_msgs::msg::DetectedObjects {
+    use r2r::autoware_perception_msgs::msg::{
+        DetectedObject, DetectedObjectKinematics, DetectedObjects, ObjectClassification, Shape,
+    };
+    use r2r::geometry_msgs::msg::{Twist, TwistWithCovariance};
+    DetectedObjects {
+        header: header_to_r2r(header),
+        objects: objects
+            .iter()
+            .map(|o| DetectedObject {
+                existence_probability: o.probability,
+                classification: vec![ObjectClassification {
+                    label: o.label,
+                    probability: 1.0,
+                }],
+                kinematics: DetectedObjectKinematics {
+                    pose_with_covariance: PoseWithCovariance {
+                        pose: pose_to_r2r(&o.pose),
+                        covariance: vec![0.0; 36],
+                    },
+                    has_position_covariance: false,
+                    // CenterPoint regresses (cos, sin) of the heading: the sign is known.
+                    orientation_availability: DetectedObjectKinematics::AVAILABLE as u8,
+                    twist_with_covariance: TwistWithCovariance {
+                        twist: Twist {
+                            linear: vector3(o.velocity.map_or([0.0; 3], |[x, y]| [x, y, 0.0])),
+                            ..Default::default()
+                        },
+                        covariance: vec![0.0; 36],
+                    },
+                    has_twist: o.velocity.is_some(),
+                    has_twist_covariance: false,
+                },
+                shape: Shape {
+                    type_: Shape::BOUNDING_BOX as u8,
+                    dimensions: vector3(o.dimensions),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

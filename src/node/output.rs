@@ -31,6 +31,52 @@ pub fn pose_of(d: &Detection) -> Pose {
     }
 }
 
+/// One object of `autoware_perception_msgs/DetectedObjects` (feature `autoware`), in plain
+/// Rust: Autoware's class label, the pose, the box dimensions and the BEV velocity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutowareObject {
+    /// `ObjectClassification` label (UNKNOWN 0, CAR 1, TRUCK 2, BUS 3, TRAILER 4,
+    /// MOTORCYCLE 5, BICYCLE 6, PEDESTRIAN 7).
+    pub label: u8,
+    pub probability: f32,
+    pub pose: Pose,
+    pub dimensions: [f64; 3],
+    pub velocity: Option<[f64; 2]>,
+}
+
+/// Autoware's label of one of our class names; classes Autoware has no label for
+/// (barrier, traffic cone) are UNKNOWN, construction vehicles are trucks.
+pub fn autoware_label(class: &str) -> u8 {
+    match class {
+        "car" => 1,
+        "truck" | "construction_vehicle" => 2,
+        "bus" => 3,
+        "trailer" => 4,
+        "motorcycle" => 5,
+        "bicycle" | "cyclist" => 6,
+        "pedestrian" => 7,
+        _ => 0,
+    }
+}
+
+/// The detections as Autoware objects. Velocity is in the box's heading frame, as
+/// Autoware's twist is (our models predict it in the sensor frame).
+pub fn autoware_objects(dets: &[Detection]) -> Vec<AutowareObject> {
+    dets.iter()
+        .map(|d| AutowareObject {
+            label: autoware_label(&d.class),
+            probability: d.score,
+            pose: pose_of(d),
+            dimensions: d.bbox.size.map(f64::from),
+            velocity: d.velocity.map(|[vx, vy]| {
+                let (s, c) = f64::from(d.bbox.yaw).sin_cos();
+                let (vx, vy) = (f64::from(vx), f64::from(vy));
+                [c * vx + s * vy, -s * vx + c * vy]
+            }),
+        })
+        .collect()
+}
+
 /// `vision_msgs/Detection3DArray` of the detections, every header the given one.
 pub fn detection_array(header: &Header, dets: &[Detection]) -> Detection3DArray {
     let detections = dets
@@ -175,6 +221,42 @@ mod tests {
             class: class.into(),
             score,
             velocity: None,
+        }
+    }
+
+    #[test]
+    fn autoware_objects_map_classes_pose_and_heading_frame_velocity() {
+        let mut d = det("pedestrian", 0.7, 3.0, -2.0, std::f32::consts::FRAC_PI_2);
+        d.velocity = Some([0.0, 1.5]);
+        let dets = vec![
+            d,
+            det("traffic_cone", 0.4, 1.0, 1.0, 0.0),
+            det("car", 0.9, 0.0, 5.0, 0.3),
+        ];
+        let o = autoware_objects(&dets);
+        assert_eq!(o.iter().map(|o| o.label).collect::<Vec<_>>(), vec![7, 0, 1]);
+        assert_eq!(o[0].probability, 0.7);
+        assert_eq!(o[0].pose, pose_of(&dets[0]));
+        assert_eq!(o[0].dimensions, [4.0, 2.0, 1.5]);
+        // Moving along +y while facing +y: 1.5 m/s forward in the box frame.
+        let v = o[0].velocity.unwrap();
+        assert!((v[0] - 1.5).abs() < 1e-6 && v[1].abs() < 1e-6, "{v:?}");
+        assert_eq!(o[1].velocity, None);
+        for (c, l) in [
+            ("truck", 2),
+            ("construction_vehicle", 2),
+            ("bus", 3),
+            ("trailer", 4),
+        ] {
+            assert_eq!(autoware_label(c), l, "{c}");
+        }
+        for (c, l) in [
+            ("motorcycle", 5),
+            ("bicycle", 6),
+            ("cyclist", 6),
+            ("barrier", 0),
+        ] {
+            assert_eq!(autoware_label(c), l, "{c}");
         }
     }
 

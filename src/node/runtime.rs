@@ -158,6 +158,12 @@ pub fn run() -> Result<(), NodeError> {
         &params.output_topic,
         QosProfile::default(),
     )?;
+    #[cfg(feature = "autoware")]
+    let objects_pub = node
+        .create_publisher::<r2r::autoware_perception_msgs::msg::DetectedObjects>(
+            "~/output/objects",
+            QosProfile::default(),
+        )?;
     let marker_pub = node.create_publisher::<r2r::visualization_msgs::msg::MarkerArray>(
         &params.markers_topic,
         QosProfile::default(),
@@ -249,6 +255,13 @@ pub fn run() -> Result<(), NodeError> {
                     }
                     if let Err(e) = marker_pub.publish(&convert::markers_to_r2r(&header, &markers))
                     {
+                        publish_error = Some(e);
+                    }
+                    #[cfg(feature = "autoware")]
+                    if let Err(e) = objects_pub.publish(&convert::autoware_to_r2r(
+                        &header,
+                        &output::autoware_objects(&dets),
+                    )) {
                         publish_error = Some(e);
                     }
                     let processing_ms = started.elapsed().as_secs_f64() * 1e3;
