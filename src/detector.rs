@@ -1,14 +1,13 @@
-//! The per-scan pipeline: points -> pillars -> network -> boxes. Owns its buffers, so a
+//! The per-scan pipeline: points -> pillars or voxels -> network -> boxes. Owns its buffers, so a
 //! detector reused across scans does not reallocate the voxeliser's grid.
 
 use crate::boxes::Detection;
 use crate::cloud::Points;
-use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
-use crate::model::config::Encoder;
+use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine};
 use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
-use crate::model::voxel_mean::VoxelMean;
-use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::input::ScanInput;
+use crate::model::voxelize::{Mode, Pillars};
 use crate::model::weights::{Weights, WeightsError};
 use crate::model::{BundleError, ConfigError, ModelBundle, ModelConfig};
 use crate::quant::QuantModel;
@@ -45,15 +44,8 @@ enum Backend {
 /// A CenterPoint detector running on the CPU in FP32 or INT8.
 pub struct Detector {
     cfg: ModelConfig,
-    /// Exactly one of the two voxelisers: pillars, or the mean voxels of a voxel model
-    /// (whose pillars stay empty).
-    voxelizer: Option<Voxelizer>,
-    voxel_mean: Option<VoxelMean>,
+    input: ScanInput,
     engine: Backend,
-    pillars: Pillars,
-    decorated: Vec<f32>,
-    voxel_counts: Vec<u32>,
-    voxel_coords: Vec<[u32; 3]>,
 }
 
 impl Detector {
@@ -63,27 +55,11 @@ impl Detector {
             message,
         })?;
         let engine = Backend::Fp32(Fp32Engine::new(&graph, weights)?);
-        let voxel_mean = match cfg.voxelization.encoder {
-            Encoder::Pillar => None,
-            Encoder::Voxel => Some(VoxelMean::from_config(&cfg, Mode::Test).map_err(|e| {
-                DetectorError::Graph {
-                    model: cfg.name.clone(),
-                    message: e.to_string(),
-                }
-            })?),
-        };
-        Ok(Self {
-            voxelizer: voxel_mean
-                .is_none()
-                .then(|| Voxelizer::new(&cfg, Mode::Test)),
-            voxel_mean,
-            cfg,
-            engine,
-            pillars: Pillars::default(),
-            decorated: Vec::new(),
-            voxel_counts: Vec::new(),
-            voxel_coords: Vec::new(),
-        })
+        let input = ScanInput::new(&cfg, Mode::Test).map_err(|e| DetectorError::Graph {
+            model: cfg.name.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { cfg, input, engine })
     }
 
     /// Loads a model description and its weights file.
@@ -176,49 +152,20 @@ impl Detector {
 
     /// Active voxels of the last scan of a voxel model (0 for pillar models).
     pub fn last_voxel_count(&self) -> usize {
-        self.voxel_coords.len()
+        self.input.voxels()
     }
 
     /// Pillars of the last scan (for diagnostics such as the pillar-cap signal).
     pub fn last_pillars(&self) -> &Pillars {
-        &self.pillars
+        self.input.pillars()
     }
 
     /// Runs the network and returns its raw head maps.
     pub fn head_outputs(&mut self, points: &Points) -> Result<HeadOutputs, DetectorError> {
-        let input = match (&mut self.voxel_mean, &mut self.voxelizer) {
-            (Some(vm), _) => {
-                // Voxel model: one row of mean point features per voxel.
-                let v = vm
-                    .voxelize(points, None)
-                    .map_err(|e| EngineError::op("voxel_mean", e))?;
-                let width = v.voxels.channels();
-                self.decorated = v.voxels.features.data;
-                self.voxel_counts = v.counts;
-                self.voxel_coords = v.voxels.coords;
-                NetInput {
-                    decorated: &self.decorated,
-                    max_points: 1,
-                    width,
-                    counts: &self.voxel_counts,
-                    coords: &self.voxel_coords,
-                }
-            }
-            (None, Some(vz)) => {
-                vz.voxelize(points, None, &mut self.pillars);
-                let width = decorate(&self.cfg, &self.pillars, &mut self.decorated);
-                NetInput {
-                    decorated: &self.decorated,
-                    max_points: self.pillars.max_points,
-                    width,
-                    counts: &self.pillars.counts,
-                    coords: &self.pillars.coords,
-                }
-            }
-            (None, None) => {
-                return Err(EngineError::Internal("detector without a voxeliser".into()).into());
-            }
-        };
+        self.input
+            .prepare(points)
+            .map_err(|e| EngineError::op("voxelise", e))?;
+        let input = self.input.input();
         Ok(match &mut self.engine {
             Backend::Fp32(e) => e.run(&input)?,
             Backend::Int8(e) => e.run(&input)?,

@@ -4,11 +4,11 @@
 //! (backbone, neck, head) is timed on the GPU with CUDA events.
 
 use super::{
-    AUTO_SCANS, BenchError, BenchOptions, Frame, Int8Source, SCAN_SEED, default_lidar, load_model,
+    AUTO_SCANS, BenchError, BenchOptions, Int8Source, SCAN_SEED, default_lidar, load_model,
     load_quant_model, median, ms,
 };
-use crate::engine::HeadOutputs;
 use crate::engine::cuda::{CudaEngine, CudaPrecision, Gpu};
+use crate::engine::{EngineError, HeadOutputs};
 use crate::model::decode::decode;
 use crate::sim::{SimConfig, Simulator};
 use serde::Serialize;
@@ -83,7 +83,7 @@ pub fn run(
     }
     let runs_per = opts.warmup + opts.iters;
     progress.set_length((runs_per * precisions.len()) as u64);
-    let mut frame = Frame::new(&cfg)?;
+    let mut frame = super::scan_input(&cfg)?;
     let mut device = String::new();
     let mut runs = Vec::new();
     for p in precisions {
@@ -99,9 +99,11 @@ pub fn run(
         let mut detections = 0;
         for it in 0..runs_per {
             let t0 = Instant::now();
-            let width = frame.prepare(&cfg, &pts)?;
+            frame
+                .prepare(&pts)
+                .map_err(|e| EngineError::op("voxelise", e))?;
             let t1 = Instant::now();
-            engine.run_into(&frame.input(width), &mut heads)?;
+            engine.run_into(&frame.input(), &mut heads)?;
             let t2 = Instant::now();
             let boxes = decode(&cfg, &heads.views())?;
             let t3 = Instant::now();
@@ -121,8 +123,10 @@ pub fn run(
             // A few more runs with an event after every node: where the time goes.
             engine.enable_profile();
             for _ in 0..5 {
-                let width = frame.prepare(&cfg, &pts)?;
-                engine.run_into(&frame.input(width), &mut heads)?;
+                frame
+                    .prepare(&pts)
+                    .map_err(|e| EngineError::op("voxelise", e))?;
+                engine.run_into(&frame.input(), &mut heads)?;
             }
             let mut prof = engine.profile();
             let total: f64 = prof.iter().map(|p| p.1).sum();
@@ -156,7 +160,7 @@ pub fn run(
         device,
         lidar: lidar.name().to_string(),
         points: pts.len(),
-        pillars: frame.pillars.len(),
+        pillars: frame.cells(),
         iters: opts.iters,
         warmup: opts.warmup,
         dense_gmac,

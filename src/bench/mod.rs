@@ -15,11 +15,10 @@ pub mod cuda;
 use crate::cloud::Points;
 use crate::engine::{EngineError, Fp32Engine, HeadOutputs, Int8Engine, NetInput};
 use crate::kernels::{Isa, panel_stats};
-use crate::model::config::Encoder;
 use crate::model::decode::{DecodeError, decode};
 use crate::model::graph::Graph;
-use crate::model::voxel_mean::VoxelMean;
-use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::input::ScanInput;
+use crate::model::voxelize::Mode;
 use crate::model::weights::{Weights, WeightsError};
 use crate::model::{ConfigError, ModelConfig};
 use crate::quant::QuantModel;
@@ -334,84 +333,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Reusable per-scan buffers: pillars, or the mean voxels of a voxel model.
-struct Frame {
-    vox: Option<Voxelizer>,
-    mean: Option<VoxelMean>,
-    pillars: Pillars,
-    dec: Vec<f32>,
-    counts: Vec<u32>,
-    coords: Vec<[u32; 3]>,
-}
-
-impl Frame {
-    fn new(cfg: &ModelConfig) -> Result<Self, BenchError> {
-        let (vox, mean) = match cfg.voxelization.encoder {
-            Encoder::Pillar => (Some(Voxelizer::new(cfg, Mode::Test)), None),
-            Encoder::Voxel => {
-                let m = VoxelMean::from_config(cfg, Mode::Test).map_err(|e| BenchError::Graph {
-                    model: cfg.name.clone(),
-                    message: e.to_string(),
-                })?;
-                (None, Some(m))
-            }
-        };
-        Ok(Self {
-            vox,
-            mean,
-            pillars: Pillars::default(),
-            dec: Vec::new(),
-            counts: Vec::new(),
-            coords: Vec::new(),
-        })
-    }
-
-    /// Voxelises (and decorates pillars); returns the input width.
-    fn prepare(&mut self, cfg: &ModelConfig, pts: &Points) -> Result<usize, BenchError> {
-        if let Some(m) = &mut self.mean {
-            let v = m
-                .voxelize(pts, None)
-                .map_err(|e| EngineError::op("voxel_mean", e))?;
-            let width = v.voxels.channels();
-            self.dec = v.voxels.features.data;
-            self.counts = v.counts;
-            self.coords = v.voxels.coords;
-            return Ok(width);
-        }
-        let vox = self.vox.as_mut().ok_or_else(|| {
-            BenchError::Usage("internal: a bench frame without a voxeliser".into())
-        })?;
-        vox.voxelize(pts, None, &mut self.pillars);
-        Ok(decorate(cfg, &self.pillars, &mut self.dec))
-    }
-
-    fn input(&self, width: usize) -> NetInput<'_> {
-        if self.mean.is_some() {
-            return NetInput {
-                decorated: &self.dec,
-                max_points: 1,
-                width,
-                counts: &self.counts,
-                coords: &self.coords,
-            };
-        }
-        NetInput {
-            decorated: &self.dec,
-            max_points: self.pillars.max_points,
-            width,
-            counts: &self.pillars.counts,
-            coords: &self.pillars.coords,
-        }
-    }
-
-    /// Pillars or voxels of the last scan.
-    fn cells(&self) -> usize {
-        if self.mean.is_some() {
-            self.coords.len()
-        } else {
-            self.pillars.len()
-        }
-    }
+/// The per-scan input buffers of the model (deployment caps).
+fn scan_input(cfg: &ModelConfig) -> Result<ScanInput, BenchError> {
+    ScanInput::new(cfg, Mode::Test).map_err(|e| BenchError::Graph {
+        model: cfg.name.clone(),
+        message: e.to_string(),
+    })
 }
 
 /// Times `runs` iterations of a pipeline whose network step is `net(input, mark)`;
@@ -420,7 +347,7 @@ fn time_pipeline(
     cfg: &ModelConfig,
     graph: &Graph,
     pts: &Points,
-    frame: &mut Frame,
+    frame: &mut ScanInput,
     opts: &BenchOptions,
     progress: &indicatif::ProgressBar,
     net: &mut NetStep<'_>,
@@ -436,12 +363,14 @@ fn time_pipeline(
     for it in 0..opts.warmup + opts.iters {
         let mut s: Sample = [0.0; 6];
         let t0 = Instant::now();
-        let width = frame.prepare(cfg, pts)?;
+        frame
+            .prepare(pts)
+            .map_err(|e| EngineError::op("voxelise", e))?;
         let t1 = Instant::now();
         s[STAGE_VOX] = ms(t1 - t0);
         let mut last = t1;
         net(
-            &frame.input(width),
+            &frame.input(),
             &mut |node| {
                 let now = Instant::now();
                 s[stage[node]] += ms(now - last);
@@ -506,7 +435,7 @@ pub fn run(
     let (pts, _) = sim.sample(SCAN_SEED);
     let (bb, head) = graph.dense_macs();
     let dense_gmac = (bb + head) as f64 / 1e9;
-    let mut frame = Frame::new(&cfg)?;
+    let mut frame = scan_input(&cfg)?;
     let runs = opts.warmup + opts.iters;
     let int8_skipped =
         (graph.sparse.is_some() && !matches!(opts.int8, Int8Source::None)).then(|| {
@@ -541,7 +470,7 @@ pub fn run(
     let fp32_sparse_ms = graph.sparse.as_ref().map(|_| fp32_times.stages.pfn);
     let fp32_sparse_share = fp32_sparse_ms.map(|s| s / fp32_times.total_ms);
     let active_sites =
-        crate::engine::sparse::frame_sites(&graph, &frame.coords)?.map(|fs| fs.counts());
+        crate::engine::sparse::frame_sites(&graph, frame.coords())?.map(|fs| fs.counts());
     let qm = match &opts.int8 {
         _ if !with_int8 => None,
         Int8Source::None => None,

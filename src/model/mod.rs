@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod config;
 pub mod decode;
 pub mod graph;
+pub mod input;
 pub mod targets;
 pub mod voxel_mean;
 pub mod voxelize;
