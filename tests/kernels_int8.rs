@@ -3,9 +3,11 @@
 //! the dequantized operands, padding being real zero).
 
 use lidar_ptq::kernels::{
-    Epilogue, Isa, KernelError, PackedConv, PackedConvTranspose, PackedLinear,
+    Epilogue, Isa, KernelError, Neighbours, PackedConv, PackedConvTranspose, PackedLinear,
+    PackedSparseConv,
 };
 use lidar_ptq::quant::{Flavour, Grid, QParams, Requant, quantize_bias};
+use lidar_ptq::sparse::Rulebook;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -678,4 +680,196 @@ fn output_type_must_match_the_epilogue() {
             ..
         })
     ));
+}
+
+/// Distinct random sites (z, y, x) of a grid, about `fill` of it active.
+fn random_sites(r: &mut ChaCha8Rng, grid: [usize; 3], fill: f64) -> Vec<[u32; 3]> {
+    let mut sites = Vec::new();
+    for z in 0..grid[0] {
+        for y in 0..grid[1] {
+            for x in 0..grid[2] {
+                if r.random_bool(fill) {
+                    sites.push([z as u32, y as u32, x as u32]);
+                }
+            }
+        }
+    }
+    sites
+}
+
+/// The rulebooks of the voxel backbone: submanifold 3x3x3, strided 3x3x3 with and
+/// without z padding, and the (3, 1, 1) stride-(2, 1, 1) conv_out.
+fn sparse_geometries(r: &mut ChaCha8Rng) -> Vec<(String, Rulebook)> {
+    let grid = [5, 9, 7];
+    let sites = random_sites(r, grid, 0.3);
+    vec![
+        (
+            "submanifold".into(),
+            Rulebook::submanifold(&sites, grid, 3).unwrap(),
+        ),
+        (
+            "strided".into(),
+            Rulebook::regular(&sites, grid, [3; 3], [2; 3], [1; 3]).unwrap(),
+        ),
+        (
+            "strided, z unpadded".into(),
+            Rulebook::regular(&sites, grid, [3; 3], [2; 3], [0, 1, 1]).unwrap(),
+        ),
+        (
+            "conv_out".into(),
+            Rulebook::regular(&sites, grid, [3, 1, 1], [2, 1, 1], [0; 3]).unwrap(),
+        ),
+    ]
+}
+
+#[test]
+fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(21);
+    for (g, (name, rb)) in sparse_geometries(&mut r).into_iter().enumerate() {
+        let k = rb.kernel();
+        let nbr = Neighbours::from_rulebook(&rb);
+        for (cin, cout) in [(5, 16), (3, 7), (16, 33)] {
+            let taps = k.iter().product::<usize>();
+            let zx = [0u8, 128, 201][g % 3];
+            let l = Layer::random(&mut r, cout * taps * cin, cout, cin * taps / 3, zx);
+            let x = random_input(&mut r, rb.n_in() * cin);
+            let case = format!("{name}: cin {cin} cout {cout} zx {zx}");
+            // Requantizing epilogue (ties too), then the dequantizing one.
+            for rq in [l.requant(), tie_requant(cout, l.out.zero_point, l.relu)] {
+                let p = PackedSparseConv::with_epilogue(
+                    &l.w,
+                    [cout, k[0], k[1], k[2], cin],
+                    &l.bias_q(),
+                    Epilogue::Requant(rq),
+                )
+                .unwrap();
+                let mut want = vec![0u8; rb.n_out() * cout];
+                let mut got = vec![0u8; want.len()];
+                p.forward(Isa::Scalar, &x, &nbr, zx, &mut want).unwrap();
+                p.forward(Isa::Avx2, &x, &nbr, zx, &mut got).unwrap();
+                assert_eq!(got, want, "{case}");
+                let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
+                assert!(distinct > 3, "{case}: outputs barely vary");
+            }
+            let p = PackedSparseConv::with_epilogue(
+                &l.w,
+                [cout, k[0], k[1], k[2], cin],
+                &l.bias_q(),
+                Epilogue::Dequant {
+                    input_scale: l.s_x,
+                    weight_scale: l.s_w.clone(),
+                    relu: l.relu,
+                },
+            )
+            .unwrap();
+            let mut want = vec![0f32; rb.n_out() * cout];
+            let mut got = vec![0f32; want.len()];
+            p.forward_f32(Isa::Scalar, &x, &nbr, zx, &mut want).unwrap();
+            p.forward_f32(Isa::Avx2, &x, &nbr, zx, &mut got).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{case} (f32 output)");
+        }
+    }
+}
+
+/// The scalar sparse conv is the real sparse convolution of the dequantized operands,
+/// computed in f64 straight from the rulebook's pairs.
+#[test]
+fn scalar_sparse_conv_is_the_dequantized_real_conv() {
+    let mut r = ChaCha8Rng::seed_from_u64(22);
+    for (name, rb) in sparse_geometries(&mut r) {
+        let k = rb.kernel();
+        let taps = k.iter().product::<usize>();
+        let (cin, cout, zx) = (6, 5, 90u8);
+        let l = Layer::random(&mut r, cout * taps * cin, cout, cin * taps / 3, zx);
+        let p = PackedSparseConv::with_epilogue(
+            &l.w,
+            [cout, k[0], k[1], k[2], cin],
+            &l.bias_q(),
+            Epilogue::Requant(l.requant()),
+        )
+        .unwrap();
+        let x = random_input(&mut r, rb.n_in() * cin);
+        let mut got = vec![0u8; rb.n_out() * cout];
+        p.forward(
+            Isa::Scalar,
+            &x,
+            &Neighbours::from_rulebook(&rb),
+            zx,
+            &mut got,
+        )
+        .unwrap();
+        let mut y: Vec<f64> = (0..rb.n_out() * cout)
+            .map(|i| l.bias[i % cout] as f64)
+            .collect();
+        for (t, pairs) in rb.pairs().iter().enumerate() {
+            for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        let xv = l.x_real(x[i as usize * cin + ci]);
+                        let wq = l.w[(co * taps + t) * cin + ci];
+                        y[o as usize * cout + co] += xv * l.s_w[co] as f64 * wq as f64;
+                    }
+                }
+            }
+        }
+        let want: Vec<i32> = y.iter().map(|&v| l.quantize_real(v)).collect();
+        let frac = agreement(&got, &want, &name);
+        assert!(frac > 0.97, "{name}: only {frac} of codes match exactly");
+    }
+}
+
+#[test]
+fn sparse_conv_arguments_are_checked() {
+    let mut r = ChaCha8Rng::seed_from_u64(23);
+    let (_, rb) = sparse_geometries(&mut r).remove(0);
+    let nbr = Neighbours::from_rulebook(&rb);
+    let l = Layer::random(&mut r, 2 * 27 * 3, 2, 81, 0);
+    let p = PackedSparseConv::with_epilogue(
+        &l.w,
+        [2, 3, 3, 3, 3],
+        &l.bias_q(),
+        Epilogue::Requant(l.requant()),
+    )
+    .unwrap();
+    let x = random_input(&mut r, rb.n_in() * 3);
+    let mut out = vec![0u8; rb.n_out() * 2];
+    // Too few input rows for the neighbour table.
+    let e = p
+        .forward(Isa::Scalar, &x[..x.len() - 3], &nbr, 0, &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(e, KernelError::Length { arg: "input", .. }),
+        "{e:?}"
+    );
+    // A neighbour index past the input.
+    let mut bad = nbr.clone();
+    bad.idx[0] = bad.n_in as u32;
+    let e = p.forward(Isa::Scalar, &x, &bad, 0, &mut out).unwrap_err();
+    assert!(e.to_string().contains("neighbours"), "{e}");
+    // A table of another kernel size.
+    let (_, rb311) = sparse_geometries(&mut r).pop().unwrap();
+    let e = p
+        .forward(
+            Isa::Scalar,
+            &x,
+            &Neighbours::from_rulebook(&rb311),
+            0,
+            &mut out,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("kernel offsets"), "{e}");
+    // Weight shape mismatch.
+    assert!(
+        PackedSparseConv::with_epilogue(
+            &l.w[..10],
+            [2, 3, 3, 3, 3],
+            &l.bias_q(),
+            Epilogue::Requant(l.requant()),
+        )
+        .is_err()
+    );
 }

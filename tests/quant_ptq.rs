@@ -8,7 +8,8 @@ use lidar_ptq::engine::fp32::{concat_pillar_max, run_layer};
 use lidar_ptq::engine::{Fp32Engine, HeadOutputs, NetInput, TaskMaps};
 use lidar_ptq::model::ModelConfig;
 use lidar_ptq::model::graph::{Graph, LayerKind, Op};
-use lidar_ptq::model::voxelize::{Mode, Voxelizer};
+use lidar_ptq::model::input::ScanInput;
+use lidar_ptq::model::voxelize::Mode;
 use lidar_ptq::model::weights::Weights;
 use lidar_ptq::ops::Tensor;
 use lidar_ptq::quant::calibrate::{
@@ -84,10 +85,10 @@ fn frames(n: usize, seed: u64) -> Vec<Points> {
 }
 
 fn inputs(cfg: &ModelConfig, frames: &[Points]) -> Vec<FrameInput> {
-    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    let mut scan = ScanInput::new(cfg, Mode::Test).unwrap();
     frames
         .iter()
-        .map(|p| FrameInput::prepare(cfg, &mut vox, p))
+        .map(|p| FrameInput::prepare(&mut scan, p).unwrap())
         .collect()
 }
 

@@ -175,8 +175,9 @@ pub struct BenchReport {
     pub sparse_ms: Option<f64>,
     pub sparse_share: Option<f64>,
     pub active_sites: Option<Vec<usize>>,
-    /// Why INT8 was not timed although asked for.
-    pub int8_skipped: Option<String>,
+    /// Voxel models: the same for the INT8 engine.
+    pub int8_sparse_ms: Option<f64>,
+    pub int8_sparse_share: Option<f64>,
 }
 
 /// CPU features that matter to the kernels, as detected at run time.
@@ -437,15 +438,7 @@ pub fn run(
     let dense_gmac = (bb + head) as f64 / 1e9;
     let mut frame = scan_input(&cfg)?;
     let runs = opts.warmup + opts.iters;
-    let int8_skipped =
-        (graph.sparse.is_some() && !matches!(opts.int8, Int8Source::None)).then(|| {
-            "INT8 execution of the voxel model's sparse 3D backbone is not implemented yet"
-                .to_string()
-        });
-    if let Some(why) = &int8_skipped {
-        log::warn!("{}: {why}; timing FP32 only", cfg.name);
-    }
-    let with_int8 = !matches!(opts.int8, Int8Source::None) && int8_skipped.is_none();
+    let with_int8 = !matches!(opts.int8, Int8Source::None);
     progress.set_length((runs * if with_int8 { 2 } else { 1 }) as u64);
 
     let fp32 = Fp32Engine::new(&graph, &weights)?;
@@ -511,6 +504,16 @@ pub fn run(
         uniform = (seen > 0).then(|| (after.1 - before.1) as f64 / seen as f64);
         int8_times = Some(summarize(&samples, det, dense_gmac));
     }
+    let int8_sparse = int8_times
+        .as_ref()
+        .filter(|_| graph.sparse.is_some())
+        .map(|t| t.stages.pfn);
+    let (int8_sparse_ms, int8_sparse_share) = (
+        int8_sparse,
+        int8_sparse
+            .zip(int8_times.as_ref())
+            .map(|(s, t)| s / t.total_ms),
+    );
     Ok(BenchReport {
         model: cfg.name.clone(),
         lidar: lidar.name().to_string(),
@@ -541,7 +544,8 @@ pub fn run(
         sparse_share: fp32_sparse_share,
         sparse_ms: fp32_sparse_ms,
         active_sites,
-        int8_skipped,
+        int8_sparse_ms,
+        int8_sparse_share,
     })
 }
 
@@ -608,6 +612,21 @@ pub fn format_report(r: &BenchReport) -> String {
             r.fp32_weight_bytes as f64 / 1e6,
             b as f64 / 1e6,
             100.0 * q
+        );
+    }
+    if let (Some(ms), Some(share)) = (r.sparse_ms, r.sparse_share) {
+        let _ = write!(
+            s,
+            "sparse 3D backbone (the pfn column): FP32 {ms:.2} ms ({:.1}% of the scan)",
+            100.0 * share
+        );
+        if let (Some(ms), Some(share)) = (r.int8_sparse_ms, r.int8_sparse_share) {
+            let _ = write!(s, ", INT8 {ms:.2} ms ({:.1}%)", 100.0 * share);
+        }
+        let _ = writeln!(
+            s,
+            "; active sites per resolution {:?}",
+            r.active_sites.as_deref().unwrap_or(&[])
         );
     }
     s

@@ -372,12 +372,12 @@ fn compare_on_sim(
     let frames = eval_frames(a.eval_lidar, a.eval_frames, a.eval_seed);
     let fp = lidar_ptq::engine::Fp32Engine::new(graph, weights)?;
     let q = lidar_ptq::quant::QuantNet::new(graph, weights, model)?;
-    let mut vox =
-        lidar_ptq::model::voxelize::Voxelizer::new(cfg, lidar_ptq::model::voxelize::Mode::Test);
+    let mut scan =
+        lidar_ptq::model::input::ScanInput::new(cfg, lidar_ptq::model::voxelize::Mode::Test)?;
     let b = bar(frames.len() as u64, "evaluating FP32 and INT8");
     let (mut d_fp, mut d_q) = (Vec::new(), Vec::new());
     for (points, _) in &frames {
-        let input = lidar_ptq::quant::calibrate::FrameInput::prepare(cfg, &mut vox, points);
+        let input = lidar_ptq::quant::calibrate::FrameInput::prepare(&mut scan, points)?;
         d_fp.push(decode(cfg, &fp.run(&input.net_input())?.views())?);
         d_q.push(decode(cfg, &q.run(&input.net_input())?.views())?);
         b.inc(1);

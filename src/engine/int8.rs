@@ -14,9 +14,12 @@
 //! are the exception). The neck's concat is free: its inputs are written straight into
 //! the concat's buffer at their channel offsets.
 
-use super::fp32::{FoldedLayer, fold_layers, run_layer};
+use super::fp32::{FoldedLayer, fold_layers, run_layer, run_sparse_layer};
+use super::sparse::{FrameSites, frame_sites, no_sites};
 use super::{EngineError, HeadOutputs, NetInput, TaskMaps};
-use crate::kernels::{Epilogue, Isa, PackedConv, PackedConvTranspose, PackedLinear};
+use crate::kernels::{
+    Epilogue, Isa, Neighbours, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
+};
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
 use crate::ops::Tensor;
@@ -65,6 +68,8 @@ enum IntKernel {
     Linear(PackedLinear),
     Conv(PackedConv),
     ConvTranspose(PackedConvTranspose),
+    /// A sparse conv and the index of its rulebook.
+    Sparse(PackedSparseConv, usize),
 }
 
 enum Step {
@@ -84,6 +89,14 @@ enum Step {
         include_padding: bool,
     },
     Scatter,
+    /// Residual add; inputs and output share parameters (codes add exactly).
+    Add {
+        relu: bool,
+    },
+    /// Sparse features on site set `sites` to the BEV image.
+    HeightCompress {
+        sites: usize,
+    },
     /// `aliased`: the inputs were written into the output's buffer already.
     Concat {
         aliased: bool,
@@ -105,6 +118,10 @@ pub struct Int8Engine {
     /// Scatter duplicate check: the run number that last claimed each BEV cell.
     cell_stamp: Vec<u32>,
     run_count: u32,
+    /// The frame's rulebooks (voxel models) and, per rulebook, its neighbour table
+    /// (filled for the rulebooks integer sparse convs use).
+    sites: Option<FrameSites>,
+    neighbours: Vec<Neighbours>,
 }
 
 impl Int8Engine {
@@ -196,9 +213,22 @@ impl Int8Engine {
                             )
                             .map_err(kerr)?,
                         ),
-                        LayerKind::SparseConv3d { .. } => {
-                            return Err(sparse_unsupported());
-                        }
+                        LayerKind::SparseConv3d { kernel, rulebook } => IntKernel::Sparse(
+                            PackedSparseConv::with_epilogue(
+                                &w.codes,
+                                [
+                                    l.out_channels,
+                                    kernel[0],
+                                    kernel[1],
+                                    kernel[2],
+                                    l.in_channels,
+                                ],
+                                &bias_q,
+                                epi,
+                            )
+                            .map_err(kerr)?,
+                            rulebook,
+                        ),
                     };
                     Step::Int {
                         kernel,
@@ -224,9 +254,8 @@ impl Int8Engine {
                 },
                 (Op::Scatter { .. }, _) => Step::Scatter,
                 (Op::Concat, _) => Step::Concat { aliased: false },
-                (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
-                    return Err(sparse_unsupported());
-                }
+                (Op::Add { relu }, _) => Step::Add { relu: *relu },
+                (Op::HeightCompress { sites, .. }, _) => Step::HeightCompress { sites: *sites },
             };
             steps.push(step);
         }
@@ -244,6 +273,8 @@ impl Int8Engine {
             f32_slots: vec![Vec::new(); n_f32],
             cell_stamp: vec![0; ny * nx],
             run_count: 0,
+            sites: None,
+            neighbours: Vec::new(),
         })
     }
 
@@ -266,6 +297,7 @@ impl Int8Engine {
                     IntKernel::Linear(k) => k.weight_bytes(),
                     IntKernel::Conv(k) => k.weight_bytes(),
                     IntKernel::ConvTranspose(k) => k.weight_bytes(),
+                    IntKernel::Sparse(k, _) => k.weight_bytes(),
                 },
                 Step::Float { folded, .. } => 4 * (folded.weight.data.len() + folded.bias.len()),
                 _ => 0,
@@ -311,7 +343,29 @@ impl Int8Engine {
                 scales.len()
             )));
         }
-        self.shapes[0] = Shape::new(&[p, n, f]);
+        // A voxel model: the frame's rulebooks, and the neighbour tables of the ones
+        // integer sparse convs read (buffers reused from the last frame).
+        self.sites = frame_sites(&self.graph, input.coords)?;
+        if let Some(fs) = &self.sites {
+            self.neighbours
+                .resize_with(fs.rulebooks.len(), Neighbours::default);
+            let mut done = vec![false; fs.rulebooks.len()];
+            for s in &self.steps {
+                if let Step::Int {
+                    kernel: IntKernel::Sparse(_, r),
+                    ..
+                } = s
+                    && !std::mem::replace(&mut done[*r], true)
+                {
+                    self.neighbours[*r].rebuild(&fs.rulebooks[*r]);
+                }
+            }
+        }
+        self.shapes[0] = if self.sites.is_some() {
+            Shape::new(&[p, n * f])
+        } else {
+            Shape::new(&[p, n, f])
+        };
         // The input value: codes, or the floats as they are.
         let l0 = self.loc[0];
         match self.acts[0] {
@@ -375,6 +429,10 @@ impl Int8Engine {
                     IntKernel::ConvTranspose(k) => {
                         Shape::new(&k.output_shape(xs.nchw()).map_err(kerr)?)
                     }
+                    IntKernel::Sparse(k, r) => {
+                        let nbr = self.neighbours.get(*r).ok_or_else(|| no_sites(name))?;
+                        Shape::new(&[nbr.n_out, k.cout])
+                    }
                 };
                 // Input and output are never in one slot (planned), so the output slot is
                 // taken out of its pool for the call.
@@ -396,6 +454,9 @@ impl Int8Engine {
                                 }
                                 IntKernel::ConvTranspose(k) => {
                                     k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ())
+                                }
+                                IntKernel::Sparse(k, r) => {
+                                    k.$fwd(isa, xin, &self.neighbours[*r], *zx, y)
                                 }
                             }
                             .map_err(kerr)
@@ -435,8 +496,14 @@ impl Int8Engine {
                 };
                 let t =
                     Tensor::new(xs.dims().to_vec(), data).map_err(|e| EngineError::op(name, e))?;
-                let y =
-                    run_layer(*kind, &t, folded, *relu).map_err(|e| EngineError::op(name, e))?;
+                let y = match kind {
+                    LayerKind::SparseConv3d { rulebook, .. } => {
+                        let fs = self.sites.as_ref().ok_or_else(|| no_sites(name))?;
+                        run_sparse_layer(&fs.rulebooks[*rulebook], &t, folded, *relu)
+                    }
+                    _ => run_layer(*kind, &t, folded, *relu),
+                }
+                .map_err(|e| EngineError::op(name, e))?;
                 let os = Shape::new(&y.shape);
                 match out_q {
                     Some(q) => slot(&mut self.u8_slots, yl, y.data.len())
@@ -490,6 +557,88 @@ impl Int8Engine {
                     None => {
                         let (xin, y) = pair(&mut self.f32_slots, xl, xs.len(), yl, os.len())?;
                         scatter(xin, c, input.coords, (ny, nx), 0.0, y);
+                    }
+                }
+                os
+            }
+            Step::Add { relu } => {
+                let b = node.inputs[1];
+                let (bs, bl) = (self.shapes[b], self.loc[b]);
+                if bs != xs {
+                    return Err(EngineError::Internal(format!(
+                        "{name}: adding shapes {:?} and {:?}",
+                        xs.dims(),
+                        bs.dims()
+                    )));
+                }
+                let len = xs.len();
+                match out_q {
+                    Some(q) => {
+                        // Shared parameters: c = clamp(a + b - zp), from zp up with ReLU.
+                        let zp = q.zero_point;
+                        let lo = if *relu { zp } else { q.grid.qmin };
+                        let hi = q.grid.qmax;
+                        let mut buf = std::mem::take(&mut self.u8_slots[yl.slot]);
+                        if buf.len() < yl.offset + len {
+                            buf.resize(yl.offset + len, 0);
+                        }
+                        let r = view(&self.u8_slots, xl, len).and_then(|a| {
+                            let bv = view(&self.u8_slots, bl, len)?;
+                            buf[yl.offset..yl.offset + len]
+                                .par_chunks_mut(4096)
+                                .zip(a.par_chunks(4096).zip(bv.par_chunks(4096)))
+                                .for_each(|(o, (a, b))| {
+                                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                                        *o = (a as i32 + b as i32 - zp).clamp(lo, hi) as u8;
+                                    }
+                                });
+                            Ok(())
+                        });
+                        self.u8_slots[yl.slot] = buf;
+                        r?;
+                    }
+                    None => {
+                        let mut buf = std::mem::take(&mut self.f32_slots[yl.slot]);
+                        if buf.len() < yl.offset + len {
+                            buf.resize(yl.offset + len, 0.0);
+                        }
+                        let r = view(&self.f32_slots, xl, len).and_then(|a| {
+                            let bv = view(&self.f32_slots, bl, len)?;
+                            for ((o, &a), &b) in
+                                buf[yl.offset..yl.offset + len].iter_mut().zip(a).zip(bv)
+                            {
+                                let v = a + b;
+                                *o = if *relu && v < 0.0 { 0.0 } else { v };
+                            }
+                            Ok(())
+                        });
+                        self.f32_slots[yl.slot] = buf;
+                        r?;
+                    }
+                }
+                xs
+            }
+            Step::HeightCompress { sites: set } => {
+                let fs = self.sites.as_ref().ok_or_else(|| no_sites(name))?;
+                let coords = fs.sites(*set);
+                let [d, h, w] = fs.grid(*set);
+                let c = xs.dims[1];
+                if xs.rank != 2 || xs.dims[0] != coords.len() {
+                    return Err(EngineError::Internal(format!(
+                        "{name}: {:?} features for {} sites",
+                        xs.dims(),
+                        coords.len()
+                    )));
+                }
+                let os = Shape::new(&[1, c * d, h, w]);
+                match out_q {
+                    Some(q) => {
+                        let (xin, y) = pair(&mut self.u8_slots, xl, xs.len(), yl, os.len())?;
+                        height_compress(xin, c, coords, [d, h, w], q.zero_point as u8, y);
+                    }
+                    None => {
+                        let (xin, y) = pair(&mut self.f32_slots, xl, xs.len(), yl, os.len())?;
+                        height_compress(xin, c, coords, [d, h, w], 0.0, y);
                     }
                 }
                 os
@@ -724,6 +873,28 @@ fn scatter<T: Copy + Send + Sync>(
     });
 }
 
+/// Sparse features `[N, C]` on `coords` (z, y, x) of a `[D, H, W]` grid into the BEV image
+/// `[C * D, H, W]` (channel `c * D + z`); empty cells get `empty` (real 0).
+fn height_compress<T: Copy + Send + Sync>(
+    x: &[T],
+    c: usize,
+    coords: &[[u32; 3]],
+    [d, h, w]: [usize; 3],
+    empty: T,
+    y: &mut [T],
+) {
+    let plane = h * w;
+    y.par_chunks_mut(d * plane)
+        .enumerate()
+        .for_each(|(ch, planes)| {
+            planes.fill(empty);
+            for (i, s) in coords.iter().enumerate() {
+                planes[(s[0] as usize * h + s[1] as usize) * w + s[2] as usize] = x[i * c + ch];
+            }
+        });
+    debug_assert_eq!(y.len(), c * d * plane);
+}
+
 /// Assigns every value a slot by liveness (a value's slot is free again after its last
 /// reader) and aliases concat inputs into the concat's buffer. Returns the locations and
 /// the u8 and f32 pool sizes.
@@ -815,13 +986,6 @@ fn plan_memory(
     (loc, pools.n_u8, pools.n_f32)
 }
 
-/// The INT8 engines do not run the voxel model's sparse backbone yet.
-fn sparse_unsupported() -> EngineError {
-    EngineError::Input(
-        "INT8 execution of the voxel model's sparse 3D backbone is not implemented yet (the FP32 CPU engine runs it)".into(),
-    )
-}
-
 /// Shapes known before a frame arrives: everything from the scatter on.
 fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
     let (ny, nx) = graph.bev;
@@ -835,7 +999,11 @@ fn static_shapes(graph: &Graph) -> Vec<Option<Shape>> {
                 x.zip(c)
                     .map(|(x, c)| Shape::new(&[1, c, x.dims[2], x.dims[3]]))
             }
-            Op::PillarMax { .. } | Op::Add { .. } | Op::HeightCompress { .. } => None,
+            Op::HeightCompress { sites, channels } => graph.sparse.as_ref().map(|sp| {
+                let [d, h, w] = sp.grids[*sites];
+                Shape::new(&[1, channels * d, h, w])
+            }),
+            Op::PillarMax { .. } | Op::Add { .. } => None,
             Op::Layer(l) => x.and_then(|x| {
                 let (h, w) = (x.dims[2], x.dims[3]);
                 let (ho, wo) = match l.kind {

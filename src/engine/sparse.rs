@@ -7,19 +7,19 @@ use crate::ops::{self, Tensor};
 use crate::sparse::{Rulebook, SparseTensor};
 
 /// One frame's rulebooks and site sets.
-pub struct FrameSites<'a> {
-    input: &'a [[u32; 3]],
+pub struct FrameSites {
+    input: Vec<[u32; 3]>,
     grids: Vec<[usize; 3]>,
     /// For each site set above 0, the rulebook that produced it.
     producer: Vec<usize>,
     pub rulebooks: Vec<Rulebook>,
 }
 
-impl<'a> FrameSites<'a> {
+impl FrameSites {
     /// Builds every rulebook of `spec` for the input voxels `coords` (z, y, x) on site set 0.
-    pub fn build(spec: &SparseSpec, coords: &'a [[u32; 3]]) -> Result<Self, EngineError> {
+    pub fn build(spec: &SparseSpec, coords: &[[u32; 3]]) -> Result<Self, EngineError> {
         let mut s = FrameSites {
-            input: coords,
+            input: coords.to_vec(),
             grids: spec.grids.clone(),
             producer: vec![usize::MAX; spec.grids.len()],
             rulebooks: Vec::with_capacity(spec.rulebooks.len()),
@@ -44,7 +44,7 @@ impl<'a> FrameSites<'a> {
     /// Coordinates of site set `set`.
     pub fn sites(&self, set: usize) -> &[[u32; 3]] {
         if set == 0 {
-            self.input
+            &self.input
         } else {
             self.rulebooks[self.producer[set]].out_coords()
         }
@@ -62,10 +62,7 @@ impl<'a> FrameSites<'a> {
 }
 
 /// Builds the frame's rulebooks when the graph has a sparse part.
-pub fn frame_sites<'a>(
-    graph: &Graph,
-    coords: &'a [[u32; 3]],
-) -> Result<Option<FrameSites<'a>>, EngineError> {
+pub fn frame_sites(graph: &Graph, coords: &[[u32; 3]]) -> Result<Option<FrameSites>, EngineError> {
     graph
         .sparse
         .as_ref()
@@ -94,13 +91,28 @@ pub fn add(a: &Tensor, b: &Tensor, relu: bool) -> ops::Result<Tensor> {
 }
 
 /// Height compression of sparse features on site set `set` to `[1, C * D, H, W]`.
-pub fn height_compress(fs: &FrameSites<'_>, set: usize, x: &Tensor) -> ops::Result<Tensor> {
+pub fn height_compress(fs: &FrameSites, set: usize, x: &Tensor) -> ops::Result<Tensor> {
     let t = SparseTensor {
         coords: fs.sites(set).to_vec(),
         features: x.clone(),
         shape: fs.grid(set),
     };
     ops::height_compress::forward(&t)
+}
+
+/// Gradient of [`height_compress`]'s input `x` from the gradient of its output.
+pub fn height_compress_backward(
+    fs: &FrameSites,
+    set: usize,
+    x: &Tensor,
+    grad_out: &Tensor,
+) -> ops::Result<Tensor> {
+    let t = SparseTensor {
+        coords: fs.sites(set).to_vec(),
+        features: x.clone(),
+        shape: fs.grid(set),
+    };
+    ops::height_compress::backward(&t, grad_out)
 }
 
 /// The error for an op that needs the frame's sparse sites in a graph without them.

@@ -15,6 +15,7 @@
 //! so sparse maps skip most of their GEMM. Scratch buffers are per worker thread and only
 //! grow, so steady-state calls do not allocate.
 
+use super::Neighbours;
 use super::pack::{GemmWeights, MR};
 use super::{ConvGeom, Epilogue, OutElem};
 use crate::quant::Requant;
@@ -243,6 +244,46 @@ pub(super) unsafe fn linear<T: SimdOut>(
             for (j, r) in x[n0 * cin..(n0 + len) * cin].chunks_exact(cin).enumerate() {
                 for (k, &v) in r.iter().enumerate() {
                     col[k * BAND + j] = v;
+                }
+            }
+        })
+    }
+}
+
+/// Sparse conv as an implicit GEMM: column `n` is output site `n`, K row `t * cin + ci`
+/// holds input channel `ci` of the site's neighbour at offset `t` (`zx` when there is
+/// none); `out` is `[n_out, m]` row-major.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` is `[n_in, cin]` with every neighbour index below
+/// `n_in`, `out` `[nbr.n_out, m]`.
+pub(super) unsafe fn sparse_conv<T: SimdOut>(
+    w: &GemmWeights,
+    x: &[u8],
+    zx: u8,
+    nbr: &Neighbours,
+    cin: usize,
+    out: &mut [T],
+) {
+    let store = Store::RowMajor { ldc: w.m };
+    let taps = nbr.taps;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        drive(w, nbr.n_out, out, store, zx, |n0, len, col| {
+            for j in 0..len {
+                let row = &nbr.idx[(n0 + j) * taps..(n0 + j + 1) * taps];
+                for (t, &i) in row.iter().enumerate() {
+                    let k0 = t * cin;
+                    if i == Neighbours::NONE {
+                        for ci in 0..cin {
+                            col[(k0 + ci) * BAND + j] = zx;
+                        }
+                    } else {
+                        let src = &x[i as usize * cin..(i as usize + 1) * cin];
+                        for (ci, &v) in src.iter().enumerate() {
+                            col[(k0 + ci) * BAND + j] = v;
+                        }
+                    }
                 }
             }
         })

@@ -777,3 +777,162 @@ impl PackedLinear {
         Ok(())
     }
 }
+
+/// The implicit-GEMM view of a sparse conv's rulebook: for each output site, the input row
+/// at each kernel offset, or [`Neighbours::NONE`]. Built once per frame and rulebook; the
+/// buffer is reused across frames.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Neighbours {
+    pub taps: usize,
+    pub n_out: usize,
+    /// `[n_out, taps]` input rows.
+    pub idx: Vec<u32>,
+    /// Input rows the indices refer to.
+    pub n_in: usize,
+}
+
+impl Neighbours {
+    /// No input site at this offset.
+    pub const NONE: u32 = u32::MAX;
+
+    pub fn from_rulebook(rb: &crate::sparse::Rulebook) -> Self {
+        let mut n = Self::default();
+        n.rebuild(rb);
+        n
+    }
+
+    /// Refills from `rb`, reusing the buffer.
+    pub fn rebuild(&mut self, rb: &crate::sparse::Rulebook) {
+        let taps = rb.kernel_volume();
+        self.taps = taps;
+        self.n_out = rb.n_out();
+        self.n_in = rb.n_in();
+        self.idx.clear();
+        self.idx.resize(self.n_out * taps, Self::NONE);
+        for (t, pairs) in rb.pairs().iter().enumerate() {
+            for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
+                self.idx[o as usize * taps + t] = i;
+            }
+        }
+    }
+}
+
+/// A sparse 3D convolution `[N_in, cin] -> [N_out, cout]` over a frame's [`Neighbours`]
+/// (weights `[cout, kz, ky, kx, cin]`, spconv's layout, which is already the GEMM's
+/// `[cout, taps * cin]`). Run as an implicit GEMM on the dense kernels: every output site
+/// gathers its neighbourhood (zero point where a neighbour is missing), so the epilogue
+/// stays fused. Missing neighbours cost multiplications by the zero-point column, which is
+/// the price of reusing the dense micro-kernel.
+#[derive(Debug, Clone)]
+pub struct PackedSparseConv {
+    pub cout: usize,
+    pub cin: usize,
+    pub taps: usize,
+    bias: Vec<i32>,
+    epilogue: Epilogue,
+    gemm: GemmWeights,
+}
+
+impl PackedSparseConv {
+    const OP: &'static str = "int8 sparse conv";
+
+    /// Packs `weight` of shape `[cout, kz, ky, kx, cin]` with any [`Epilogue`].
+    pub fn with_epilogue(
+        weight: &[i8],
+        shape: [usize; 5],
+        bias: &[i32],
+        epilogue: Epilogue,
+    ) -> Result<Self> {
+        let op = Self::OP;
+        let [cout, kz, ky, kx, cin] = shape;
+        let taps = kz * ky * kx;
+        check_params(op, weight, cout * taps * cin, bias, &epilogue, cout)?;
+        if cout == 0 || cin == 0 || taps == 0 {
+            return Err(invalid(op, "shape", format!("{shape:?} is empty")));
+        }
+        let k = taps * cin;
+        let gemm = GemmWeights::new(cout, k, bias, epilogue.clone(), |row, kk| {
+            weight[row * k + kk]
+        });
+        Ok(Self {
+            cout,
+            cin,
+            taps,
+            bias: bias.to_vec(),
+            epilogue,
+            gemm,
+        })
+    }
+
+    /// Resident bytes of the packed parameters.
+    pub fn weight_bytes(&self) -> usize {
+        self.gemm.bytes() + 4 * self.bias.len()
+    }
+
+    /// `x` is `[nbr.n_in, cin]`, `out` `[nbr.n_out, cout]` codes.
+    pub fn forward(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        nbr: &Neighbours,
+        zx: u8,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.run(isa, x, nbr, zx, out)
+    }
+
+    /// Like [`forward`](Self::forward) for a dequantizing epilogue: f32 output.
+    pub fn forward_f32(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        nbr: &Neighbours,
+        zx: u8,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.run(isa, x, nbr, zx, out)
+    }
+
+    fn run<T: Out>(
+        &self,
+        isa: Isa,
+        x: &[u8],
+        nbr: &Neighbours,
+        zx: u8,
+        out: &mut [T],
+    ) -> Result<()> {
+        let op = Self::OP;
+        check_isa(op, isa)?;
+        check_output::<T>(op, &self.epilogue)?;
+        if nbr.taps != self.taps {
+            return Err(invalid(
+                op,
+                "neighbours",
+                format!("{} kernel offsets, the layer has {}", nbr.taps, self.taps),
+            ));
+        }
+        expect_len(op, "neighbours", nbr.idx.len(), nbr.n_out * self.taps)?;
+        expect_len(op, "input", x.len(), nbr.n_in * self.cin)?;
+        expect_len(op, "output", out.len(), nbr.n_out * self.cout)?;
+        if let Some(&i) = nbr
+            .idx
+            .iter()
+            .find(|&&i| i != Neighbours::NONE && i as usize >= nbr.n_in)
+        {
+            return Err(invalid(
+                op,
+                "neighbours",
+                format!("input row {i} of {} rows", nbr.n_in),
+            ));
+        }
+        match isa {
+            Isa::Scalar => scalar::sparse_conv(self, x, zx, nbr, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `check_isa` verified AVX2; lengths and indices were checked above.
+            Isa::Avx2 => unsafe { avx2::sparse_conv(&self.gemm, x, zx, nbr, self.cin, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+        }
+        Ok(())
+    }
+}

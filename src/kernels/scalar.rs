@@ -5,7 +5,9 @@
 //! the epilogue (`Requant::apply(acc, bias_q)` or `dequantize_acc`, see `OutElem`). Integer sums wrap like SIMD adds, so every faster
 //! kernel must agree with these bit for bit.
 
-use super::{ConvGeom, OutElem, PackedConv, PackedConvTranspose, PackedLinear};
+use super::{
+    ConvGeom, Neighbours, OutElem, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
+};
 
 /// One image `[cin, h, w]` -> `[cout, ho, wo]`.
 pub(super) fn conv2d<T: OutElem>(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [T]) {
@@ -98,6 +100,35 @@ pub(super) fn linear<T: OutElem>(p: &PackedLinear, x: &[u8], zx: u8, rows: usize
                 acc = acc.wrapping_add(d.wrapping_mul(p.gemm.at(co, ci) as i32));
             }
             out[r * p.cout + co] = T::reference(&p.epilogue, co, acc, p.bias[co]);
+        }
+    }
+}
+
+/// Sparse conv: output site `o` sums, over kernel offsets `t` with a neighbour `i`,
+/// `(x[i, ci] - zx) * w[co, t, ci]`; a missing neighbour contributes nothing.
+pub(super) fn sparse_conv<T: OutElem>(
+    p: &PackedSparseConv,
+    x: &[u8],
+    zx: u8,
+    nbr: &Neighbours,
+    out: &mut [T],
+) {
+    let zx = zx as i32;
+    for o in 0..nbr.n_out {
+        for co in 0..p.cout {
+            let mut acc = 0i32;
+            for t in 0..nbr.taps {
+                let i = nbr.idx[o * nbr.taps + t];
+                if i == Neighbours::NONE {
+                    continue;
+                }
+                for ci in 0..p.cin {
+                    let d = x[i as usize * p.cin + ci] as i32 - zx;
+                    let w = p.gemm.at(co, t * p.cin + ci) as i32;
+                    acc = acc.wrapping_add(d.wrapping_mul(w));
+                }
+            }
+            out[o * p.cout + co] = T::reference(&p.epilogue, co, acc, p.bias[co]);
         }
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! 1. BatchNorm is folded; every layer not kept float gets per-output-channel symmetric
 //!    weight codes; every value read by an integer layer gets per-tensor activation
-//!    parameters. Values tied by glue ops share parameters: pillar max and scatter in and
-//!    out, a concat and its inputs (a *group*).
+//!    parameters. Values tied by glue ops share parameters: pillar max, scatter and height
+//!    compression in and out, a concat or a residual add and its inputs (a *group*). A
+//!    voxel model's sparse values hold active sites only, so their statistics are over
+//!    the occupied sites by construction.
 //! 2. One FP pass over every calibration frame feeds the group statistics: min-max,
 //!    percentile or entropy (over all entries, or over the occupied, non-zero ones only).
 //! 3. LiDAR-PTQ (`Method::LidarPtq`) starts from min-max and, unless switched off, runs
@@ -15,7 +17,7 @@ use super::error::QuantError;
 use super::grid_search::GridSearch;
 use super::model::{LayerPlan, LayerWeights, Provenance, QuantModel, quantize_weights_minmax};
 use super::observers::{MinMax, Observer, ObserverKind};
-use super::qnet::{QValue, QnetError, QuantNet, float_model, weight_out_axis};
+use super::qnet::{QValue, QnetError, QuantNet, float_model, weight_in_axis, weight_out_axis};
 use super::reconstruct::{self, ReconOptions, UnitReport};
 use super::scheme::{Flavour, Grid, QParams};
 use super::tgpl::{Positives, TgplOptions, positives};
@@ -23,8 +25,9 @@ use crate::cloud::Points;
 use crate::engine::fp32::{FoldedLayer, collect_heads, fold_layers};
 use crate::engine::{EngineError, NetInput};
 use crate::model::ModelConfig;
-use crate::model::graph::{Graph, Op};
-use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::graph::{Graph, LayerKind, Op};
+use crate::model::input::ScanInput;
+use crate::model::voxelize::Mode;
 use crate::model::weights::Weights;
 use crate::ops::{OpsError, Tensor};
 use rand::{RngExt, SeedableRng};
@@ -255,19 +258,21 @@ pub struct FrameInput {
 }
 
 impl FrameInput {
-    /// Voxelises (deployment caps) and decorates a scan.
-    pub fn prepare(cfg: &ModelConfig, vox: &mut Voxelizer, points: &Points) -> Self {
-        let mut pillars = Pillars::default();
-        vox.voxelize(points, None, &mut pillars);
-        let mut decorated = Vec::new();
-        let width = decorate(cfg, &pillars, &mut decorated);
-        Self {
-            decorated,
-            max_points: pillars.max_points,
-            width,
-            counts: pillars.counts,
-            coords: pillars.coords,
-        }
+    /// Voxelises a scan with the model's encoder (deployment caps; pillars are also
+    /// decorated) and keeps the network input.
+    pub fn prepare(scan: &mut ScanInput, points: &Points) -> Result<Self, CalibError> {
+        scan.prepare(points).map_err(|source| CalibError::Op {
+            node: "voxelize".into(),
+            source,
+        })?;
+        let i = scan.input();
+        Ok(Self {
+            decorated: i.decorated.to_vec(),
+            max_points: i.max_points,
+            width: i.width,
+            counts: i.counts.to_vec(),
+            coords: i.coords.to_vec(),
+        })
     }
 
     pub fn net_input(&self) -> NetInput<'_> {
@@ -450,9 +455,13 @@ fn fp_frame(
     recon: Option<&TgplOptions>,
 ) -> Result<FrameObservation, CalibError> {
     let n = graph.nodes.len();
-    let mut vox = Voxelizer::new(cfg, Mode::Test);
-    let frame = FrameInput::prepare(cfg, &mut vox, points);
+    let mut scan = ScanInput::new(cfg, Mode::Test).map_err(|source| CalibError::Op {
+        node: "voxelize".into(),
+        source,
+    })?;
+    let frame = FrameInput::prepare(&mut scan, points)?;
     let input = frame.net_input();
+    let sites = fp.frame_sites(&input)?;
     let mut obs = FrameObservation {
         ranges: Vec::new(),
         input_ranges: Vec::new(),
@@ -495,7 +504,7 @@ fn fp_frame(
     observe(0, &x0)?;
     values[0] = Some(x0);
     for i in 0..n {
-        let y = fp.run_node(i, &values, &input)?;
+        let y = fp.run_node(i, &values, &input, sites.as_ref())?;
         observe(i + 1, &y)?;
         values[i + 1] = Some(y);
         for &v in &graph.nodes[i].inputs {
@@ -616,12 +625,6 @@ pub fn calibrate_detailed(
         return Err(CalibError::NoFrames);
     }
     let graph = Graph::build(cfg).map_err(CalibError::Model)?;
-    if graph.sparse.is_some() {
-        return Err(CalibError::Model(format!(
-            "model {}: calibration of the voxel model's sparse 3D backbone is not implemented yet",
-            cfg.name
-        )));
-    }
     let folded = fold_layers(&graph, weights)?;
     let plan = QuantPlan::new(&graph, &opts.keep_float)?;
     let provenance = Provenance {
@@ -643,15 +646,14 @@ pub fn calibrate_detailed(
     let per_feature = opts.input_per_feature
         && plan.quantized(0)
         && plan.members(plan.group[0]).count() == 1
-        && graph
-            .nodes
-            .iter()
-            .enumerate()
-            .all(|(i, nd)| {
-                !nd.inputs.contains(&0)
-                    || (plan.int_layer[i]
-                        && matches!(&nd.op, Op::Layer(l) if l.kind == crate::model::graph::LayerKind::Linear))
-            });
+        && graph.nodes.iter().enumerate().all(|(i, nd)| {
+            !nd.inputs.contains(&0)
+                || (plan.int_layer[i]
+                    && matches!(&nd.op, Op::Layer(l) if matches!(
+                        l.kind,
+                        LayerKind::Linear | LayerKind::SparseConv3d { .. }
+                    )))
+        });
     // Values observed: those read by a layer, in a group that gets parameters.
     let mut observed = vec![false; n + 1];
     for node in &graph.nodes {
@@ -695,7 +697,9 @@ pub fn calibrate_detailed(
         Vec::new()
     };
     let mut recon_frames: Vec<(FrameInput, Positives)> = Vec::new();
-    let width = cfg.pillar_input_width().unwrap_or(0);
+    let width = cfg
+        .pillar_input_width()
+        .unwrap_or(cfg.input.point_features.len());
     let mut input_ranges = vec![(f32::INFINITY, f32::NEG_INFINITY); width];
     let mut input_samples: Vec<Vec<f32>> = vec![Vec::new(); width];
     // A baseline's statistic decides the per-feature input scales too (each feature over
@@ -867,7 +871,8 @@ pub fn calibrate_detailed(
             if nd.inputs.contains(&0)
                 && let Some(f) = folded_q[i].as_mut()
             {
-                let cin = f.weight.shape[1];
+                // The input channel is the last weight axis of a linear and a sparse conv.
+                let cin = *f.weight.shape.last().expect("weight rank >= 2");
                 for (k, w) in f.weight.data.iter_mut().enumerate() {
                     *w *= scales[k % cin];
                 }
@@ -902,7 +907,7 @@ pub fn calibrate_detailed(
                     Some(m) if input_aware => gs.search_per_channel_weighted(
                         &f.weight,
                         axis,
-                        1 - axis,
+                        weight_in_axis(l.kind),
                         &m,
                         wgrid,
                         Flavour::Symmetric,

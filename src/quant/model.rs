@@ -14,9 +14,15 @@
 //! - output value quantized: `Requant::new(s_in, s_w[c], out, relu).apply(acc, bias_q)`;
 //! - output value float: [`super::scheme::dequantize_acc`] then ReLU if the layer has one.
 //!
-//! Glue ops act on codes: pillar max and scatter need their input and output to share
-//! parameters (max is monotonic; empty BEV cells get the zero point, real 0), and a
-//! concat's inputs share the concat's parameters (a copy, no requantization). A kept-float
+//! Glue ops act on codes: pillar max, scatter and height compression need their input and
+//! output to share parameters (max is monotonic; empty BEV cells get the zero point, real
+//! 0), and a concat's inputs share the concat's parameters (a copy, no requantization).
+//! A residual add's two inputs and its output share one parameter set too, so the add is
+//! exact in integers: `c = clamp((a - zp) + (b - zp), lo - zp, hi - zp) + zp`, with `lo`
+//! raised to the zero point when the add has a ReLU (no rounding, no requantization).
+//!
+//! A sparse conv runs on the active sites only: its accumulator sums the rulebook's
+//! pairs, and a missing neighbour contributes nothing, as zero-point padding does. A kept-float
 //! layer dequantizes its input, runs in f32 with the folded weights and quantizes its
 //! output when the output value has parameters.
 
@@ -219,7 +225,7 @@ impl QuantModel {
                 (Op::Layer(_), Some(LayerPlan::Float)) => {}
                 (Op::Layer(_), None) => return Err(format!("{}: layer without a plan", n.name)),
                 (_, Some(_)) => return Err(format!("{}: glue node with a layer plan", n.name)),
-                (Op::PillarMax { .. } | Op::Scatter { .. }, None) => {
+                (Op::PillarMax { .. } | Op::Scatter { .. } | Op::HeightCompress { .. }, None) => {
                     if ins[0] != out {
                         return Err(format!(
                             "{}: input and output must share activation parameters",
@@ -227,19 +233,18 @@ impl QuantModel {
                         ));
                     }
                 }
-                (Op::Concat, None) => {
+                (Op::Concat | Op::Add { .. }, None) => {
                     if ins.iter().any(|p| *p != out) {
                         return Err(format!(
-                            "{}: every input must share the concat's activation parameters",
-                            n.name
+                            "{}: every input must share the {}'s activation parameters",
+                            n.name,
+                            if matches!(n.op, Op::Concat) {
+                                "concat"
+                            } else {
+                                "add"
+                            }
                         ));
                     }
-                }
-                (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
-                    return Err(format!(
-                        "{}: quantization of the voxel model's sparse 3D backbone is not implemented yet",
-                        n.name
-                    ));
                 }
             }
         }

@@ -15,14 +15,18 @@
 //! is `Requant::apply` (quantized output) or `dequantize_acc` then ReLU (float output).
 
 use super::model::{LayerPlan, LayerWeights, QuantModel};
-use super::scheme::{QParams, Requant, dequantize_acc, quantize_bias};
-use crate::engine::fp32::{FoldedLayer, cells, collect_heads, concat_pillar_max, fold_layers};
+use super::scheme::{QParams, Requant, add_centered, dequantize_acc, quantize_bias};
+use crate::engine::fp32::{
+    FoldedLayer, cells, collect_heads, concat_pillar_max, fold_layers, run_sparse_layer,
+};
+use crate::engine::sparse::{FrameSites, frame_sites};
 use crate::engine::{EngineError, HeadOutputs, NetInput};
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
 use crate::ops::conv_transpose2d::ConvTranspose2dParams;
 use crate::ops::conv2d::Conv2dParams;
 use crate::ops::{self, OpsError, Tensor};
+use crate::sparse::Rulebook;
 use std::ops::Range;
 
 /// Errors of the simulated-integer network.
@@ -202,7 +206,7 @@ struct IntLayer {
 }
 
 /// Input-channel axis of a weight in the layer's layout.
-fn weight_in_axis(kind: LayerKind) -> usize {
+pub fn weight_in_axis(kind: LayerKind) -> usize {
     match kind {
         LayerKind::Linear | LayerKind::Conv2d { .. } => 1,
         LayerKind::ConvTranspose2d { .. } => 0,
@@ -225,16 +229,19 @@ fn weight_groups(kind: LayerKind, w: &LayerWeights, max_dev: i32) -> Vec<WeightG
     let out_axis = weight_out_axis(kind);
     let cin = shape[in_axis];
     let cout = shape[out_axis];
-    let taps: usize = shape[2..].iter().product();
+    let taps: usize = shape.iter().product::<usize>() / (cin * cout).max(1);
     // |w| summed over taps, per (input channel, output channel).
     let abs_sum = |ci: usize, co: usize| -> f64 {
-        let base = match kind {
-            LayerKind::ConvTranspose2d { .. } => (ci * cout + co) * taps,
-            _ => (co * cin + ci) * taps,
+        let code = |t: usize| -> i8 {
+            match kind {
+                LayerKind::ConvTranspose2d { .. } => w.codes[(ci * cout + co) * taps + t],
+                // [Cout, kz, ky, kx, Cin]: the input channel is the innermost axis.
+                LayerKind::SparseConv3d { .. } => w.codes[(co * taps + t) * cin + ci],
+                _ => w.codes[(co * cin + ci) * taps + t],
+            }
         };
-        w.codes[base..base + taps]
-            .iter()
-            .map(|&c| (c as i32).unsigned_abs() as f64)
+        (0..taps)
+            .map(|t| (code(t) as i32).unsigned_abs() as f64)
             .sum()
     };
     let dev = max_dev.max(1) as f64;
@@ -285,7 +292,7 @@ fn weight_groups(kind: LayerKind, w: &LayerWeights, max_dev: i32) -> Vec<WeightG
 /// Input channels `r` of `x` (channel axis 1 for images, the last axis for point rows).
 fn slice_channels(x: &Tensor, kind: LayerKind, r: &Range<usize>) -> Tensor {
     match kind {
-        LayerKind::Linear => {
+        LayerKind::Linear | LayerKind::SparseConv3d { .. } => {
             let c = *x.shape.last().expect("rank >= 1");
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("rank >= 1") = r.len();
@@ -330,7 +337,7 @@ pub(crate) fn sparse_needs_rulebook() -> ops::OpsError {
     ops::OpsError::Invalid {
         op: "sparse_conv",
         arg: "rulebook",
-        detail: "quantized execution of the sparse 3D backbone is not implemented yet".into(),
+        detail: "a sparse conv runs with its frame's rulebook, which this caller lacks".into(),
     }
 }
 
@@ -369,14 +376,24 @@ impl IntLayer {
         }
     }
 
-    /// Exact accumulators of the layer on centred input codes, and the output shape.
-    fn accumulate(&self, kind: LayerKind, x: &Tensor) -> ops::Result<(Vec<i32>, Vec<usize>)> {
+    /// Exact accumulators of the layer on centred input codes, and the output shape. A
+    /// sparse conv runs with its frame's rulebook `rb`.
+    fn accumulate(
+        &self,
+        kind: LayerKind,
+        x: &Tensor,
+        rb: Option<&Rulebook>,
+    ) -> ops::Result<(Vec<i32>, Vec<usize>)> {
+        let op = |x: &Tensor, w: &Tensor| match (kind, rb) {
+            (LayerKind::SparseConv3d { .. }, Some(rb)) => ops::sparse_conv::forward(x, rb, w, None),
+            _ => weighted_op(kind, x, w),
+        };
         let mut acc: Option<(Vec<i32>, Vec<usize>)> = None;
         for g in &self.groups {
             let y = if g.channels.len() == self.in_channels {
-                weighted_op(kind, x, &g.weight)?
+                op(x, &g.weight)?
             } else {
-                weighted_op(kind, &slice_channels(x, kind, &g.channels), &g.weight)?
+                op(&slice_channels(x, kind, &g.channels), &g.weight)?
             };
             match &mut acc {
                 None => {
@@ -392,12 +409,19 @@ impl IntLayer {
         Ok(acc.expect("a layer has at least one input channel group"))
     }
 
-    fn run(&self, kind: LayerKind, relu: bool, x: &Tensor) -> ops::Result<QValue> {
-        let (acc, shape) = self.accumulate(kind, x)?;
+    fn run(
+        &self,
+        kind: LayerKind,
+        relu: bool,
+        x: &Tensor,
+        rb: Option<&Rulebook>,
+    ) -> ops::Result<QValue> {
+        let (acc, shape) = self.accumulate(kind, x, rb)?;
         let cout = self.bias_q.len();
-        // Output channel of flat index i: channels-last for linear, NCHW otherwise.
+        // Output channel of flat index i: channels-last for linear and sparse rows, NCHW
+        // otherwise.
         let inner: usize = match kind {
-            LayerKind::Linear => 1,
+            LayerKind::Linear | LayerKind::SparseConv3d { .. } => 1,
             _ => shape[2..].iter().product(),
         };
         let channel = |i: usize| (i / inner) % cout;
@@ -524,24 +548,46 @@ impl QuantNet {
         &self.model
     }
 
-    /// Value 0: the decorated pillars, quantized when the model says so.
+    /// Value 0: the decorated pillars `[P, N, F]` (or a voxel model's voxel rows
+    /// `[V, F]`), quantized when the model says so.
     pub fn input_value(&self, input: &NetInput<'_>) -> Result<QValue, QnetError> {
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
-        let x = Tensor::new(vec![p, n, f], input.decorated.to_vec()).map_err(op_err("input"))?;
+        let shape = if self.graph.sparse.is_some() {
+            vec![p, n * f]
+        } else {
+            vec![p, n, f]
+        };
+        let x = Tensor::new(shape, input.decorated.to_vec()).map_err(op_err("input"))?;
         Ok(match self.model.activations[0] {
             Some(q) => quantize_input(&x, q, self.model.input_scales.as_deref()),
             None => QValue::Float(x),
         })
     }
 
-    /// Runs node `i` on already computed values (`values[v]` for each of its inputs).
+    /// The frame's sparse geometry (rulebooks), for a voxel model; `None` for pillars.
+    pub fn frame_sites(&self, input: &NetInput<'_>) -> Result<Option<FrameSites>, QnetError> {
+        Ok(frame_sites(&self.graph, input.coords)?)
+    }
+
+    /// Runs node `i` on already computed values (`values[v]` for each of its inputs);
+    /// `sites` is the frame's [`frame_sites`](Self::frame_sites).
     pub fn run_node(
         &self,
         i: usize,
         values: &[Option<QValue>],
         input: &NetInput<'_>,
+        sites: Option<&FrameSites>,
     ) -> Result<QValue, QnetError> {
         let node = &self.graph.nodes[i];
+        let no_sites = || QnetError::Engine(crate::engine::sparse::no_sites(&node.name));
+        let rulebook = |kind: LayerKind| -> Result<Option<&Rulebook>, QnetError> {
+            match kind {
+                LayerKind::SparseConv3d { rulebook, .. } => {
+                    Ok(Some(&sites.ok_or_else(no_sites)?.rulebooks[rulebook]))
+                }
+                _ => Ok(None),
+            }
+        };
         let err = op_err(&node.name);
         let arg = |k: usize| -> Result<&QValue, QnetError> {
             values[node.inputs[k]].as_ref().ok_or_else(|| {
@@ -564,7 +610,9 @@ impl QuantNet {
                         )));
                     }
                 };
-                layer.run(l.kind, l.relu, x).map_err(&err)?
+                layer
+                    .run(l.kind, l.relu, x, rulebook(l.kind)?)
+                    .map_err(&err)?
             }
             (Op::Layer(l), Plan::Float(f)) => {
                 let scales = if node.inputs[0] == 0 {
@@ -572,14 +620,14 @@ impl QuantNet {
                 } else {
                     None
                 };
+                let rb = rulebook(l.kind)?;
+                let run = |x: &Tensor| match rb {
+                    Some(rb) => run_sparse_layer(rb, x, f, l.relu),
+                    None => crate::engine::fp32::run_layer(l.kind, x, f, l.relu),
+                };
                 let y = match arg(0)? {
-                    QValue::Float(x) => crate::engine::fp32::run_layer(l.kind, x, f, l.relu),
-                    q => crate::engine::fp32::run_layer(
-                        l.kind,
-                        &input_to_float(q, scales),
-                        f,
-                        l.relu,
-                    ),
+                    QValue::Float(x) => run(x),
+                    q => run(&input_to_float(q, scales)),
                 }
                 .map_err(&err)?;
                 match self.model.activations[i + 1] {
@@ -622,11 +670,55 @@ impl QuantNet {
                     })
                     .map_err(&err)?
             }
-            (Op::Add { .. } | Op::HeightCompress { .. }, _) => {
-                return Err(QnetError::Model(format!(
-                    "{}: fake-quant execution of the sparse 3D backbone is not implemented yet",
-                    node.name
-                )));
+            (Op::Add { relu }, _) => match (arg(0)?, arg(1)?) {
+                (
+                    QValue::Quant {
+                        centered: a,
+                        params: pa,
+                    },
+                    QValue::Quant {
+                        centered: b,
+                        params: pb,
+                    },
+                ) if pa == pb && self.model.activations[i + 1] == Some(*pa) => {
+                    if a.shape != b.shape {
+                        return Err(err(OpsError::Shape {
+                            op: "add",
+                            arg: "rhs",
+                            got: b.shape.clone(),
+                            expected: format!("{:?} (the lhs shape)", a.shape),
+                        }));
+                    }
+                    let data = a
+                        .data
+                        .iter()
+                        .zip(&b.data)
+                        .map(|(&x, &y)| add_centered(x as i32, y as i32, pa, *relu) as f32)
+                        .collect();
+                    QValue::Quant {
+                        centered: Tensor {
+                            shape: a.shape.clone(),
+                            data,
+                        },
+                        params: *pa,
+                    }
+                }
+                // Mixed or float inputs (a partially quantized network during the
+                // reconstruction): add in reals, quantize when the output has parameters.
+                (a, b) => {
+                    let y = crate::engine::sparse::add(&a.to_float(), &b.to_float(), *relu)
+                        .map_err(&err)?;
+                    match self.model.activations[i + 1] {
+                        Some(q) => QValue::quantize(&y, q),
+                        None => QValue::Float(y),
+                    }
+                }
+            },
+            (Op::HeightCompress { sites: set, .. }, _) => {
+                let fs = sites.ok_or_else(no_sites)?;
+                arg(0)?
+                    .map(|x| crate::engine::sparse::height_compress(fs, *set, x))
+                    .map_err(&err)?
             }
             (Op::Concat, _) => {
                 let ins: Vec<&QValue> =
@@ -667,10 +759,11 @@ impl QuantNet {
     /// Runs the network on one frame; every value in between as the model prescribes.
     pub fn run(&self, input: &NetInput<'_>) -> Result<HeadOutputs, QnetError> {
         let n = self.graph.nodes.len();
+        let sites = self.frame_sites(input)?;
         let mut values: Vec<Option<QValue>> = vec![None; n + 1];
         values[0] = Some(self.input_value(input)?);
         for i in 0..n {
-            let out = self.run_node(i, &values, input)?;
+            let out = self.run_node(i, &values, input, sites.as_ref())?;
             values[i + 1] = Some(out);
             for &v in &self.graph.nodes[i].inputs {
                 if self.last_use[v] == i {
@@ -880,7 +973,7 @@ mod tests {
                 x.iter().map(|&q| (q - input.zero_point) as f32).collect(),
             )
             .unwrap();
-            let (got, _) = layer.accumulate(kind, &centered).unwrap();
+            let (got, _) = layer.accumulate(kind, &centered, None).unwrap();
             let want = naive_acc(kind, &x, &xs, &w, input.zero_point);
             assert_eq!(got, want, "{kind:?}");
         }

@@ -4,17 +4,19 @@
 //! which stay float. It is not a calibration method (no outlier handling, no grid search,
 //! no reconstruction); `quant` calibration proper produces the models meant for accuracy.
 //!
-//! Sharing rules of `quant::model`: a pillar max or scatter shares its input's parameters,
-//! a concat's inputs share the concat's, so ranges are merged over those groups first.
+//! Sharing rules of `quant::model`: a pillar max, scatter or height compression shares its
+//! input's parameters, a concat's or a residual add's inputs share its output's, so
+//! ranges are merged over those groups first.
 
 use super::model::{LayerPlan, Provenance, QuantModel, quantize_weights_minmax};
 use super::scheme::{Flavour, Grid, QParams};
 use crate::cloud::Points;
 use crate::engine::fp32::fold_layers;
-use crate::engine::{EngineError, Fp32Engine, NetInput};
+use crate::engine::{EngineError, Fp32Engine};
 use crate::model::ModelConfig;
 use crate::model::graph::{Graph, LayerKind, Op};
-use crate::model::voxelize::{Mode, Pillars, Voxelizer, decorate};
+use crate::model::input::ScanInput;
+use crate::model::voxelize::Mode;
 use crate::model::weights::Weights;
 use sha2::{Digest, Sha256};
 
@@ -31,17 +33,10 @@ pub fn minmax_quick(
     if scans.is_empty() {
         return Err(EngineError::Input("min-max needs at least one scan".into()));
     }
-    if graph.sparse.is_some() {
-        return Err(EngineError::Input(format!(
-            "model {}: quantization of the voxel model's sparse 3D backbone is not implemented yet",
-            cfg.name
-        )));
-    }
     let engine = Fp32Engine::new(graph, weights)?;
     let nv = graph.nodes.len() + 1;
     let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); nv];
-    let mut vox = Voxelizer::new(cfg, Mode::Test);
-    let (mut pillars, mut dec) = (Pillars::default(), Vec::new());
+    let mut scan = ScanInput::new(cfg, Mode::Test).map_err(|e| EngineError::op("voxelize", e))?;
     let mut digest = Sha256::new();
     for pts in scans {
         for v in pts
@@ -53,16 +48,9 @@ pub fn minmax_quick(
         {
             digest.update(v.to_le_bytes());
         }
-        vox.voxelize(pts, None, &mut pillars);
-        let width = decorate(cfg, &pillars, &mut dec);
-        let input = NetInput {
-            decorated: &dec,
-            max_points: pillars.max_points,
-            width,
-            counts: &pillars.counts,
-            coords: &pillars.coords,
-        };
-        engine.run_observed(&input, &mut |v, t| {
+        scan.prepare(pts)
+            .map_err(|e| EngineError::op("voxelize", e))?;
+        engine.run_observed(&scan.input(), &mut |v, t| {
             let r = &mut range[v];
             for &x in &t.data {
                 r.0 = r.0.min(x);

@@ -41,22 +41,20 @@ use super::model::{LayerPlan, LayerWeights, QuantModel};
 use super::qnet::{QValue, QuantNet, float_model, quantize_input, weight_out_axis};
 use super::scheme::{Grid, MIN_SCALE, QParams};
 use super::tgpl::{Positives, TgplOptions, heatmap_loss, regression_loss};
-use crate::engine::fp32::{FoldedLayer, cells, concat_pillar_max, run_layer};
+use crate::engine::fp32::{FoldedLayer, cells, concat_pillar_max, run_layer, run_sparse_layer};
+use crate::engine::sparse::{self, FrameSites};
 use crate::model::ModelConfig;
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::ops::conv_transpose2d::ConvTranspose2dParams;
 use crate::ops::conv2d::Conv2dParams;
 use crate::ops::pillar_max::ArgMax;
 use crate::ops::{self, OpsError, Tensor};
+use crate::sparse::Rulebook;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-
-/// LiDAR-PTQ on the voxel model is not implemented yet.
-const SPARSE_UNSUPPORTED: &str =
-    "LiDAR-PTQ calibration of the voxel model's sparse 3D backbone is not implemented yet";
 
 /// Options of the reconstruction (LiDAR-PTQ components 2 and 3).
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +235,8 @@ impl UnitReport {
 /// One reconstruction frame: its input, positives and the two frontiers.
 struct FrameState {
     input: FrameInput,
+    /// The frame's rulebooks (voxel models).
+    sites: Option<FrameSites>,
     pos: Positives,
     /// Values of the partially quantized network that later nodes still read.
     q: Vec<Option<QValue>>,
@@ -354,11 +354,19 @@ impl UnitLayer<'_> {
         }
     }
 
-    /// `relu(op(x, w) + b)` on a cropped input.
-    fn forward(&self, x: &Tensor, w: &Tensor, crop: &Crop) -> ops::Result<Tensor> {
+    /// `relu(op(x, w) + b)` on a cropped input; a sparse conv runs on the whole frame with
+    /// its rulebook `rb`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        crop: &Crop,
+        rb: Option<&Rulebook>,
+    ) -> ops::Result<Tensor> {
         let mut y = match self.kind {
             LayerKind::SparseConv3d { .. } => {
-                return Err(crate::quant::qnet::sparse_needs_rulebook());
+                let rb = rb.ok_or_else(crate::quant::qnet::sparse_needs_rulebook)?;
+                ops::sparse_conv::forward(x, rb, w, Some(self.bias))?
             }
             LayerKind::Linear => ops::linear::forward(x, w, Some(self.bias))?,
             LayerKind::Conv2d { .. } => {
@@ -382,9 +390,9 @@ impl UnitLayer<'_> {
         &self,
         x: &Tensor,
         w: &Tensor,
-        y: &Tensor,
-        gy: &Tensor,
+        (y, gy): (&Tensor, &Tensor),
         crop: &Crop,
+        rb: Option<&Rulebook>,
     ) -> ops::Result<(Tensor, Tensor)> {
         let g = if self.relu {
             ops::relu::backward(y, gy)?
@@ -393,7 +401,9 @@ impl UnitLayer<'_> {
         };
         Ok(match self.kind {
             LayerKind::SparseConv3d { .. } => {
-                return Err(crate::quant::qnet::sparse_needs_rulebook());
+                let rb = rb.ok_or_else(crate::quant::qnet::sparse_needs_rulebook)?;
+                let r = ops::sparse_conv::backward(x, rb, w, false, &g)?;
+                (r.input, r.weight)
             }
             LayerKind::Linear => {
                 let r = ops::linear::backward(x, w, false, &g)?;
@@ -416,19 +426,31 @@ impl UnitLayer<'_> {
         })
     }
 
-    /// Output positions of an output tensor (pixels or point slots).
+    /// Output positions of an output tensor (pixels, point slots or active sites).
     fn positions(&self, y: &Tensor) -> usize {
         match self.kind {
-            LayerKind::Linear => y.len() / y.shape.last().copied().unwrap_or(1).max(1),
+            LayerKind::Linear | LayerKind::SparseConv3d { .. } => {
+                y.len() / y.shape.last().copied().unwrap_or(1).max(1)
+            }
             _ => y.shape[0] * y.shape[2] * y.shape[3],
         }
     }
 }
 
-/// Gradient of a layer's input from the gradient of its pre-ReLU output (FP weights).
-fn input_grad(kind: LayerKind, w: &Tensor, g: &Tensor, in_shape: &[usize]) -> ops::Result<Tensor> {
+/// Gradient of a layer's input `x` from the gradient of its pre-ReLU output (FP weights).
+fn input_grad(
+    kind: LayerKind,
+    w: &Tensor,
+    g: &Tensor,
+    x: &Tensor,
+    rb: Option<&Rulebook>,
+) -> ops::Result<Tensor> {
+    let in_shape = &x.shape;
     match kind {
-        LayerKind::SparseConv3d { .. } => Err(crate::quant::qnet::sparse_needs_rulebook()),
+        LayerKind::SparseConv3d { .. } => {
+            let rb = rb.ok_or_else(crate::quant::qnet::sparse_needs_rulebook)?;
+            Ok(ops::sparse_conv::backward(x, rb, w, false, g)?.input)
+        }
         LayerKind::Linear => {
             let (cout, cin) = (w.shape[0], w.shape[1]);
             let wt = Tensor::from_fn(&[cin, cout], |i| w.data[(i % cout) * cin + i / cout]);
@@ -552,11 +574,18 @@ pub fn reconstruct_with_report(
     let mut states: Vec<FrameState> = Vec::with_capacity(frames.len());
     for (input, pos) in frames {
         let x0 = fpnet.input_value(&input.net_input())?;
+        let sites = fpnet.frame_sites(&input.net_input())?;
         let mut q = vec![None; n + 1];
         let mut fp = vec![None; n + 1];
         q[0] = Some(x0.clone());
         fp[0] = Some(x0);
-        states.push(FrameState { input, pos, q, fp });
+        states.push(FrameState {
+            input,
+            sites,
+            pos,
+            q,
+            fp,
+        });
     }
     // Per-feature input scales are fixed by the statistics: the input is quantized from
     // the start.
@@ -598,7 +627,10 @@ pub fn reconstruct_with_report(
             // FP outputs of the unit (they also advance the FP frontier).
             let y_fp: Vec<Tensor> = states
                 .par_iter()
-                .map(|s| Ok(fpnet.run_node(i, &s.fp, &s.input.net_input())?.into_float()))
+                .map(|s| {
+                    let y = fpnet.run_node(i, &s.fp, &s.input.net_input(), s.sites.as_ref())?;
+                    Ok(y.into_float())
+                })
                 .collect::<Result<_, CalibError>>()?;
             let (w, in_params) = if learns(ctx, &init, i) {
                 let k = units.iter().position(|&x| x == i).expect("unit");
@@ -654,7 +686,7 @@ pub fn reconstruct_with_report(
                 .par_iter_mut()
                 .zip(y_fp)
                 .try_for_each(|(s, y)| -> Result<(), CalibError> {
-                    let out = qnet.run_node(i, &s.q, &s.input.net_input())?;
+                    let out = qnet.run_node(i, &s.q, &s.input.net_input(), s.sites.as_ref())?;
                     s.q[i + 1] = Some(out);
                     s.fp[i + 1] = Some(QValue::Float(y));
                     Ok(())
@@ -668,8 +700,8 @@ pub fn reconstruct_with_report(
                 .par_iter_mut()
                 .try_for_each(|s| -> Result<(), CalibError> {
                     let input = s.input.net_input();
-                    let out = qnet.run_node(i, &s.q, &input)?;
-                    let fout = fpnet.run_node(i, &s.fp, &input)?;
+                    let out = qnet.run_node(i, &s.q, &input, s.sites.as_ref())?;
+                    let fout = fpnet.run_node(i, &s.fp, &input, s.sites.as_ref())?;
                     s.q[i + 1] = Some(out);
                     s.fp[i + 1] = Some(fout);
                     Ok(())
@@ -812,6 +844,15 @@ fn optimise_unit(
     let u = node.inputs[0];
     let down = Downstream::new(ctx.graph, i);
     let input_of = |f: usize| unit_input(states, f, u);
+    // A sparse conv's rulebook on frame f.
+    let rb_of = |f: usize| -> Option<&Rulebook> {
+        match l.kind {
+            LayerKind::SparseConv3d { rulebook, .. } => {
+                states[f].sites.as_ref().map(|s| &s.rulebooks[rulebook])
+            }
+            _ => None,
+        }
+    };
     let qp = |s: f32| QParams { scale: s, ..in0 };
 
     // Full-map unit output of frame f with given weights and step size.
@@ -825,7 +866,7 @@ fn optimise_unit(
         } else {
             x
         };
-        layer.forward(&x, w, &Crop::Full).map_err(err)
+        layer.forward(&x, w, &Crop::Full, rb_of(f)).map_err(err)
     };
     let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
         let sq: f64 = y
@@ -876,9 +917,8 @@ fn optimise_unit(
         // The crop of this iteration.
         let yf = &y_fp[f];
         let crop = match l.kind {
-            LayerKind::SparseConv3d { .. } => {
-                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
-            }
+            // Sparse convs see every active site (a few tens of thousands at most).
+            LayerKind::SparseConv3d { .. } => Crop::Full,
             LayerKind::Linear => {
                 let p = yf.shape[0];
                 if opts.crop_pillars == 0 || opts.crop_pillars >= p {
@@ -938,7 +978,7 @@ fn optimise_unit(
             xc.clone()
         };
         let w = weights.current(&shape);
-        let y = layer.forward(&xq, &w, &crop).map_err(err)?;
+        let y = layer.forward(&xq, &w, &crop, rb_of(f)).map_err(err)?;
         let target = layer.crop_output(yf, &crop);
         let pos = layer.positions(&y).max(1) as f64;
         let mut gy = Tensor::zeros(&y.shape);
@@ -961,7 +1001,9 @@ fn optimise_unit(
                 .zip(&gc.data)
                 .for_each(|(a, b)| *a += k * b);
         }
-        let (gx, gw) = layer.backward(&xq, &w, &y, &gy, &crop).map_err(err)?;
+        let (gx, gw) = layer
+            .backward(&xq, &w, (&y, &gy), &crop, rb_of(f))
+            .map_err(err)?;
         if let (UnitWeights::Ada(a), Some(adam)) = (&mut weights, &mut adam_v) {
             let mut gv = a.backward(&gw.data)?;
             if let Some(beta) = sched.beta(t) {
@@ -1029,6 +1071,13 @@ fn optimise_unit(
     Ok((w, qp(scale), report))
 }
 
+/// The frame's rulebooks, which a sparse op of a voxel model needs.
+fn frame_sites<'a>(s: &'a FrameState, node: &str) -> Result<&'a FrameSites, CalibError> {
+    s.sites
+        .as_ref()
+        .ok_or_else(|| CalibError::Engine(sparse::no_sites(node)))
+}
+
 /// TGPL of frame `s` when unit `unit` outputs `y`: the FP rest of the network from the
 /// frontier to the reached heads, the loss there, and its gradient w.r.t. `y`.
 fn tgpl_downstream(
@@ -1068,12 +1117,22 @@ fn tgpl_downstream(
         }
         let x = vals[node.inputs[0]].as_deref().expect("fetched");
         let out = match &node.op {
-            Op::Add { .. } | Op::HeightCompress { .. } => {
-                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
+            Op::Add { relu } => {
+                let b = vals[node.inputs[1]].as_deref().expect("fetched");
+                sparse::add(x, b, *relu).map_err(err)?
+            }
+            Op::HeightCompress { sites: set, .. } => {
+                sparse::height_compress(frame_sites(s, &node.name)?, *set, x).map_err(err)?
             }
             Op::Layer(l) => {
                 let f = ctx.folded[j].as_ref().expect("layer folded");
-                run_layer(l.kind, x, f, l.relu).map_err(err)?
+                match l.kind {
+                    LayerKind::SparseConv3d { rulebook, .. } => {
+                        let fs = frame_sites(s, &node.name)?;
+                        run_sparse_layer(&fs.rulebooks[rulebook], x, f, l.relu).map_err(err)?
+                    }
+                    _ => run_layer(l.kind, x, f, l.relu).map_err(err)?,
+                }
             }
             Op::PillarMax {
                 concat_back,
@@ -1153,8 +1212,23 @@ fn tgpl_downstream(
         };
         let x = vals[node.inputs[0]].as_deref().expect("forward value");
         match &node.op {
-            Op::Add { .. } | Op::HeightCompress { .. } => {
-                return Err(CalibError::Model(SPARSE_UNSUPPORTED.into()));
+            Op::Add { relu } => {
+                let g = if *relu {
+                    let yv = vals[j + 1].as_deref().expect("forward value");
+                    ops::relu::backward(yv, &gy).map_err(err)?
+                } else {
+                    gy
+                };
+                for &v in &node.inputs {
+                    if down.tainted_value[v] {
+                        add_into(&mut grads[v], g.clone());
+                    }
+                }
+            }
+            Op::HeightCompress { sites: set, .. } => {
+                let fs = frame_sites(s, &node.name)?;
+                let gx = sparse::height_compress_backward(fs, *set, x, &gy).map_err(err)?;
+                add_into(&mut grads[node.inputs[0]], gx);
             }
             Op::Layer(l) => {
                 let yv = vals[j + 1].as_deref().expect("forward value");
@@ -1164,7 +1238,13 @@ fn tgpl_downstream(
                     gy
                 };
                 let f = ctx.folded[j].as_ref().expect("layer folded");
-                let gx = input_grad(l.kind, &f.weight, &g, &x.shape).map_err(err)?;
+                let rb = match l.kind {
+                    LayerKind::SparseConv3d { rulebook, .. } => {
+                        Some(&frame_sites(s, &node.name)?.rulebooks[rulebook])
+                    }
+                    _ => None,
+                };
+                let gx = input_grad(l.kind, &f.weight, &g, x, rb).map_err(err)?;
                 if down.tainted_value[node.inputs[0]] {
                     add_into(&mut grads[node.inputs[0]], gx);
                 }
@@ -1277,7 +1357,7 @@ mod tests {
             let w = uniform(&mut r, &ws, 1.0);
             let y = super::super::qnet::weighted_op(kind, &x, &w).unwrap();
             let g = uniform(&mut r, &y.shape, 1.0);
-            let gx = input_grad(kind, &w, &g, &x.shape).unwrap();
+            let gx = input_grad(kind, &w, &g, &x, None).unwrap();
             assert_eq!(gx.shape, x.shape, "{kind:?}");
             let (a, b) = (dot(&y, &g), dot(&x, &gx));
             assert!(
@@ -1319,7 +1399,7 @@ mod tests {
                 _ => vec![4, 3, 3, 3],
             };
             let w = uniform(&mut r, &ws, 1.0);
-            let full = layer.forward(&x, &w, &Crop::Full).unwrap();
+            let full = layer.forward(&x, &w, &Crop::Full, None).unwrap();
             let crop = Crop::Window {
                 y0: 1,
                 x0: 2,
@@ -1327,7 +1407,7 @@ mod tests {
                 w: 4,
             };
             let xc = layer.crop_input(&x, &crop);
-            let yc = layer.forward(&xc, &w, &crop).unwrap();
+            let yc = layer.forward(&xc, &w, &crop, None).unwrap();
             let want = layer.crop_output(&full, &crop);
             assert_eq!(yc.shape, want.shape, "{kind:?}");
             for (a, b) in yc.data.iter().zip(&want.data) {
@@ -1342,10 +1422,10 @@ mod tests {
         };
         let x = uniform(&mut r, &[6, 2, 3], 1.0);
         let w = uniform(&mut r, &[4, 3], 1.0);
-        let full = layer.forward(&x, &w, &Crop::Full).unwrap();
+        let full = layer.forward(&x, &w, &Crop::Full, None).unwrap();
         let crop = Crop::Rows(vec![1, 4]);
         let yc = layer
-            .forward(&layer.crop_input(&x, &crop), &w, &crop)
+            .forward(&layer.crop_input(&x, &crop), &w, &crop, None)
             .unwrap();
         assert_eq!(yc, layer.crop_output(&full, &crop));
     }

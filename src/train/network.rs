@@ -59,23 +59,23 @@ enum Saved {
 }
 
 /// The values and caches of one forward pass.
-struct Forward<'a> {
+struct Forward {
     values: Vec<Option<Tensor>>,
     saved: Vec<Saved>,
     running: BTreeMap<String, Tensor>,
-    sparse: Option<SparseBatch<'a>>,
+    sparse: Option<SparseBatch>,
 }
 
 /// The sparse geometry of a batch of voxel frames: each frame's rulebooks, and where each
 /// frame's rows start in every site set (frames are concatenated along the rows).
-struct SparseBatch<'a> {
-    frames: Vec<FrameSites<'a>>,
+struct SparseBatch {
+    frames: Vec<FrameSites>,
     /// `starts[set][f]`, with the total at `starts[set][frames]`.
     starts: Vec<Vec<usize>>,
 }
 
-impl<'a> SparseBatch<'a> {
-    fn build(graph: &Graph, batch: &'a Batch) -> Result<Option<Self>, TrainError> {
+impl SparseBatch {
+    fn build(graph: &Graph, batch: &Batch) -> Result<Option<Self>, TrainError> {
         let Some(sp) = &graph.sparse else {
             return Ok(None);
         };
@@ -205,7 +205,7 @@ impl Network {
         l: &Layer,
         rulebook: usize,
         graph: &Graph,
-        sb: &SparseBatch<'_>,
+        sb: &SparseBatch,
         w: &Weights,
         x: &Tensor,
     ) -> Result<Tensor, TrainError> {
@@ -229,12 +229,7 @@ impl Network {
         Ok(y)
     }
 
-    fn forward<'a>(
-        &self,
-        w: &Weights,
-        batch: &'a Batch,
-        mode: Mode,
-    ) -> Result<Forward<'a>, TrainError> {
+    fn forward(&self, w: &Weights, batch: &Batch, mode: Mode) -> Result<Forward, TrainError> {
         w.validate(&self.graph)?;
         let (ny, nx) = self.graph.bev;
         let n_slots = batch.max_points;
@@ -457,7 +452,7 @@ impl Network {
         &self,
         w: &Weights,
         batch: &Batch,
-        fwd: &mut Forward<'_>,
+        fwd: &mut Forward,
         mut grad: Vec<Option<Tensor>>,
     ) -> Result<BTreeMap<String, Tensor>, TrainError> {
         let mut grads = BTreeMap::new();
