@@ -334,7 +334,7 @@ impl Int8Engine {
         after_node: &mut dyn FnMut(usize),
     ) -> Result<(), EngineError> {
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
-        check_input(input)?;
+        check_input(input, self.graph.sparse.is_none())?;
         if let Some(scales) = &self.input_scales
             && scales.len() != f
         {
@@ -765,8 +765,10 @@ fn pair<T: Copy + Default>(
     Ok((x, &mut y[b.offset..b.offset + blen]))
 }
 
-/// Checks the frame's arrays against each other (the kernels check the rest).
-pub(crate) fn check_input(input: &NetInput<'_>) -> Result<(), EngineError> {
+/// Checks the frame's arrays against each other (the kernels check the rest). A voxel
+/// model's `counts` are the points averaged per voxel, not slots, so `pillars` says
+/// whether they are checked against `max_points`.
+pub(crate) fn check_input(input: &NetInput<'_>, pillars: bool) -> Result<(), EngineError> {
     let (p, n, f) = (input.counts.len(), input.max_points, input.width);
     if input.decorated.len() != p * n * f {
         return Err(EngineError::Input(format!(
@@ -780,7 +782,7 @@ pub(crate) fn check_input(input: &NetInput<'_>) -> Result<(), EngineError> {
             input.coords.len()
         )));
     }
-    if let Some(k) = input.counts.iter().position(|&c| c as usize > n) {
+    if let Some(k) = input.counts.iter().position(|&c| pillars && c as usize > n) {
         return Err(EngineError::Input(format!(
             "pillar {k} has {} points, more than the {n} slots",
             input.counts[k]

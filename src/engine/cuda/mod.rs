@@ -363,7 +363,7 @@ impl CudaEngine {
         input: &NetInput<'_>,
         out: &mut HeadOutputs,
     ) -> Result<(), EngineError> {
-        check_input(input)?;
+        check_input(input, true)?;
         self.gpu.bind()?;
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let (ny, nx) = self.graph.bev;
