@@ -714,22 +714,15 @@ pub(crate) mod tests {
         let mut det = crate::detector::Detector::new(cfg.clone(), &w).unwrap();
         assert_eq!(det.head_outputs(&pts).unwrap(), got);
         assert_eq!(det.last_voxel_count(), v.voxels.len());
-        // What does not run the sparse backbone yet says so.
-        let e = crate::quant::quick::minmax_quick(&cfg, &graph, &w, std::slice::from_ref(&pts))
-            .err()
+        // The INT8 detector runs it too, as the simulated-integer network does.
+        let qm = crate::quant::quick::minmax_quick(&cfg, &graph, &w, std::slice::from_ref(&pts))
+            .unwrap();
+        let sim = crate::quant::QuantNet::new(&graph, &w, &qm)
             .unwrap()
-            .to_string();
-        assert!(e.contains("not implemented yet"), "{e}");
-        let e = crate::quant::calibrate::calibrate(
-            &cfg,
-            &w,
-            std::slice::from_ref(&pts),
-            &crate::quant::calibrate::CalibOptions::new(crate::quant::calibrate::Method::MinMax),
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(e.contains("not implemented yet"), "{e}");
+            .run(&input)
+            .unwrap();
+        let mut det = crate::detector::Detector::new_int8(cfg.clone(), &w, &qm).unwrap();
+        assert_eq!(det.head_outputs(&pts).unwrap(), sim);
     }
 
     #[test]
