@@ -11,7 +11,8 @@ use lidar_ptq::model::ModelConfig;
 use lidar_ptq::model::bundle::ModelBundle;
 use lidar_ptq::model::decode::decode;
 use lidar_ptq::model::graph::Graph;
-use lidar_ptq::model::voxelize::{Mode, Voxelizer};
+use lidar_ptq::model::input::ScanInput;
+use lidar_ptq::model::voxelize::Mode;
 use lidar_ptq::model::weights::Weights;
 use lidar_ptq::quant::Flavour;
 use lidar_ptq::quant::calibrate::{CalibOptions, FrameInput, Method, calibrate};
@@ -75,10 +76,10 @@ fn sim_scans(n: usize) -> Vec<Points> {
 }
 
 fn inputs(cfg: &ModelConfig, scans: &[Points]) -> Vec<FrameInput> {
-    let mut vox = Voxelizer::new(cfg, Mode::Test);
+    let mut scan = ScanInput::new(cfg, Mode::Test).unwrap();
     scans
         .iter()
-        .map(|s| FrameInput::prepare(cfg, &mut vox, s))
+        .map(|s| FrameInput::prepare(&mut scan, s).unwrap())
         .collect()
 }
 
