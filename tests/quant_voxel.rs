@@ -229,49 +229,68 @@ fn the_int8_engine_reproduces_the_simulated_integer_network() {
     }
 }
 
-/// The reconstruction optimises the sparse convs as units and improves their objective
-/// (full frame, first reconstruction frame) over round-to-nearest min-max.
+/// The reconstruction optimises the sparse backbone unit by unit, residual blocks as one
+/// unit each (or every layer alone), and improves each unit's objective (full frame, first
+/// reconstruction frame) over round-to-nearest min-max.
 #[test]
 fn reconstruction_improves_the_sparse_units() {
     let (cfg, graph) = tiny();
     let w = weights(&graph, 12);
-    let mut o = quick_ptq(60);
-    (o.weight_bits, o.activation_bits) = (4, 8);
-    o.recon.tgpl_every = 4;
-    o.recon.report = true;
-    let c = calibrate_detailed(
-        &cfg,
-        &w,
-        &frames(4, 6),
-        &o,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .unwrap();
-    let sparse: Vec<_> = c
-        .units
-        .iter()
-        .filter(|u| u.node.starts_with("backbone_3d."))
-        .collect();
-    let report: Vec<String> = sparse
-        .iter()
-        .map(|u| {
-            format!(
-                "{}: {:.4e} -> {:.4e}, {} flipped",
-                u.node,
-                u.objective_before(),
-                u.objective_after(),
-                u.flipped
-            )
-        })
-        .collect();
-    let report = report.join("\n");
-    println!("{report}");
-    assert!(sparse.len() >= 8, "{report}");
-    let better = sparse
-        .iter()
-        .filter(|u| u.objective_after() < u.objective_before())
-        .count();
-    assert!(better * 3 >= sparse.len() * 2, "{report}");
-    assert!(sparse.iter().any(|u| u.flipped > 0), "{report}");
-    assert!(sparse.iter().all(|u| u.lambda > 0.0), "{report}");
+    for blocks in [true, false] {
+        let mut o = quick_ptq(60);
+        (o.weight_bits, o.activation_bits) = (4, 8);
+        o.recon.tgpl_every = 4;
+        o.recon.report = true;
+        o.recon.blocks = blocks;
+        let c = calibrate_detailed(
+            &cfg,
+            &w,
+            &frames(4, 6),
+            &o,
+            &indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
+        let sparse: Vec<_> = c
+            .units
+            .iter()
+            .filter(|u| u.node.starts_with("backbone_3d."))
+            .collect();
+        let report: Vec<String> = sparse
+            .iter()
+            .map(|u| {
+                format!(
+                    "{}: {:.4e} -> {:.4e}, {} flipped",
+                    u.node,
+                    u.objective_before(),
+                    u.objective_after(),
+                    u.flipped
+                )
+            })
+            .collect();
+        let report = format!("blocks {blocks}:\n{}", report.join("\n"));
+        println!("{report}");
+        // conv_input, one strided conv per later stage, conv_out, and the three residual
+        // blocks: as three units, or as their six convs.
+        let block_units = [
+            "backbone_3d.conv1.0",
+            "backbone_3d.conv2.1",
+            "backbone_3d.conv3.1",
+        ];
+        let n_blocks = sparse
+            .iter()
+            .filter(|u| block_units.contains(&u.node.as_str()))
+            .count();
+        if blocks {
+            assert_eq!((sparse.len(), n_blocks), (7, 3), "{report}");
+        } else {
+            assert_eq!((sparse.len(), n_blocks), (10, 0), "{report}");
+        }
+        let better = sparse
+            .iter()
+            .filter(|u| u.objective_after() < u.objective_before())
+            .count();
+        assert!(better * 3 >= sparse.len() * 2, "{report}");
+        assert!(sparse.iter().any(|u| u.flipped > 0), "{report}");
+        assert!(sparse.iter().all(|u| u.lambda > 0.0), "{report}");
+    }
 }

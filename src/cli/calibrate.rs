@@ -139,6 +139,10 @@ pub struct CalibrateArgs {
     /// LiDAR-PTQ ablation: round-to-nearest instead of adaptive rounding.
     #[arg(long)]
     no_adaround: bool,
+    /// Reconstruct every layer on its own, also inside residual blocks (voxel model),
+    /// instead of each block as one unit.
+    #[arg(long)]
+    layer_units: bool,
     /// Reconstruction iterations per unit.
     #[arg(long)]
     iters: Option<usize>,
@@ -306,6 +310,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let r = &mut opts.recon;
     r.tgpl = !a.no_tgpl;
     r.adaround = !a.no_adaround;
+    r.blocks = !a.layer_units;
     if let Some(v) = a.iters {
         r.iters = v;
     }

@@ -1,7 +1,9 @@
 //! LiDAR-PTQ's unit-by-unit reconstruction: TGPL (component 2) and adaptive rounding
 //! (component 3).
 //!
-//! Units are the integer layers, in topological order. Each sees, on a subset of the
+//! Units are the integer layers, in topological order, except that a residual block
+//! (conv - conv - add, the voxel model's sparse blocks) is one unit reconstructed at its
+//! output (`optimise_block`; `ReconOptions::blocks`). Each sees, on a subset of the
 //! calibration frames, the input produced by the already-quantized prefix (cached as a
 //! frontier of live values, advanced one node at a time) and the FP model's output of the
 //! same layer. Per unit it optimises, with Adam:
@@ -89,6 +91,9 @@ pub struct ReconOptions {
     /// Measure every unit's full-map objective before (round-to-nearest, initial step)
     /// and after its optimisation on the first frame (costs two extra TGPL passes).
     pub report: bool,
+    /// Residual blocks (conv - conv - add) are one unit, reconstructed at the block's
+    /// output; off: every layer is its own unit.
+    pub blocks: bool,
 }
 
 impl Default for ReconOptions {
@@ -110,6 +115,7 @@ impl Default for ReconOptions {
             lr_act: 3e-3,
             tgpl_options: TgplOptions::default(),
             report: false,
+            blocks: true,
         }
     }
 }
@@ -156,6 +162,10 @@ impl ReconOptions {
                 ("recon_crop", self.crop.to_string()),
                 ("recon_crop_pillars", self.crop_pillars.to_string()),
                 ("lr_act", self.lr_act.to_string()),
+                (
+                    "recon_units",
+                    if self.blocks { "blocks" } else { "layers" }.to_string(),
+                ),
             ] {
                 m.insert(k.into(), v);
             }
@@ -603,13 +613,89 @@ pub fn reconstruct_with_report(
         }
         qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
     }
+    // Residual blocks that are one unit: conv1 node -> (conv2 node, add node).
+    let blocks: Vec<Option<(usize, usize)>> = (0..n)
+        .map(|i| residual_block(ctx, &init, &consumers, i))
+        .collect();
+    let in_block: Vec<bool> = (0..n)
+        .map(|j| blocks.iter().flatten().any(|&(c2, _)| c2 == j))
+        .collect();
     let units: Vec<usize> = (0..n)
-        .filter(|&i| ctx.plan.int_layer[i] && learns(ctx, &init, i))
+        .filter(|&i| ctx.plan.int_layer[i] && learns(ctx, &init, i) && !in_block[i])
         .collect();
     progress.set_length((units.len() * ctx.opts.iters) as u64);
     progress.set_position(0);
     let mut reports = Vec::new();
-    for i in 0..n {
+    // Frees, after node j, what no later node reads.
+    let free = |states: &mut [FrameState], j: usize| {
+        for s in states {
+            for &v in &graph.nodes[j].inputs {
+                if last_use[v] == j {
+                    s.q[v] = None;
+                    s.fp[v] = None;
+                }
+            }
+            if consumers[j + 1] == 0 {
+                s.q[j + 1] = None;
+                s.fp[j + 1] = None;
+            }
+        }
+    };
+    let mut i = 0;
+    while i < n {
+        if let Some((c2, add)) = blocks[i] {
+            let name = block_name(&graph.nodes[i].name);
+            // The FP frontier through the block; the block's FP output is the target.
+            for j in i..=add {
+                states
+                    .par_iter_mut()
+                    .try_for_each(|s| -> Result<(), CalibError> {
+                        let out =
+                            fpnet.run_node(j, &s.fp, &s.input.net_input(), s.sites.as_ref())?;
+                        s.fp[j + 1] = Some(out);
+                        Ok(())
+                    })?;
+            }
+            let y_fp: Vec<Tensor> = states
+                .iter()
+                .map(|s| s.fp[add + 1].as_ref().expect("computed").to_float())
+                .collect();
+            let k = units.iter().position(|&x| x == i).expect("unit");
+            progress.set_message(format!("unit {}/{} {name}", k + 1, units.len()));
+            let b = optimise_block(ctx, &init, [i, c2, add], &states, &y_fp, progress)?;
+            log::info!(
+                "{name} (block): objective {:.4e} -> {:.4e}, lambda {:.3e}, steps {:.4e} -> {:.4e} (input), {:.4e} -> {:.4e} (inner), {} roundings flipped",
+                b.report.objective_before(),
+                b.report.objective_after(),
+                b.report.lambda,
+                b.report.scale_before,
+                b.report.scale_after,
+                b.inner_before,
+                b.inner_after,
+                b.report.flipped
+            );
+            reports.push(b.report);
+            model.layers[i] = Some(LayerPlan::Int(b.w1));
+            model.layers[c2] = Some(LayerPlan::Int(b.w2));
+            for (owner, v, p) in [(i, graph.nodes[i].inputs[0], b.px), (c2, i + 1, b.ph)] {
+                if owns(ctx, &init, owner) {
+                    set_group(ctx, &mut model, &mut states, ctx.plan.group[v], p);
+                }
+            }
+            qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
+            for j in i..=add {
+                states
+                    .par_iter_mut()
+                    .try_for_each(|s| -> Result<(), CalibError> {
+                        let out = qnet.run_node(j, &s.q, &s.input.net_input(), s.sites.as_ref())?;
+                        s.q[j + 1] = Some(out);
+                        Ok(())
+                    })?;
+                free(&mut states, j);
+            }
+            i = add + 1;
+            continue;
+        }
         let node = &graph.nodes[i];
         if ctx.plan.int_layer[i] {
             let Some(LayerPlan::Int(w0)) = &init.layers[i] else {
@@ -669,17 +755,7 @@ pub fn reconstruct_with_report(
             };
             model.layers[i] = Some(LayerPlan::Int(w));
             if owns {
-                let members: Vec<usize> = ctx.plan.members(g).collect();
-                for &v in &members {
-                    model.activations[v] = Some(in_params);
-                }
-                states.par_iter_mut().for_each(|s| {
-                    for &v in &members {
-                        if let Some(QValue::Float(t)) = &s.q[v] {
-                            s.q[v] = Some(QValue::quantize(t, in_params));
-                        }
-                    }
-                });
+                set_group(ctx, &mut model, &mut states, g, in_params);
             }
             qnet = QuantNet::from_folded(graph, ctx.folded, &model)?;
             states
@@ -707,19 +783,8 @@ pub fn reconstruct_with_report(
                     Ok(())
                 })?;
         }
-        // Free what no later node reads.
-        for s in &mut states {
-            for &v in &node.inputs {
-                if last_use[v] == i {
-                    s.q[v] = None;
-                    s.fp[v] = None;
-                }
-            }
-            if consumers[i + 1] == 0 {
-                s.q[i + 1] = None;
-                s.fp[i + 1] = None;
-            }
-        }
+        free(&mut states, i);
+        i += 1;
     }
     // Every group's parameters are those of the initial model unless a unit learnt them.
     for (v, a) in model.activations.iter_mut().enumerate() {
@@ -775,6 +840,401 @@ fn dequantized(w: &LayerWeights, out_axis: usize) -> Tensor {
 
 /// Smallest step size relative to the initial one (keeps a step from collapsing).
 const MIN_RATIO: f32 = 1e-2;
+
+/// Sets the parameters of value group `g` and quantizes its members in the frontier.
+fn set_group(
+    ctx: &Context<'_>,
+    model: &mut QuantModel,
+    states: &mut [FrameState],
+    g: usize,
+    p: QParams,
+) {
+    let members: Vec<usize> = ctx.plan.members(g).collect();
+    for &v in &members {
+        model.activations[v] = Some(p);
+    }
+    states.par_iter_mut().for_each(|s| {
+        for &v in &members {
+            if let Some(QValue::Float(t)) = &s.q[v] {
+                s.q[v] = Some(QValue::quantize(t, p));
+            }
+        }
+    });
+}
+
+/// The residual block starting at node `i`, when blocks are units: integer layers
+/// `i` (conv1) and `i + 1` (conv2, reading conv1's output alone), then node `i + 2`
+/// adding conv2's output to conv1's input, each intermediate read once. Returns
+/// (conv2, add).
+fn residual_block(
+    ctx: &Context<'_>,
+    init: &QuantModel,
+    consumers: &[usize],
+    i: usize,
+) -> Option<(usize, usize)> {
+    let g = ctx.graph;
+    let (c2, add) = (i + 1, i + 2);
+    if !ctx.opts.blocks || add >= g.nodes.len() {
+        return None;
+    }
+    let x = g.nodes[i].inputs[0];
+    let ok = ctx.plan.int_layer[i]
+        && ctx.plan.int_layer[c2]
+        && matches!(g.nodes[i].op, Op::Layer(_))
+        && matches!(g.nodes[c2].op, Op::Layer(_))
+        && g.nodes[c2].inputs == [i + 1]
+        && matches!(g.nodes[add].op, Op::Add { .. })
+        && g.nodes[add].inputs.contains(&(c2 + 1))
+        && g.nodes[add].inputs.contains(&x)
+        && consumers[i + 1] == 1
+        && consumers[c2 + 1] == 1
+        && learns(ctx, init, i);
+    ok.then_some((c2, add))
+}
+
+/// `backbone_3d.conv1.0.conv1` -> `backbone_3d.conv1.0`.
+fn block_name(conv1: &str) -> String {
+    conv1.strip_suffix(".conv1").unwrap_or(conv1).to_string()
+}
+
+/// What the optimisation of a residual block gives.
+struct BlockResult {
+    w1: LayerWeights,
+    w2: LayerWeights,
+    /// Parameters of the block input's group (shared by conv2's output and the block
+    /// output) and of conv2's input.
+    px: QParams,
+    ph: QParams,
+    inner_before: f32,
+    inner_after: f32,
+    report: UnitReport,
+}
+
+/// The block unit: `y = relu(fq_x(conv2(fq_h(relu(conv1(fq_x(x))))) ) + fq_x(x))`, then
+/// `fq_x(y)`, exactly the integer block (the add of codes sharing `fq_x`'s parameters is
+/// the fake-quant of the real sum). Learns both layers' rounding and the step sizes the
+/// block owns, on `L_rec` at the block output (+ TGPL there), each quantizer with its
+/// straight-through / LSQ gradient.
+fn optimise_block(
+    ctx: &Context<'_>,
+    init: &QuantModel,
+    [i1, i2, add]: [usize; 3],
+    states: &[FrameState],
+    y_fp: &[Tensor],
+    progress: &indicatif::ProgressBar,
+) -> Result<BlockResult, CalibError> {
+    let graph = ctx.graph;
+    let opts = ctx.opts;
+    let name = block_name(&graph.nodes[i1].name);
+    let err = |source: OpsError| CalibError::Op {
+        node: name.clone(),
+        source,
+    };
+    let layer_of = |j: usize| -> Result<(&crate::model::graph::Layer, &LayerWeights), CalibError> {
+        match (&graph.nodes[j].op, &init.layers[j]) {
+            (Op::Layer(l), Some(LayerPlan::Int(w))) => Ok((l, w)),
+            _ => Err(CalibError::Model(format!(
+                "{}: integer layer without weights",
+                graph.nodes[j].name
+            ))),
+        }
+    };
+    let (l1, w01) = layer_of(i1)?;
+    let (l2, w02) = layer_of(i2)?;
+    let Op::Add { relu: add_relu } = graph.nodes[add].op else {
+        unreachable!("residual_block checked the add")
+    };
+    let ux = graph.nodes[i1].inputs[0];
+    let (px0, ph0) = match (init.activations[ux], init.activations[i1 + 1]) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            return Err(CalibError::Model(format!(
+                "{name}: block values without parameters"
+            )));
+        }
+    };
+    let (owns_x, owns_h) = (owns(ctx, init, i1), owns(ctx, init, i2));
+    let unit = |l: &crate::model::graph::Layer, j: usize| UnitLayer {
+        kind: l.kind,
+        relu: l.relu,
+        bias: &ctx.folded_q[j].as_ref().expect("layer folded").bias,
+    };
+    let (u1, u2) = (unit(l1, i1), unit(l2, i2));
+    let rb = |l: &crate::model::graph::Layer, f: usize| -> Option<&Rulebook> {
+        match l.kind {
+            LayerKind::SparseConv3d { rulebook, .. } => {
+                states[f].sites.as_ref().map(|s| &s.rulebooks[rulebook])
+            }
+            _ => None,
+        }
+    };
+    let weights_of = |l: &crate::model::graph::Layer, j: usize, w0: &LayerWeights| {
+        let folded = ctx.folded_q[j].as_ref().expect("layer folded");
+        let axis = weight_out_axis(l.kind);
+        let wq: Vec<QParams> = w0
+            .scales
+            .iter()
+            .map(|&s| QParams {
+                scale: s,
+                zero_point: 0,
+                grid: Grid::weight(w0.bits),
+            })
+            .collect();
+        Ok::<_, CalibError>(if opts.adaround {
+            UnitWeights::Ada(AdaRound::new(&folded.weight, axis, &wq)?)
+        } else {
+            UnitWeights::Fixed(dequantized(w0, axis))
+        })
+    };
+    let mut ws = [weights_of(l1, i1, w01)?, weights_of(l2, i2, w02)?];
+    let shapes = [w01.shape.clone(), w02.shape.clone()];
+    let nearest = [
+        dequantized(w01, weight_out_axis(l1.kind)),
+        dequantized(w02, weight_out_axis(l2.kind)),
+    ];
+    let mut adam_v: Vec<Option<Adam>> = ws
+        .iter()
+        .map(|w| match w {
+            UnitWeights::Ada(a) => Some(Adam::new(a.len())),
+            UnitWeights::Fixed(_) => None,
+        })
+        .collect();
+    // Step sizes relative to their initial values (x: the block input's group, h: conv2's
+    // input), learnt when the block owns them.
+    let mut ratio = [1.0f32; 2];
+    let mut adam_s = [Adam::new(1), Adam::new(1)];
+    let qx = |r: f32| QParams {
+        scale: (px0.scale * r).max(MIN_SCALE),
+        ..px0
+    };
+    let qh = |r: f32| QParams {
+        scale: (ph0.scale * r).max(MIN_SCALE),
+        ..ph0
+    };
+    let sched = BetaSchedule {
+        iters: opts.iters,
+        warmup: opts.warmup,
+        start: opts.beta_start,
+        end: opts.beta_end,
+    };
+    let fq = |t: &Tensor, q: &QParams| Tensor {
+        shape: t.shape.clone(),
+        data: fake_quant(&t.data, q),
+    };
+
+    /// Everything the backward pass needs from one forward pass.
+    struct Pass {
+        x: Tensor,
+        xq: Tensor,
+        y1: Tensor,
+        h: Tensor,
+        a2: Tensor,
+        z: Tensor,
+        y: Tensor,
+        yq: Tensor,
+    }
+    let forward = |f: usize, w: [&Tensor; 2], r: [f32; 2]| -> Result<Pass, CalibError> {
+        let x = unit_input(states, f, ux).to_float();
+        let (qx, qh) = (qx(r[0]), qh(r[1]));
+        let xq = fq(&x, &qx);
+        let y1 = u1.forward(&xq, w[0], &Crop::Full, rb(l1, f)).map_err(err)?;
+        let h = fq(&y1, &qh);
+        let a2 = u2.forward(&h, w[1], &Crop::Full, rb(l2, f)).map_err(err)?;
+        let a2q = fq(&a2, &qx);
+        let z = Tensor {
+            shape: a2q.shape.clone(),
+            data: a2q.data.iter().zip(&xq.data).map(|(a, b)| a + b).collect(),
+        };
+        let y = Tensor {
+            shape: z.shape.clone(),
+            data: z
+                .data
+                .iter()
+                .map(|&v| if add_relu { v.max(0.0) } else { v })
+                .collect(),
+        };
+        let yq = fq(&y, &qx);
+        Ok(Pass {
+            x,
+            xq,
+            y1,
+            h,
+            a2,
+            z,
+            y,
+            yq,
+        })
+    };
+    let positions = |t: &Tensor| (t.len() / t.shape.last().copied().unwrap_or(1).max(1)).max(1);
+    let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
+        let sq: f64 = y
+            .data
+            .iter()
+            .zip(&t.data)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        sq / positions(y) as f64
+    };
+    let down = Downstream::new(graph, add);
+    let tgpl = |f: usize, y: Tensor| tgpl_downstream(ctx, &down, add, &states[f], y);
+
+    let (mut rec_before, mut tgpl_before) = (f64::NAN, f64::NAN);
+    if opts.report {
+        let p = forward(0, [&nearest[0], &nearest[1]], [1.0, 1.0])?;
+        rec_before = rec_loss(&p.yq, &y_fp[0]);
+        tgpl_before = if opts.tgpl { tgpl(0, p.yq)?.0 } else { 0.0 };
+    }
+    let mut lambda: Option<f64> = if opts.tgpl {
+        opts.lambda.map(f64::from)
+    } else {
+        Some(0.0)
+    };
+    let frames = states.len();
+    let mut g_tgpl: Option<(usize, Tensor)> = None;
+    let lsq = |xs: &Tensor, g: &Tensor, q: &QParams| {
+        fake_quant_backward(&xs.data, &g.data, q, GradScale::Lsq)
+    };
+    for t in 0..opts.iters {
+        let f = if opts.tgpl {
+            (t / opts.tgpl_every) % frames
+        } else {
+            t % frames
+        };
+        let w = [ws[0].current(&shapes[0]), ws[1].current(&shapes[1])];
+        let p = forward(f, [&w[0], &w[1]], ratio)?;
+        if opts.tgpl && t % opts.tgpl_every == 0 {
+            let rec0 = lambda.is_none().then(|| rec_loss(&p.yq, &y_fp[f]));
+            let (l, g) = tgpl(f, p.yq.clone())?;
+            if let Some(r) = rec0 {
+                lambda = Some(if l > 0.0 { r / l } else { 0.0 });
+            }
+            g_tgpl = Some((f, g));
+        }
+        let lam = lambda.unwrap_or(0.0);
+        let pos = positions(&p.yq) as f64;
+        let mut g_yq = Tensor::zeros(&p.yq.shape);
+        for ((g, &a), &b) in g_yq.data.iter_mut().zip(&p.yq.data).zip(&y_fp[f].data) {
+            *g = (2.0 * (a - b) as f64 / pos) as f32;
+        }
+        if let Some((gf, g)) = &g_tgpl
+            && *gf == f
+            && lam > 0.0
+        {
+            let k = lam as f32;
+            g_yq.data
+                .iter_mut()
+                .zip(&g.data)
+                .for_each(|(a, b)| *a += k * b);
+        }
+        let (qx_t, qh_t) = (qx(ratio[0]), qh(ratio[1]));
+        // fq_x(y), relu, then the sum's two branches.
+        let gy = lsq(&p.y, &g_yq, &qx_t)?;
+        let mut gs = [gy.scale[0], 0.0];
+        let gz: Vec<f32> = gy
+            .input
+            .iter()
+            .zip(&p.z.data)
+            .map(|(&g, &z)| if add_relu && z <= 0.0 { 0.0 } else { g })
+            .collect();
+        let gz = Tensor {
+            shape: p.z.shape.clone(),
+            data: gz,
+        };
+        let ga2 = lsq(&p.a2, &gz, &qx_t)?;
+        gs[0] += ga2.scale[0];
+        let ga2 = Tensor {
+            shape: p.a2.shape.clone(),
+            data: ga2.input,
+        };
+        let (gh, gw2) = u2
+            .backward(&p.h, &w[1], (&p.a2, &ga2), &Crop::Full, rb(l2, f))
+            .map_err(err)?;
+        let gy1 = lsq(&p.y1, &gh, &qh_t)?;
+        gs[1] += gy1.scale[0];
+        let gy1 = Tensor {
+            shape: p.y1.shape.clone(),
+            data: gy1.input,
+        };
+        let (gxq, gw1) = u1
+            .backward(&p.xq, &w[0], (&p.y1, &gy1), &Crop::Full, rb(l1, f))
+            .map_err(err)?;
+        // The block input feeds conv1 and the sum.
+        let gxq_total = Tensor {
+            shape: gxq.shape.clone(),
+            data: gxq.data.iter().zip(&gz.data).map(|(a, b)| a + b).collect(),
+        };
+        gs[0] += lsq(&p.x, &gxq_total, &qx_t)?.scale[0];
+        for (k, gw) in [gw1, gw2].iter().enumerate() {
+            if let (UnitWeights::Ada(a), Some(adam)) = (&mut ws[k], &mut adam_v[k]) {
+                let mut gv = a.backward(&gw.data)?;
+                if let Some(beta) = sched.beta(t) {
+                    a.add_regularizer_grad(beta, opts.reg_weight, &mut gv)?;
+                }
+                adam.step(&mut a.v, &gv, opts.lr_v)?;
+            }
+        }
+        for (k, (owned, s0)) in [(owns_x, px0.scale), (owns_h, ph0.scale)]
+            .into_iter()
+            .enumerate()
+        {
+            if owned {
+                let mut r = [ratio[k]];
+                adam_s[k].step(
+                    &mut r,
+                    &[gs[k] * s0],
+                    cosine_lr(opts.lr_act, 0.0, t, opts.iters),
+                )?;
+                ratio[k] = r[0].max(MIN_RATIO);
+            }
+        }
+        if t % 10 == 0 {
+            progress.set_message(format!("{name}: L_rec {:.3e}", rec_loss(&p.yq, &y_fp[f])));
+        }
+        progress.inc(1);
+    }
+    let hard = [ws[0].hard(&shapes[0]), ws[1].hard(&shapes[1])];
+    let (mut rec_after, mut tgpl_after) = (f64::NAN, f64::NAN);
+    if opts.report {
+        let p = forward(0, [&hard[0], &hard[1]], ratio)?;
+        rec_after = rec_loss(&p.yq, &y_fp[0]);
+        tgpl_after = if opts.tgpl { tgpl(0, p.yq)?.0 } else { 0.0 };
+    }
+    let mut flipped = 0;
+    let mut out = Vec::new();
+    for (w, w0) in ws.iter().zip([w01, w02]) {
+        let codes: Vec<i8> = match w {
+            UnitWeights::Ada(a) => a.hard_codes().into_iter().map(|c| c as i8).collect(),
+            UnitWeights::Fixed(_) => w0.codes.clone(),
+        };
+        flipped += codes.iter().zip(&w0.codes).filter(|(a, b)| a != b).count();
+        out.push(LayerWeights {
+            codes,
+            ..w0.clone()
+        });
+    }
+    let w2 = out.pop().expect("two layers");
+    let w1 = out.pop().expect("two layers");
+    let (px, ph) = (qx(ratio[0]), qh(ratio[1]));
+    Ok(BlockResult {
+        w1,
+        w2,
+        px,
+        ph,
+        inner_before: ph0.scale,
+        inner_after: ph.scale,
+        report: UnitReport {
+            node: name.clone(),
+            rec_before,
+            rec_after,
+            tgpl_before,
+            tgpl_after,
+            lambda: lambda.unwrap_or(0.0),
+            scale_before: px0.scale,
+            scale_after: px.scale,
+            flipped,
+        },
+    })
+}
 
 fn unit_input(states: &[FrameState], f: usize, u: usize) -> &QValue {
     states[f].q[u].as_ref().expect("unit input in the frontier")
