@@ -663,10 +663,17 @@ pub fn reconstruct_with_report(
             let k = units.iter().position(|&x| x == i).expect("unit");
             progress.set_message(format!("unit {}/{} {name}", k + 1, units.len()));
             let b = optimise_block(ctx, &init, [i, c2, add], &states, &y_fp, progress)?;
+            let objective = if ctx.opts.report {
+                format!(
+                    "objective {:.4e} -> {:.4e}, ",
+                    b.report.objective_before(),
+                    b.report.objective_after()
+                )
+            } else {
+                String::new()
+            };
             log::info!(
-                "{name} (block): objective {:.4e} -> {:.4e}, lambda {:.3e}, steps {:.4e} -> {:.4e} (input), {:.4e} -> {:.4e} (inner), {} roundings flipped",
-                b.report.objective_before(),
-                b.report.objective_after(),
+                "{name} (block): {objective}lambda {:.3e}, steps {:.4e} -> {:.4e} (input), {:.4e} -> {:.4e} (inner), {} roundings flipped",
                 b.report.lambda,
                 b.report.scale_before,
                 b.report.scale_after,
