@@ -3,8 +3,7 @@
 //! the dequantized operands, padding being real zero).
 
 use lidar_ptq::kernels::{
-    Epilogue, Isa, KernelError, Neighbours, PackedConv, PackedConvTranspose, PackedLinear,
-    PackedSparseConv,
+    Epilogue, Isa, KernelError, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
 };
 use lidar_ptq::quant::{Flavour, Grid, QParams, Requant, quantize_bias};
 use lidar_ptq::sparse::Rulebook;
@@ -731,7 +730,6 @@ fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
     let mut r = ChaCha8Rng::seed_from_u64(21);
     for (g, (name, rb)) in sparse_geometries(&mut r).into_iter().enumerate() {
         let k = rb.kernel();
-        let nbr = Neighbours::from_rulebook(&rb);
         for (cin, cout) in [(5, 16), (3, 7), (16, 33)] {
             let taps = k.iter().product::<usize>();
             let zx = [0u8, 128, 201][g % 3];
@@ -749,8 +747,8 @@ fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
                 .unwrap();
                 let mut want = vec![0u8; rb.n_out() * cout];
                 let mut got = vec![0u8; want.len()];
-                p.forward(Isa::Scalar, &x, &nbr, zx, &mut want).unwrap();
-                p.forward(Isa::Avx2, &x, &nbr, zx, &mut got).unwrap();
+                p.forward(Isa::Scalar, &x, &rb, zx, &mut want).unwrap();
+                p.forward(Isa::Avx2, &x, &rb, zx, &mut got).unwrap();
                 assert_eq!(got, want, "{case}");
                 let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
                 assert!(distinct > 3, "{case}: outputs barely vary");
@@ -768,8 +766,8 @@ fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
             .unwrap();
             let mut want = vec![0f32; rb.n_out() * cout];
             let mut got = vec![0f32; want.len()];
-            p.forward_f32(Isa::Scalar, &x, &nbr, zx, &mut want).unwrap();
-            p.forward_f32(Isa::Avx2, &x, &nbr, zx, &mut got).unwrap();
+            p.forward_f32(Isa::Scalar, &x, &rb, zx, &mut want).unwrap();
+            p.forward_f32(Isa::Avx2, &x, &rb, zx, &mut got).unwrap();
             assert_eq!(bits(&got), bits(&want), "{case} (f32 output)");
         }
     }
@@ -794,14 +792,7 @@ fn scalar_sparse_conv_is_the_dequantized_real_conv() {
         .unwrap();
         let x = random_input(&mut r, rb.n_in() * cin);
         let mut got = vec![0u8; rb.n_out() * cout];
-        p.forward(
-            Isa::Scalar,
-            &x,
-            &Neighbours::from_rulebook(&rb),
-            zx,
-            &mut got,
-        )
-        .unwrap();
+        p.forward(Isa::Scalar, &x, &rb, zx, &mut got).unwrap();
         let mut y: Vec<f64> = (0..rb.n_out() * cout)
             .map(|i| l.bias[i % cout] as f64)
             .collect();
@@ -826,7 +817,6 @@ fn scalar_sparse_conv_is_the_dequantized_real_conv() {
 fn sparse_conv_arguments_are_checked() {
     let mut r = ChaCha8Rng::seed_from_u64(23);
     let (_, rb) = sparse_geometries(&mut r).remove(0);
-    let nbr = Neighbours::from_rulebook(&rb);
     let l = Layer::random(&mut r, 2 * 27 * 3, 2, 81, 0);
     let p = PackedSparseConv::with_epilogue(
         &l.w,
@@ -837,31 +827,32 @@ fn sparse_conv_arguments_are_checked() {
     .unwrap();
     let x = random_input(&mut r, rb.n_in() * 3);
     let mut out = vec![0u8; rb.n_out() * 2];
-    // Too few input rows for the neighbour table.
-    let e = p
-        .forward(Isa::Scalar, &x[..x.len() - 3], &nbr, 0, &mut out)
-        .unwrap_err();
-    assert!(
-        matches!(e, KernelError::Length { arg: "input", .. }),
-        "{e:?}"
-    );
-    // A neighbour index past the input.
-    let mut bad = nbr.clone();
-    bad.idx[0] = bad.n_in as u32;
-    let e = p.forward(Isa::Scalar, &x, &bad, 0, &mut out).unwrap_err();
-    assert!(e.to_string().contains("neighbours"), "{e}");
-    // A table of another kernel size.
-    let (_, rb311) = sparse_geometries(&mut r).pop().unwrap();
-    let e = p
-        .forward(
-            Isa::Scalar,
-            &x,
-            &Neighbours::from_rulebook(&rb311),
-            0,
-            &mut out,
-        )
-        .unwrap_err();
-    assert!(e.to_string().contains("kernel offsets"), "{e}");
+    for isa in [Isa::Scalar, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.is_available())
+    {
+        // Too few input rows for the rulebook.
+        let e = p
+            .forward(isa, &x[..x.len() - 3], &rb, 0, &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(e, KernelError::Length { arg: "input", .. }),
+            "{e:?}"
+        );
+        // An output buffer of the wrong size.
+        let e = p.forward(isa, &x, &rb, 0, &mut out[1..]).unwrap_err();
+        assert!(
+            matches!(e, KernelError::Length { arg: "output", .. }),
+            "{e:?}"
+        );
+        // A rulebook of another kernel size.
+        let (_, rb311) = sparse_geometries(&mut r).pop().unwrap();
+        let e = p.forward(isa, &x, &rb311, 0, &mut out).unwrap_err();
+        assert!(e.to_string().contains("kernel offsets"), "{e}");
+        // The f32 entry point on a requantizing layer.
+        let mut f = vec![0f32; out.len()];
+        assert!(p.forward_f32(isa, &x, &rb, 0, &mut f).is_err());
+    }
     // Weight shape mismatch.
     assert!(
         PackedSparseConv::with_epilogue(

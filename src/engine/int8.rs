@@ -18,7 +18,7 @@ use super::fp32::{FoldedLayer, fold_layers, run_layer, run_sparse_layer};
 use super::sparse::{FrameSites, frame_sites, no_sites};
 use super::{EngineError, HeadOutputs, NetInput, TaskMaps};
 use crate::kernels::{
-    Epilogue, Isa, Neighbours, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
+    Epilogue, Isa, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
 };
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
@@ -118,10 +118,8 @@ pub struct Int8Engine {
     /// Scatter duplicate check: the run number that last claimed each BEV cell.
     cell_stamp: Vec<u32>,
     run_count: u32,
-    /// The frame's rulebooks (voxel models) and, per rulebook, its neighbour table
-    /// (filled for the rulebooks integer sparse convs use).
+    /// The frame's rulebooks (voxel models).
     sites: Option<FrameSites>,
-    neighbours: Vec<Neighbours>,
 }
 
 impl Int8Engine {
@@ -274,7 +272,6 @@ impl Int8Engine {
             cell_stamp: vec![0; ny * nx],
             run_count: 0,
             sites: None,
-            neighbours: Vec::new(),
         })
     }
 
@@ -343,24 +340,8 @@ impl Int8Engine {
                 scales.len()
             )));
         }
-        // A voxel model: the frame's rulebooks, and the neighbour tables of the ones
-        // integer sparse convs read (buffers reused from the last frame).
+        // A voxel model: the frame's rulebooks.
         self.sites = frame_sites(&self.graph, input.coords)?;
-        if let Some(fs) = &self.sites {
-            self.neighbours
-                .resize_with(fs.rulebooks.len(), Neighbours::default);
-            let mut done = vec![false; fs.rulebooks.len()];
-            for s in &self.steps {
-                if let Step::Int {
-                    kernel: IntKernel::Sparse(_, r),
-                    ..
-                } = s
-                    && !std::mem::replace(&mut done[*r], true)
-                {
-                    self.neighbours[*r].rebuild(&fs.rulebooks[*r]);
-                }
-            }
-        }
         self.shapes[0] = if self.sites.is_some() {
             Shape::new(&[p, n * f])
         } else {
@@ -430,8 +411,8 @@ impl Int8Engine {
                         Shape::new(&k.output_shape(xs.nchw()).map_err(kerr)?)
                     }
                     IntKernel::Sparse(k, r) => {
-                        let nbr = self.neighbours.get(*r).ok_or_else(|| no_sites(name))?;
-                        Shape::new(&[nbr.n_out, k.cout])
+                        let fs = self.sites.as_ref().ok_or_else(|| no_sites(name))?;
+                        Shape::new(&[fs.rulebooks[*r].n_out(), k.cout])
                     }
                 };
                 // Input and output are never in one slot (planned), so the output slot is
@@ -455,9 +436,10 @@ impl Int8Engine {
                                 IntKernel::ConvTranspose(k) => {
                                     k.$fwd(isa, xin, xs.nchw(), *zx, y).map(|_| ())
                                 }
-                                IntKernel::Sparse(k, r) => {
-                                    k.$fwd(isa, xin, &self.neighbours[*r], *zx, y)
-                                }
+                                IntKernel::Sparse(k, r) => match &self.sites {
+                                    Some(fs) => k.$fwd(isa, xin, &fs.rulebooks[*r], *zx, y),
+                                    None => unreachable!("the output shape needed the sites"),
+                                },
                             }
                             .map_err(kerr)
                         });

@@ -15,10 +15,10 @@
 //! so sparse maps skip most of their GEMM. Scratch buffers are per worker thread and only
 //! grow, so steady-state calls do not allocate.
 
-use super::Neighbours;
 use super::pack::{GemmWeights, MR};
 use super::{ConvGeom, Epilogue, OutElem};
 use crate::quant::Requant;
+use crate::sparse::OffsetPairs;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -83,6 +83,27 @@ impl SimdOut for u8 {
     }
     fn from_bits(bits: u32) -> u8 {
         bits as u8
+    }
+}
+
+/// Raw accumulators (sparse conv offsets): `acc + off`, i.e. `sum (x - zx) * w` with
+/// zero biases, whatever the layer's epilogue.
+impl SimdOut for i32 {
+    #[inline(always)]
+    unsafe fn epi8(acc: __m256i, off: i32, _w: &GemmWeights, _row: usize, dst: *mut i32) {
+        // SAFETY: the caller passes 8 writable lanes.
+        unsafe {
+            _mm256_storeu_si256(
+                dst as *mut __m256i,
+                _mm256_add_epi32(acc, _mm256_set1_epi32(off)),
+            )
+        };
+    }
+    fn to_bits(self) -> u32 {
+        self as u32
+    }
+    fn from_bits(bits: u32) -> i32 {
+        bits as i32
     }
 }
 
@@ -250,40 +271,28 @@ pub(super) unsafe fn linear<T: SimdOut>(
     }
 }
 
-/// Sparse conv as an implicit GEMM: column `n` is output site `n`, K row `t * cin + ci`
-/// holds input channel `ci` of the site's neighbour at offset `t` (`zx` when there is
-/// none); `out` is `[n_out, m]` row-major.
+/// One kernel offset of a sparse conv: `prod[j, m] = sum_k (x[pairs.input[j], k] - zx) *
+/// w[m, k]` (raw wrapping i32 accumulators; the caller scatters and runs the epilogue).
 ///
 /// # Safety
-/// The CPU must support AVX2; `x` is `[n_in, cin]` with every neighbour index below
-/// `n_in`, `out` `[nbr.n_out, m]`.
-pub(super) unsafe fn sparse_conv<T: SimdOut>(
+/// The CPU must support AVX2; `x` is `[n_in, cin]` with every `pairs.input` below `n_in`,
+/// `prod` `[pairs.len(), w.m]`, and `w.bias` all zeros.
+pub(super) unsafe fn sparse_offset(
     w: &GemmWeights,
     x: &[u8],
     zx: u8,
-    nbr: &Neighbours,
+    pairs: &OffsetPairs,
     cin: usize,
-    out: &mut [T],
+    prod: &mut [i32],
 ) {
     let store = Store::RowMajor { ldc: w.m };
-    let taps = nbr.taps;
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, nbr.n_out, out, store, zx, |n0, len, col| {
-            for j in 0..len {
-                let row = &nbr.idx[(n0 + j) * taps..(n0 + j + 1) * taps];
-                for (t, &i) in row.iter().enumerate() {
-                    let k0 = t * cin;
-                    if i == Neighbours::NONE {
-                        for ci in 0..cin {
-                            col[(k0 + ci) * BAND + j] = zx;
-                        }
-                    } else {
-                        let src = &x[i as usize * cin..(i as usize + 1) * cin];
-                        for (ci, &v) in src.iter().enumerate() {
-                            col[(k0 + ci) * BAND + j] = v;
-                        }
-                    }
+        drive(w, pairs.len(), prod, store, zx, |n0, len, col| {
+            for (j, &i) in pairs.input[n0..n0 + len].iter().enumerate() {
+                let src = &x[i as usize * cin..(i as usize + 1) * cin];
+                for (k, &v) in src.iter().enumerate() {
+                    col[k * BAND + j] = v;
                 }
             }
         })

@@ -778,51 +778,12 @@ impl PackedLinear {
     }
 }
 
-/// The implicit-GEMM view of a sparse conv's rulebook: for each output site, the input row
-/// at each kernel offset, or [`Neighbours::NONE`]. Built once per frame and rulebook; the
-/// buffer is reused across frames.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Neighbours {
-    pub taps: usize,
-    pub n_out: usize,
-    /// `[n_out, taps]` input rows.
-    pub idx: Vec<u32>,
-    /// Input rows the indices refer to.
-    pub n_in: usize,
-}
-
-impl Neighbours {
-    /// No input site at this offset.
-    pub const NONE: u32 = u32::MAX;
-
-    pub fn from_rulebook(rb: &crate::sparse::Rulebook) -> Self {
-        let mut n = Self::default();
-        n.rebuild(rb);
-        n
-    }
-
-    /// Refills from `rb`, reusing the buffer.
-    pub fn rebuild(&mut self, rb: &crate::sparse::Rulebook) {
-        let taps = rb.kernel_volume();
-        self.taps = taps;
-        self.n_out = rb.n_out();
-        self.n_in = rb.n_in();
-        self.idx.clear();
-        self.idx.resize(self.n_out * taps, Self::NONE);
-        for (t, pairs) in rb.pairs().iter().enumerate() {
-            for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
-                self.idx[o as usize * taps + t] = i;
-            }
-        }
-    }
-}
-
-/// A sparse 3D convolution `[N_in, cin] -> [N_out, cout]` over a frame's [`Neighbours`]
-/// (weights `[cout, kz, ky, kx, cin]`, spconv's layout, which is already the GEMM's
-/// `[cout, taps * cin]`). Run as an implicit GEMM on the dense kernels: every output site
-/// gathers its neighbourhood (zero point where a neighbour is missing), so the epilogue
-/// stays fused. Missing neighbours cost multiplications by the zero-point column, which is
-/// the price of reusing the dense micro-kernel.
+/// A sparse 3D convolution `[N_in, cin] -> [N_out, cout]` over a frame's [`Rulebook`]
+/// (weights `[cout, kz, ky, kx, cin]`, spconv's layout). Gather - GEMM - scatter: per
+/// kernel offset, the paired input rows are gathered into the GEMM's columns and multiplied
+/// by that offset's `[cout, cin]` slice into raw i32 accumulators, which are added into the
+/// output rows' accumulators; the epilogue then runs once per output element. Only the
+/// rulebook's pairs are multiplied, whatever the sparsity of the neighbourhoods.
 #[derive(Debug, Clone)]
 pub struct PackedSparseConv {
     pub cout: usize,
@@ -830,7 +791,17 @@ pub struct PackedSparseConv {
     pub taps: usize,
     bias: Vec<i32>,
     epilogue: Epilogue,
-    gemm: GemmWeights,
+    /// One GEMM store per kernel offset, zero biases (raw accumulators).
+    offsets: Vec<GemmWeights>,
+}
+
+/// The raw accumulators of one i32 element (wrapping sum of products).
+impl OutElem for i32 {
+    const DEQUANT: bool = false;
+    #[inline]
+    fn reference(_epi: &Epilogue, _ch: usize, acc: i32, bias_q: i32) -> i32 {
+        acc.wrapping_add(bias_q)
+    }
 }
 
 impl PackedSparseConv {
@@ -850,35 +821,55 @@ impl PackedSparseConv {
         if cout == 0 || cin == 0 || taps == 0 {
             return Err(invalid(op, "shape", format!("{shape:?} is empty")));
         }
-        let k = taps * cin;
-        let gemm = GemmWeights::new(cout, k, bias, epilogue.clone(), |row, kk| {
-            weight[row * k + kk]
-        });
+        // The per-offset stores carry no epilogue of their own.
+        let raw = || Epilogue::Dequant {
+            input_scale: 1.0,
+            weight_scale: Vec::new(),
+            relu: false,
+        };
+        let zeros = vec![0i32; cout];
+        let offsets = (0..taps)
+            .map(|t| {
+                GemmWeights::new(cout, cin, &zeros, raw(), |row, k| {
+                    weight[(row * taps + t) * cin + k]
+                })
+            })
+            .collect();
         Ok(Self {
             cout,
             cin,
             taps,
             bias: bias.to_vec(),
             epilogue,
-            gemm,
+            offsets,
         })
     }
 
     /// Resident bytes of the packed parameters.
     pub fn weight_bytes(&self) -> usize {
-        self.gemm.bytes() + 4 * self.bias.len()
+        self.offsets.iter().map(GemmWeights::bytes).sum::<usize>()
+            + 4 * self.bias.len()
+            + match &self.epilogue {
+                Epilogue::Requant(r) => std::mem::size_of_val(r.as_slice()),
+                Epilogue::Dequant { weight_scale, .. } => 4 * weight_scale.len(),
+            }
     }
 
-    /// `x` is `[nbr.n_in, cin]`, `out` `[nbr.n_out, cout]` codes.
+    /// Weight code of output channel `co`, offset `t`, input channel `ci`.
+    fn weight(&self, co: usize, t: usize, ci: usize) -> i8 {
+        self.offsets[t].at(co, ci)
+    }
+
+    /// `x` is `[rb.n_in(), cin]`, `out` `[rb.n_out(), cout]` codes.
     pub fn forward(
         &self,
         isa: Isa,
         x: &[u8],
-        nbr: &Neighbours,
+        rb: &crate::sparse::Rulebook,
         zx: u8,
         out: &mut [u8],
     ) -> Result<()> {
-        self.run(isa, x, nbr, zx, out)
+        self.run(isa, x, rb, zx, out)
     }
 
     /// Like [`forward`](Self::forward) for a dequantizing epilogue: f32 output.
@@ -886,53 +877,87 @@ impl PackedSparseConv {
         &self,
         isa: Isa,
         x: &[u8],
-        nbr: &Neighbours,
+        rb: &crate::sparse::Rulebook,
         zx: u8,
         out: &mut [f32],
     ) -> Result<()> {
-        self.run(isa, x, nbr, zx, out)
+        self.run(isa, x, rb, zx, out)
     }
 
     fn run<T: Out>(
         &self,
         isa: Isa,
         x: &[u8],
-        nbr: &Neighbours,
+        rb: &crate::sparse::Rulebook,
         zx: u8,
         out: &mut [T],
     ) -> Result<()> {
         let op = Self::OP;
         check_isa(op, isa)?;
         check_output::<T>(op, &self.epilogue)?;
-        if nbr.taps != self.taps {
+        if rb.kernel_volume() != self.taps {
             return Err(invalid(
                 op,
-                "neighbours",
-                format!("{} kernel offsets, the layer has {}", nbr.taps, self.taps),
+                "rulebook",
+                format!(
+                    "{} kernel offsets, the layer has {}",
+                    rb.kernel_volume(),
+                    self.taps
+                ),
             ));
         }
-        expect_len(op, "neighbours", nbr.idx.len(), nbr.n_out * self.taps)?;
-        expect_len(op, "input", x.len(), nbr.n_in * self.cin)?;
-        expect_len(op, "output", out.len(), nbr.n_out * self.cout)?;
-        if let Some(&i) = nbr
-            .idx
-            .iter()
-            .find(|&&i| i != Neighbours::NONE && i as usize >= nbr.n_in)
-        {
-            return Err(invalid(
-                op,
-                "neighbours",
-                format!("input row {i} of {} rows", nbr.n_in),
-            ));
-        }
+        // A rulebook's pairs index its own site sets (checked when it was built).
+        expect_len(op, "input", x.len(), rb.n_in() * self.cin)?;
+        expect_len(op, "output", out.len(), rb.n_out() * self.cout)?;
         match isa {
-            Isa::Scalar => scalar::sparse_conv(self, x, zx, nbr, out),
+            Isa::Scalar => scalar::sparse_conv(self, x, zx, rb, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `check_isa` verified AVX2; lengths and indices were checked above.
-            Isa::Avx2 => unsafe { avx2::sparse_conv(&self.gemm, x, zx, nbr, self.cin, out) },
+            Isa::Avx2 => self.run_avx2(x, zx, rb, out),
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
         }
         Ok(())
     }
+
+    /// Gather - GEMM - scatter with the AVX2 GEMM, then the reference epilogue.
+    #[cfg(target_arch = "x86_64")]
+    fn run_avx2<T: Out>(&self, x: &[u8], zx: u8, rb: &crate::sparse::Rulebook, out: &mut [T]) {
+        use rayon::prelude::*;
+        let cout = self.cout;
+        SPARSE_SCRATCH.with(|s| {
+            let (acc, prod) = &mut *s.borrow_mut();
+            acc.clear();
+            acc.resize(rb.n_out() * cout, 0);
+            for (t, pairs) in rb.pairs().iter().enumerate() {
+                if pairs.is_empty() {
+                    continue;
+                }
+                prod.resize(pairs.len() * cout, 0);
+                let prod = &mut prod[..pairs.len() * cout];
+                // SAFETY: `check_isa` verified AVX2 (caller); `x` holds `n_in` rows and the
+                // rulebook's input rows are below `n_in`; `prod` has `pairs.len() * cout`
+                // lanes; the offset stores have zero biases.
+                unsafe { avx2::sparse_offset(&self.offsets[t], x, zx, pairs, self.cin, prod) };
+                for (&o, p) in pairs.output.iter().zip(prod.chunks_exact(cout)) {
+                    let row = &mut acc[o as usize * cout..(o as usize + 1) * cout];
+                    for (a, &v) in row.iter_mut().zip(p) {
+                        *a = a.wrapping_add(v);
+                    }
+                }
+            }
+            out.par_chunks_mut(cout)
+                .zip(acc.par_chunks(cout))
+                .for_each(|(o, a)| {
+                    for (c, (o, &a)) in o.iter_mut().zip(a).enumerate() {
+                        *o = T::reference(&self.epilogue, c, a, self.bias[c]);
+                    }
+                });
+        });
+    }
+}
+
+thread_local! {
+    /// Output accumulators and one offset's products of the AVX2 sparse conv (grown, reused).
+    static SPARSE_SCRATCH: std::cell::RefCell<(Vec<i32>, Vec<i32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }

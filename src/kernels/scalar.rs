@@ -5,9 +5,8 @@
 //! the epilogue (`Requant::apply(acc, bias_q)` or `dequantize_acc`, see `OutElem`). Integer sums wrap like SIMD adds, so every faster
 //! kernel must agree with these bit for bit.
 
-use super::{
-    ConvGeom, Neighbours, OutElem, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv,
-};
+use super::{ConvGeom, OutElem, PackedConv, PackedConvTranspose, PackedLinear, PackedSparseConv};
+use crate::sparse::Rulebook;
 
 /// One image `[cin, h, w]` -> `[cout, ho, wo]`.
 pub(super) fn conv2d<T: OutElem>(p: &PackedConv, x: &[u8], zx: u8, g: &ConvGeom, out: &mut [T]) {
@@ -104,31 +103,31 @@ pub(super) fn linear<T: OutElem>(p: &PackedLinear, x: &[u8], zx: u8, rows: usize
     }
 }
 
-/// Sparse conv: output site `o` sums, over kernel offsets `t` with a neighbour `i`,
-/// `(x[i, ci] - zx) * w[co, t, ci]`; a missing neighbour contributes nothing.
+/// Sparse conv: output site `o` sums, over the rulebook's pairs `(i, o)` of each kernel
+/// offset `t`, `(x[i, ci] - zx) * w[co, t, ci]`; a site without a neighbour at an offset has
+/// no pair there (it contributes nothing, like zero-point padding).
 pub(super) fn sparse_conv<T: OutElem>(
     p: &PackedSparseConv,
     x: &[u8],
     zx: u8,
-    nbr: &Neighbours,
+    rb: &Rulebook,
     out: &mut [T],
 ) {
     let zx = zx as i32;
-    for o in 0..nbr.n_out {
-        for co in 0..p.cout {
-            let mut acc = 0i32;
-            for t in 0..nbr.taps {
-                let i = nbr.idx[o * nbr.taps + t];
-                if i == Neighbours::NONE {
-                    continue;
-                }
+    let mut acc = vec![0i32; rb.n_out() * p.cout];
+    for (t, pairs) in rb.pairs().iter().enumerate() {
+        for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
+            for co in 0..p.cout {
+                let a = &mut acc[o as usize * p.cout + co];
                 for ci in 0..p.cin {
                     let d = x[i as usize * p.cin + ci] as i32 - zx;
-                    let w = p.gemm.at(co, t * p.cin + ci) as i32;
-                    acc = acc.wrapping_add(d.wrapping_mul(w));
+                    *a = a.wrapping_add(d.wrapping_mul(p.weight(co, t, ci) as i32));
                 }
             }
-            out[o * p.cout + co] = T::reference(&p.epilogue, co, acc, p.bias[co]);
         }
+    }
+    for (k, o) in out.iter_mut().enumerate() {
+        let co = k % p.cout;
+        *o = T::reference(&p.epilogue, co, acc[k], p.bias[co]);
     }
 }
