@@ -16,9 +16,8 @@
 //! grow, so steady-state calls do not allocate.
 
 use super::pack::{GemmWeights, MR};
-use super::{ConvGeom, Epilogue, OutElem};
+use super::{ConvGeom, Epilogue, OutElem, PackedSparseConv};
 use crate::quant::Requant;
-use crate::sparse::OffsetPairs;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -83,27 +82,6 @@ impl SimdOut for u8 {
     }
     fn from_bits(bits: u32) -> u8 {
         bits as u8
-    }
-}
-
-/// Raw accumulators (sparse conv offsets): `acc + off`, i.e. `sum (x - zx) * w` with
-/// zero biases, whatever the layer's epilogue.
-impl SimdOut for i32 {
-    #[inline(always)]
-    unsafe fn epi8(acc: __m256i, off: i32, _w: &GemmWeights, _row: usize, dst: *mut i32) {
-        // SAFETY: the caller passes 8 writable lanes.
-        unsafe {
-            _mm256_storeu_si256(
-                dst as *mut __m256i,
-                _mm256_add_epi32(acc, _mm256_set1_epi32(off)),
-            )
-        };
-    }
-    fn to_bits(self) -> u32 {
-        self as u32
-    }
-    fn from_bits(bits: u32) -> i32 {
-        bits as i32
     }
 }
 
@@ -271,31 +249,91 @@ pub(super) unsafe fn linear<T: SimdOut>(
     }
 }
 
-/// One kernel offset of a sparse conv: `prod[j, m] = sum_k (x[pairs.input[j], k] - zx) *
-/// w[m, k]` (raw wrapping i32 accumulators; the caller scatters and runs the epilogue).
+/// Output sites per parallel task of the sparse conv.
+const SITES_PER_TASK: usize = 64;
+
+/// Sparse conv, output-stationary: every output site sums, in registers, its neighbours'
+/// centred input rows times that offset's weights (`vpmaddwd` on i16 pairs of input
+/// channels, exact i32), up to 64 output channels at a time; missing neighbours are
+/// skipped. The epilogue is the reference one, per element.
 ///
 /// # Safety
-/// The CPU must support AVX2; `x` is `[n_in, cin]` with every `pairs.input` below `n_in`,
-/// `prod` `[pairs.len(), w.m]`, and `w.bias` all zeros.
-pub(super) unsafe fn sparse_offset(
-    w: &GemmWeights,
-    x: &[u8],
-    zx: u8,
-    pairs: &OffsetPairs,
-    cin: usize,
-    prod: &mut [i32],
+/// The CPU must support AVX2; `xc` is `[n_in, p.kp]` (pairs of centred inputs, see
+/// `PackedSparseConv::centre`), every neighbour index is below `n_in` or `NONE`, and `out`
+/// is `[n_out, p.cout]`.
+pub(super) unsafe fn sparse_conv<T: OutElem>(
+    p: &PackedSparseConv,
+    xc: &[i32],
+    nbr: &[u32],
+    out: &mut [T],
 ) {
-    let store = Store::RowMajor { ldc: w.m };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        drive(w, pairs.len(), prod, store, zx, |n0, len, col| {
-            for (j, &i) in pairs.input[n0..n0 + len].iter().enumerate() {
-                let src = &x[i as usize * cin..(i as usize + 1) * cin];
-                for (k, &v) in src.iter().enumerate() {
-                    col[k * BAND + j] = v;
+    let (cout, taps) = (p.cout, p.taps);
+    out.par_chunks_mut(cout * SITES_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let mut acc = vec![0i32; p.cout_pad];
+            for (r, row) in rows.chunks_exact_mut(cout).enumerate() {
+                let o = task * SITES_PER_TASK + r;
+                let nb = &nbr[o * taps..(o + 1) * taps];
+                let mut cb = 0;
+                while cb < p.cout_pad {
+                    let na = ((p.cout_pad - cb) / 8).min(8);
+                    // SAFETY: AVX2 (caller); indices and lengths as the caller guarantees.
+                    unsafe {
+                        match na {
+                            1 => site::<1>(p, xc, nb, cb, &mut acc),
+                            2 => site::<2>(p, xc, nb, cb, &mut acc),
+                            3 => site::<3>(p, xc, nb, cb, &mut acc),
+                            4 => site::<4>(p, xc, nb, cb, &mut acc),
+                            5 => site::<5>(p, xc, nb, cb, &mut acc),
+                            6 => site::<6>(p, xc, nb, cb, &mut acc),
+                            7 => site::<7>(p, xc, nb, cb, &mut acc),
+                            _ => site::<8>(p, xc, nb, cb, &mut acc),
+                        }
+                    }
+                    cb += na * 8;
+                }
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = T::reference(&p.epilogue, c, acc[c], p.bias[c]);
                 }
             }
-        })
+        });
+}
+
+/// Output channels `[cb, cb + 8 * NA)` of one site into `acc[cb..]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn site<const NA: usize>(
+    p: &PackedSparseConv,
+    xc: &[i32],
+    nb: &[u32],
+    cb: usize,
+    acc: &mut [i32],
+) {
+    let kp = p.kp;
+    let mut a = [_mm256_setzero_si256(); NA];
+    for (t, &i) in nb.iter().enumerate() {
+        if i == PackedSparseConv::NONE {
+            continue;
+        }
+        let xrow = &xc[i as usize * kp..(i as usize + 1) * kp];
+        let wt = &p.wp[t * kp * p.cout_pad * 2..(t + 1) * kp * p.cout_pad * 2];
+        for (q, &xv) in xrow.iter().enumerate() {
+            let xv = _mm256_set1_epi32(xv);
+            let w = &wt[(q * p.cout_pad + cb) * 2..(q * p.cout_pad + cb + NA * 8) * 2];
+            for (k, a) in a.iter_mut().enumerate() {
+                // SAFETY: `w` holds NA * 16 bytes; 16 read at k * 16.
+                let w16 = unsafe {
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(w.as_ptr().add(k * 16) as *const __m128i))
+                };
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(xv, w16));
+            }
+        }
+    }
+    for (k, a) in a.iter().enumerate() {
+        let dst = &mut acc[cb + k * 8..cb + k * 8 + 8];
+        // SAFETY: 8 lanes into an 8-element slice.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, *a) };
     }
 }
 

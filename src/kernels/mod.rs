@@ -778,34 +778,30 @@ impl PackedLinear {
     }
 }
 
-/// A sparse 3D convolution `[N_in, cin] -> [N_out, cout]` over a frame's [`Rulebook`]
-/// (weights `[cout, kz, ky, kx, cin]`, spconv's layout). Gather - GEMM - scatter: per
-/// kernel offset, the paired input rows are gathered into the GEMM's columns and multiplied
-/// by that offset's `[cout, cin]` slice into raw i32 accumulators, which are added into the
-/// output rows' accumulators; the epilogue then runs once per output element. Only the
-/// rulebook's pairs are multiplied, whatever the sparsity of the neighbourhoods.
+/// A sparse 3D convolution `[N_in, cin] -> [N_out, cout]` over a frame's rulebook
+/// (`crate::sparse::Rulebook`; weights `[cout, kz, ky, kx, cin]`, spconv's layout).
+/// Output-stationary: each output site looks up its neighbour under every kernel offset
+/// and multiplies only the neighbours that exist, accumulating in registers; the epilogue
+/// follows at once. No i32 intermediate goes through memory and no scatter is needed.
 #[derive(Debug, Clone)]
 pub struct PackedSparseConv {
     pub cout: usize,
     pub cin: usize,
     pub taps: usize,
+    /// Input-channel pairs (`ceil(cin / 2)`) and output channels rounded up to 8.
+    kp: usize,
+    cout_pad: usize,
+    /// `[taps][kp][cout_pad][2]`: weight pairs `(w[co, t, 2q], w[co, t, 2q + 1])`, zero
+    /// padded, one byte each.
+    wp: Vec<i8>,
     bias: Vec<i32>,
     epilogue: Epilogue,
-    /// One GEMM store per kernel offset, zero biases (raw accumulators).
-    offsets: Vec<GemmWeights>,
-}
-
-/// The raw accumulators of one i32 element (wrapping sum of products).
-impl OutElem for i32 {
-    const DEQUANT: bool = false;
-    #[inline]
-    fn reference(_epi: &Epilogue, _ch: usize, acc: i32, bias_q: i32) -> i32 {
-        acc.wrapping_add(bias_q)
-    }
 }
 
 impl PackedSparseConv {
     const OP: &'static str = "int8 sparse conv";
+    /// No input site under this offset (neighbour tables).
+    const NONE: u32 = u32::MAX;
 
     /// Packs `weight` of shape `[cout, kz, ky, kx, cin]` with any [`Epilogue`].
     pub fn with_epilogue(
@@ -821,33 +817,31 @@ impl PackedSparseConv {
         if cout == 0 || cin == 0 || taps == 0 {
             return Err(invalid(op, "shape", format!("{shape:?} is empty")));
         }
-        // The per-offset stores carry no epilogue of their own.
-        let raw = || Epilogue::Dequant {
-            input_scale: 1.0,
-            weight_scale: Vec::new(),
-            relu: false,
-        };
-        let zeros = vec![0i32; cout];
-        let offsets = (0..taps)
-            .map(|t| {
-                GemmWeights::new(cout, cin, &zeros, raw(), |row, k| {
-                    weight[(row * taps + t) * cin + k]
-                })
-            })
-            .collect();
+        let (kp, cout_pad) = (cin.div_ceil(2), cout.div_ceil(8) * 8);
+        let mut wp = vec![0i8; taps * kp * cout_pad * 2];
+        for co in 0..cout {
+            for t in 0..taps {
+                for ci in 0..cin {
+                    wp[((t * kp + ci / 2) * cout_pad + co) * 2 + ci % 2] =
+                        weight[(co * taps + t) * cin + ci];
+                }
+            }
+        }
         Ok(Self {
             cout,
             cin,
             taps,
+            kp,
+            cout_pad,
+            wp,
             bias: bias.to_vec(),
             epilogue,
-            offsets,
         })
     }
 
     /// Resident bytes of the packed parameters.
     pub fn weight_bytes(&self) -> usize {
-        self.offsets.iter().map(GemmWeights::bytes).sum::<usize>()
+        self.wp.len()
             + 4 * self.bias.len()
             + match &self.epilogue {
                 Epilogue::Requant(r) => std::mem::size_of_val(r.as_slice()),
@@ -857,7 +851,7 @@ impl PackedSparseConv {
 
     /// Weight code of output channel `co`, offset `t`, input channel `ci`.
     fn weight(&self, co: usize, t: usize, ci: usize) -> i8 {
-        self.offsets[t].at(co, ci)
+        self.wp[((t * self.kp + ci / 2) * self.cout_pad + co) * 2 + ci % 2]
     }
 
     /// `x` is `[rb.n_in(), cin]`, `out` `[rb.n_out(), cout]` codes.
@@ -912,52 +906,44 @@ impl PackedSparseConv {
         match isa {
             Isa::Scalar => scalar::sparse_conv(self, x, zx, rb, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => self.run_avx2(x, zx, rb, out),
+            Isa::Avx2 => {
+                let xc = self.centre(x, zx);
+                let nbr = self.neighbours(rb);
+                // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
+                // neighbour table indexes `n_in` rows, `out` was checked above.
+                unsafe { avx2::sparse_conv(self, &xc, &nbr, out) }
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
         }
         Ok(())
     }
 
-    /// Gather - GEMM - scatter with the AVX2 GEMM, then the reference epilogue.
-    #[cfg(target_arch = "x86_64")]
-    fn run_avx2<T: Out>(&self, x: &[u8], zx: u8, rb: &crate::sparse::Rulebook, out: &mut [T]) {
-        use rayon::prelude::*;
-        let cout = self.cout;
-        SPARSE_SCRATCH.with(|s| {
-            let (acc, prod) = &mut *s.borrow_mut();
-            acc.clear();
-            acc.resize(rb.n_out() * cout, 0);
-            for (t, pairs) in rb.pairs().iter().enumerate() {
-                if pairs.is_empty() {
-                    continue;
-                }
-                prod.resize(pairs.len() * cout, 0);
-                let prod = &mut prod[..pairs.len() * cout];
-                // SAFETY: `check_isa` verified AVX2 (caller); `x` holds `n_in` rows and the
-                // rulebook's input rows are below `n_in`; `prod` has `pairs.len() * cout`
-                // lanes; the offset stores have zero biases.
-                unsafe { avx2::sparse_offset(&self.offsets[t], x, zx, pairs, self.cin, prod) };
-                for (&o, p) in pairs.output.iter().zip(prod.chunks_exact(cout)) {
-                    let row = &mut acc[o as usize * cout..(o as usize + 1) * cout];
-                    for (a, &v) in row.iter_mut().zip(p) {
-                        *a = a.wrapping_add(v);
-                    }
-                }
+    /// Input rows as pairs of centred channels, `(x[2q] - zx) | (x[2q + 1] - zx) << 16` as
+    /// i16 halves of an i32 (an odd last channel pairs with 0): `vpmaddwd`'s operand.
+    fn centre(&self, x: &[u8], zx: u8) -> Vec<i32> {
+        let (cin, kp) = (self.cin, self.kp);
+        let rows = x.len() / cin;
+        let mut xc = vec![0i32; rows * kp];
+        for (src, dst) in x.chunks_exact(cin).zip(xc.chunks_exact_mut(kp)) {
+            for (q, d) in dst.iter_mut().enumerate() {
+                let lo = src[2 * q] as i32 - zx as i32;
+                let hi = src.get(2 * q + 1).map_or(0, |&v| v as i32 - zx as i32);
+                *d = (lo as i16 as u16 as u32 | ((hi as i16 as u16 as u32) << 16)) as i32;
             }
-            out.par_chunks_mut(cout)
-                .zip(acc.par_chunks(cout))
-                .for_each(|(o, a)| {
-                    for (c, (o, &a)) in o.iter_mut().zip(a).enumerate() {
-                        *o = T::reference(&self.epilogue, c, a, self.bias[c]);
-                    }
-                });
-        });
+        }
+        xc
     }
-}
 
-thread_local! {
-    /// Output accumulators and one offset's products of the AVX2 sparse conv (grown, reused).
-    static SPARSE_SCRATCH: std::cell::RefCell<(Vec<i32>, Vec<i32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// `[n_out, taps]`: the input row under each offset of every output site, or NONE.
+    fn neighbours(&self, rb: &crate::sparse::Rulebook) -> Vec<u32> {
+        let taps = self.taps;
+        let mut nbr = vec![Self::NONE; rb.n_out() * taps];
+        for (t, pairs) in rb.pairs().iter().enumerate() {
+            for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
+                nbr[o as usize * taps + t] = i;
+            }
+        }
+        nbr
+    }
 }
