@@ -554,48 +554,59 @@ impl Int8Engine {
                     )));
                 }
                 let len = xs.len();
-                match out_q {
-                    Some(q) => {
-                        // Shared parameters: c = clamp(a + b - zp), from zp up with ReLU.
-                        let zp = q.zero_point;
-                        let lo = if *relu { zp } else { q.grid.qmin };
-                        let hi = q.grid.qmax;
+                let relu = *relu;
+                match (self.acts[x], out_q) {
+                    (Some(qi), Some(qo)) => {
+                        // Shared input parameters: the sum of centred codes is exact, then
+                        // requantized into the output's parameters.
+                        let r = crate::quant::scheme::add_requant(qi.scale, &qo, relu);
+                        let zi = qi.zero_point;
                         let mut buf = std::mem::take(&mut self.u8_slots[yl.slot]);
                         if buf.len() < yl.offset + len {
                             buf.resize(yl.offset + len, 0);
                         }
-                        let r = view(&self.u8_slots, xl, len).and_then(|a| {
+                        let res = view(&self.u8_slots, xl, len).and_then(|a| {
                             let bv = view(&self.u8_slots, bl, len)?;
                             buf[yl.offset..yl.offset + len]
                                 .par_chunks_mut(4096)
                                 .zip(a.par_chunks(4096).zip(bv.par_chunks(4096)))
                                 .for_each(|(o, (a, b))| {
                                     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                                        *o = (a as i32 + b as i32 - zp).clamp(lo, hi) as u8;
+                                        *o = r.apply(a as i32 + b as i32 - 2 * zi, 0) as u8;
                                     }
                                 });
                             Ok(())
                         });
                         self.u8_slots[yl.slot] = buf;
-                        r?;
+                        res?;
                     }
-                    None => {
-                        let mut buf = std::mem::take(&mut self.f32_slots[yl.slot]);
-                        if buf.len() < yl.offset + len {
-                            buf.resize(yl.offset + len, 0.0);
-                        }
-                        let r = view(&self.f32_slots, xl, len).and_then(|a| {
-                            let bv = view(&self.f32_slots, bl, len)?;
-                            for ((o, &a), &b) in
-                                buf[yl.offset..yl.offset + len].iter_mut().zip(a).zip(bv)
-                            {
-                                let v = a + b;
-                                *o = if *relu && v < 0.0 { 0.0 } else { v };
-                            }
-                            Ok(())
+                    (qi, qo) => {
+                        // A float side (kept-float neighbours): add in reals.
+                        let real = |v: usize| -> Result<Vec<f32>, EngineError> {
+                            let l = self.loc[v];
+                            Ok(match qi {
+                                Some(q) => view(&self.u8_slots, l, len)?
+                                    .iter()
+                                    .map(|&c| q.dequantize(c as i32))
+                                    .collect(),
+                                None => view(&self.f32_slots, l, len)?.to_vec(),
+                            })
+                        };
+                        let (a, bv) = (real(x)?, real(b)?);
+                        let sum = a.iter().zip(&bv).map(|(&a, &b)| {
+                            let v = a + b;
+                            if relu && v < 0.0 { 0.0 } else { v }
                         });
-                        self.f32_slots[yl.slot] = buf;
-                        r?;
+                        match qo {
+                            Some(q) => slot(&mut self.u8_slots, yl, len)
+                                .iter_mut()
+                                .zip(sum)
+                                .for_each(|(d, v)| *d = q.quantize(v) as u8),
+                            None => slot(&mut self.f32_slots, yl, len)
+                                .iter_mut()
+                                .zip(sum)
+                                .for_each(|(d, v)| *d = v),
+                        }
                     }
                 }
                 xs

@@ -3,7 +3,8 @@
 //! 1. BatchNorm is folded; every layer not kept float gets per-output-channel symmetric
 //!    weight codes; every value read by an integer layer gets per-tensor activation
 //!    parameters. Values tied by glue ops share parameters: pillar max, scatter and height
-//!    compression in and out, a concat or a residual add and its inputs (a *group*). A
+//!    compression in and out, a concat and its inputs, a residual add's two inputs (a
+//!    *group*). A
 //!    voxel model's sparse values hold active sites only, so their statistics are over
 //!    the occupied sites by construction.
 //! 2. One FP pass over every calibration frame feeds the group statistics: min-max,
@@ -301,8 +302,9 @@ pub fn frames_digest(frames: &[Points]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Group of every value: values tied by pillar max, scatter and concat share one
-/// parameter set. The group id is the smallest value id of the group.
+/// Group of every value: values tied by pillar max, scatter, height compression and concat
+/// (inputs and output), and the two inputs of an add, share one parameter set. The group
+/// id is the smallest value id of the group.
 pub fn value_groups(graph: &Graph) -> Vec<usize> {
     let n = graph.nodes.len() + 1;
     let mut parent: Vec<usize> = (0..n).collect();
@@ -319,9 +321,18 @@ pub fn value_groups(graph: &Graph) -> Vec<usize> {
         p[hi] = lo;
     };
     for (i, node) in graph.nodes.iter().enumerate() {
-        if !matches!(node.op, Op::Layer(_)) {
-            for &v in &node.inputs {
-                union(&mut parent, v, i + 1);
+        match node.op {
+            Op::Layer(_) => {}
+            // An add's inputs share parameters; its output is requantized.
+            Op::Add { .. } => {
+                for &v in &node.inputs[1..] {
+                    union(&mut parent, node.inputs[0], v);
+                }
+            }
+            _ => {
+                for &v in &node.inputs {
+                    union(&mut parent, v, i + 1);
+                }
             }
         }
     }

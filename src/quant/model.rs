@@ -17,9 +17,9 @@
 //! Glue ops act on codes: pillar max, scatter and height compression need their input and
 //! output to share parameters (max is monotonic; empty BEV cells get the zero point, real
 //! 0), and a concat's inputs share the concat's parameters (a copy, no requantization).
-//! A residual add's two inputs and its output share one parameter set too, so the add is
-//! exact in integers: `c = clamp((a - zp) + (b - zp), lo - zp, hi - zp) + zp`, with `lo`
-//! raised to the zero point when the add has a ReLU (no rounding, no requantization).
+//! A residual add's two inputs share one parameter set, so their sum is exact in
+//! integers; the output has its own parameters and the sum is requantized into them
+//! ([`super::scheme::add_requant`]), ReLU in the clamp.
 //!
 //! A sparse conv runs on the active sites only: its accumulator sums the rulebook's
 //! pairs, and a missing neighbour contributes nothing, as zero-point padding does. A kept-float
@@ -233,16 +233,19 @@ impl QuantModel {
                         ));
                     }
                 }
-                (Op::Concat | Op::Add { .. }, None) => {
+                (Op::Concat, None) => {
                     if ins.iter().any(|p| *p != out) {
                         return Err(format!(
-                            "{}: every input must share the {}'s activation parameters",
-                            n.name,
-                            if matches!(n.op, Op::Concat) {
-                                "concat"
-                            } else {
-                                "add"
-                            }
+                            "{}: every input must share the concat's activation parameters",
+                            n.name
+                        ));
+                    }
+                }
+                (Op::Add { .. }, None) => {
+                    if ins.iter().any(|p| *p != ins[0]) {
+                        return Err(format!(
+                            "{}: both inputs of an add must share activation parameters",
+                            n.name
                         ));
                     }
                 }

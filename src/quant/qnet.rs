@@ -15,7 +15,7 @@
 //! is `Requant::apply` (quantized output) or `dequantize_acc` then ReLU (float output).
 
 use super::model::{LayerPlan, LayerWeights, QuantModel};
-use super::scheme::{QParams, Requant, add_centered, dequantize_acc, quantize_bias};
+use super::scheme::{QParams, Requant, add_requant, dequantize_acc, quantize_bias};
 use crate::engine::fp32::{
     FoldedLayer, cells, collect_heads, concat_pillar_max, fold_layers, run_sparse_layer,
 };
@@ -680,7 +680,9 @@ impl QuantNet {
                         centered: b,
                         params: pb,
                     },
-                ) if pa == pb && self.model.activations[i + 1] == Some(*pa) => {
+                ) if pa == pb && self.model.activations[i + 1].is_some() => {
+                    let out = self.model.activations[i + 1].expect("checked");
+                    let r = add_requant(pa.scale, &out, *relu);
                     if a.shape != b.shape {
                         return Err(err(OpsError::Shape {
                             op: "add",
@@ -693,14 +695,14 @@ impl QuantNet {
                         .data
                         .iter()
                         .zip(&b.data)
-                        .map(|(&x, &y)| add_centered(x as i32, y as i32, pa, *relu) as f32)
+                        .map(|(&x, &y)| (r.apply(x as i32 + y as i32, 0) - out.zero_point) as f32)
                         .collect();
                     QValue::Quant {
                         centered: Tensor {
                             shape: a.shape.clone(),
                             data,
                         },
-                        params: *pa,
+                        params: out,
                     }
                 }
                 // Mixed or float inputs (a partially quantized network during the

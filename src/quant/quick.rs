@@ -5,8 +5,8 @@
 //! no reconstruction); `quant` calibration proper produces the models meant for accuracy.
 //!
 //! Sharing rules of `quant::model`: a pillar max, scatter or height compression shares its
-//! input's parameters, a concat's or a residual add's inputs share its output's, so
-//! ranges are merged over those groups first.
+//! input's parameters, a concat's inputs share its output's, a residual add's two inputs
+//! share one set, so ranges are merged over those groups first.
 
 use super::model::{LayerPlan, Provenance, QuantModel, quantize_weights_minmax};
 use super::scheme::{Flavour, Grid, QParams};
@@ -68,12 +68,17 @@ pub fn minmax_quick(
         v
     }
     for (i, n) in graph.nodes.iter().enumerate() {
-        if matches!(n.op, Op::Layer(_)) {
-            continue;
-        }
-        for &u in &n.inputs {
-            let (a, b) = (root(&mut parent, u), root(&mut parent, i + 1));
-            parent[a] = b;
+        let tied: Vec<usize> = match n.op {
+            Op::Layer(_) => continue,
+            // An add's inputs share parameters; its output is requantized.
+            Op::Add { .. } => n.inputs.clone(),
+            _ => n.inputs.iter().copied().chain([i + 1]).collect(),
+        };
+        for &u in &tied[1..] {
+            let (a, b) = (root(&mut parent, u), root(&mut parent, tied[0]));
+            if a != b {
+                parent[a] = b;
+            }
         }
     }
     let mut group = vec![(f32::INFINITY, f32::NEG_INFINITY); nv];

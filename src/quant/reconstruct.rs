@@ -917,9 +917,9 @@ struct BlockResult {
     report: UnitReport,
 }
 
-/// The block unit: `y = relu(fq_x(conv2(fq_h(relu(conv1(fq_x(x))))) ) + fq_x(x))`, then
-/// `fq_x(y)`, exactly the integer block (the add of codes sharing `fq_x`'s parameters is
-/// the fake-quant of the real sum). Learns both layers' rounding and the step sizes the
+/// The block unit: `y = relu(fq_x(conv2(fq_h(relu(conv1(fq_x(x)))))) + fq_x(x))`, then
+/// `fq_y(y)` with the output's own (here fixed) parameters: the integer block, whose add
+/// sums codes sharing `fq_x`'s parameters and requantizes the sum. Learns both layers' rounding and the step sizes the
 /// block owns, on `L_rec` at the block output (+ TGPL there), each quantizer with its
 /// straight-through / LSQ gradient.
 fn optimise_block(
@@ -961,6 +961,8 @@ fn optimise_block(
         }
     };
     let (owns_x, owns_h) = (owns(ctx, init, i1), owns(ctx, init, i2));
+    // The block output's parameters belong to its readers' group: fixed here.
+    let py = init.activations[add + 1];
     let unit = |l: &crate::model::graph::Layer, j: usize| UnitLayer {
         kind: l.kind,
         relu: l.relu,
@@ -1060,7 +1062,10 @@ fn optimise_block(
                 .map(|&v| if add_relu { v.max(0.0) } else { v })
                 .collect(),
         };
-        let yq = fq(&y, &qx);
+        let yq = match &py {
+            Some(q) => fq(&y, q),
+            None => y.clone(),
+        };
         Ok(Pass {
             x,
             xq,
@@ -1134,11 +1139,14 @@ fn optimise_block(
                 .for_each(|(a, b)| *a += k * b);
         }
         let (qx_t, qh_t) = (qx(ratio[0]), qh(ratio[1]));
-        // fq_x(y), relu, then the sum's two branches.
-        let gy = lsq(&p.y, &g_yq, &qx_t)?;
-        let mut gs = [gy.scale[0], 0.0];
+        // fq_y(y) (fixed parameters: straight-through only), relu, then the sum's two
+        // branches.
+        let gy = match &py {
+            Some(q) => lsq(&p.y, &g_yq, q)?.input,
+            None => g_yq.data.clone(),
+        };
+        let mut gs = [0.0f32, 0.0];
         let gz: Vec<f32> = gy
-            .input
             .iter()
             .zip(&p.z.data)
             .map(|(&g, &z)| if add_relu && z <= 0.0 { 0.0 } else { g })

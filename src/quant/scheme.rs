@@ -150,17 +150,12 @@ pub fn dequantize_acc(acc: i32, bias_q: i32, input_scale: f32, weight_scale: f32
     acc.wrapping_add(bias_q) as f32 * (input_scale * weight_scale)
 }
 
-/// A residual add of two centred codes `a, b` (code minus zero point) whose inputs and
-/// output share `params`: the exact integer sum clamped to the grid, from the zero point
-/// up when a ReLU follows. No rounding happens, so every engine agrees trivially.
-#[inline]
-pub fn add_centered(a: i32, b: i32, params: &QParams, relu: bool) -> i32 {
-    let lo = if relu {
-        0
-    } else {
-        params.grid.qmin - params.zero_point
-    };
-    (a + b).clamp(lo, params.grid.qmax - params.zero_point)
+/// The requantization of a residual add whose two inputs share one parameter set with
+/// scale `input_scale`: the sum of the centred codes `(a - zp) + (b - zp)` is exact in
+/// integers and becomes the output code as a layer's accumulator does (`Requant` with
+/// weight scale 1 and zero bias; a ReLU raises the clamp to the output zero point).
+pub fn add_requant(input_scale: f32, out: &QParams, relu: bool) -> Requant {
+    Requant::new(input_scale, 1.0, out, relu)
 }
 
 /// Per-output-channel requantization of an int32 accumulator into an activation grid.
