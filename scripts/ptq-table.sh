@@ -14,10 +14,12 @@
 #   DATA (../shared/data), FRAMES (calibration scans, 256), NOISE_SEEDS ("1 2"; empty:
 #   no noise runs), BITS ("w8a8 w4a8"), NICE (10), DOC (docs/ptq-results.md), MODEL
 #   (models/default.safetensors), CARD (its model card), TRAIN_SECONDS (its training
-#   time, from the card), TITLE (the model's name in the heading).
+#   time, from the card), TITLE (the model's name in the heading), EXTRA_ROWS (more
+#   rows, "name|label|calibrate arguments" separated by ';').
 # The voxel model's table: MODEL=models/default_voxel.safetensors \
 #   CARD=models/default_voxel.md TRAIN_SECONDS=... TITLE="default voxel model" BITS=w8a8 \
-#   NOISE_SEEDS= DOC=docs/ptq-results-voxel.md scripts/ptq-table.sh out/ptq-table-voxel
+#   NOISE_SEEDS= EXTRA_ROWS="layer-units|LiDAR-PTQ, every layer its own unit|--method lidar-ptq --layer-units" \
+#   DOC=docs/ptq-results-voxel.md scripts/ptq-table.sh out/ptq-table-voxel
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-out/ptq-table}
@@ -51,6 +53,11 @@ ROWS=(
   "tgpl|+ TGPL (step sizes learnt)|--method lidar-ptq --no-adaround"
   "lidar-ptq|+ adaptive rounding (= LiDAR-PTQ)|--method lidar-ptq"
 )
+# More rows after these: EXTRA_ROWS="name|label|args;name|label|args".
+if [ -n "${EXTRA_ROWS:-}" ]; then
+  IFS=';' read -r -a extra <<<"$EXTRA_ROWS"
+  ROWS+=("${extra[@]}")
+fi
 NOISE_ROWS=(minmax lidar-ptq)
 [ -n "$NOISE_SEEDS" ] || NOISE_ROWS=()
 read -r -a BITS <<<"${BITS:-w8a8 w4a8}"
