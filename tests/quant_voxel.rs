@@ -295,3 +295,44 @@ fn reconstruction_improves_the_sparse_units() {
         assert!(sparse.iter().all(|u| u.lambda > 0.0), "{report}");
     }
 }
+
+/// Min-max covers what both inputs of every residual add take on the calibration frames:
+/// the residual branch (a conv without ReLU) is signed where the block input is not, and
+/// the add's output does not contain its range, so it must be observed itself.
+#[test]
+fn minmax_covers_both_inputs_of_every_residual_add() {
+    let (cfg, graph) = tiny();
+    let w = weights(&graph, 14);
+    let fr = frames(3, 9);
+    let m = calibrate(&cfg, &w, &fr, &CalibOptions::new(Method::MinMax)).unwrap();
+    let fp = Fp32Engine::new(&graph, &w).unwrap();
+    let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); graph.nodes.len() + 1];
+    for f in inputs(&cfg, &fr) {
+        fp.run_observed(&f.net_input(), &mut |v, t| {
+            for &x in &t.data {
+                range[v] = (range[v].0.min(x), range[v].1.max(x));
+            }
+        })
+        .unwrap();
+    }
+    let mut signed = 0;
+    for n in graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Add { .. }))
+    {
+        for &v in &n.inputs {
+            let q = m.activations[v].unwrap();
+            let (lo, hi) = q.real_range();
+            let (a, b) = range[v];
+            assert!(
+                lo <= a + q.scale && hi >= b - q.scale,
+                "{}: input value {v} spans [{a}, {b}], parameters cover [{lo}, {hi}]",
+                n.name
+            );
+            signed += (a < -q.scale) as usize;
+        }
+    }
+    // The check means something: some residual branch does go negative.
+    assert!(signed > 0);
+}

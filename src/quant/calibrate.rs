@@ -665,11 +665,20 @@ pub fn calibrate_detailed(
                         LayerKind::Linear | LayerKind::SparseConv3d { .. }
                     )))
         });
-    // Values observed: those read by a layer, in a group that gets parameters.
+    // Values observed: those read by a layer, in a group that gets parameters, and the
+    // inputs of a residual add (its output does not contain their ranges, unlike the
+    // other glue ops': the residual branch is signed where the block input is not).
     let mut observed = vec![false; n + 1];
     for node in &graph.nodes {
-        if matches!(node.op, Op::Layer(_)) && plan.quantized(node.inputs[0]) {
-            observed[node.inputs[0]] = true;
+        let read: &[usize] = match node.op {
+            Op::Layer(_) => &node.inputs[..1],
+            Op::Add { .. } => &node.inputs,
+            _ => &[],
+        };
+        for &v in read {
+            if plan.quantized(v) {
+                observed[v] = true;
+            }
         }
     }
     // A per-feature input has its own statistics.
