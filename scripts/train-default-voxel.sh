@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the default voxel model (config/models/default_voxel.yaml) with the default pillar
-# model's recipe: simulated HDL-64E and HDL-32E scans, 4000 steps of batch 2, one-cycle LR.
+# model's recipe (how models/default_voxel.safetensors was made; see its card): simulated HDL-64E and HDL-32E scans, 4000 steps of batch 2, one-cycle LR.
 # A forward pass costs about 1.25x the pillar model's on the CPU, so expect 2-3 hours on
 # a 2-core machine. Resumable: rerun it after an interruption; STOP_AFTER=N stops after
 # step N (a later run resumes exactly where it stopped), to spread training over sessions.
