@@ -809,6 +809,30 @@ enum UnitWeights {
 }
 
 impl UnitWeights {
+    /// Learned rounding from the folded weights when `adaround`, else the nearest codes of
+    /// `w0`; per-channel steps are `w0`'s.
+    fn new(
+        folded: &FoldedLayer,
+        w0: &LayerWeights,
+        out_axis: usize,
+        adaround: bool,
+    ) -> Result<Self, CalibError> {
+        let wq: Vec<QParams> = w0
+            .scales
+            .iter()
+            .map(|&s| QParams {
+                scale: s,
+                zero_point: 0,
+                grid: Grid::weight(w0.bits),
+            })
+            .collect();
+        Ok(if adaround {
+            UnitWeights::Ada(AdaRound::new(&folded.weight, out_axis, &wq)?)
+        } else {
+            UnitWeights::Fixed(dequantized(w0, out_axis))
+        })
+    }
+
     fn current(&self, shape: &[usize]) -> Tensor {
         match self {
             UnitWeights::Ada(a) => Tensor {
@@ -843,6 +867,15 @@ fn dequantized(w: &LayerWeights, out_axis: usize) -> Tensor {
             .map(|(i, &c)| w.scales[(i / inner) % cout] * c as f32)
             .collect(),
     }
+}
+
+/// Sum of squared differences, in f64.
+fn squared_error(y: &Tensor, t: &Tensor) -> f64 {
+    y.data
+        .iter()
+        .zip(&t.data)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum()
 }
 
 /// Smallest step size relative to the initial one (keeps a step from collapsing).
@@ -979,21 +1012,7 @@ fn optimise_block(
     };
     let weights_of = |l: &crate::model::graph::Layer, j: usize, w0: &LayerWeights| {
         let folded = ctx.folded_q[j].as_ref().expect("layer folded");
-        let axis = weight_out_axis(l.kind);
-        let wq: Vec<QParams> = w0
-            .scales
-            .iter()
-            .map(|&s| QParams {
-                scale: s,
-                zero_point: 0,
-                grid: Grid::weight(w0.bits),
-            })
-            .collect();
-        Ok::<_, CalibError>(if opts.adaround {
-            UnitWeights::Ada(AdaRound::new(&folded.weight, axis, &wq)?)
-        } else {
-            UnitWeights::Fixed(dequantized(w0, axis))
-        })
+        UnitWeights::new(folded, w0, weight_out_axis(l.kind), opts.adaround)
     };
     let mut ws = [weights_of(l1, i1, w01)?, weights_of(l2, i2, w02)?];
     let shapes = [w01.shape.clone(), w02.shape.clone()];
@@ -1077,16 +1096,9 @@ fn optimise_block(
             yq,
         })
     };
-    let positions = |t: &Tensor| (t.len() / t.shape.last().copied().unwrap_or(1).max(1)).max(1);
-    let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
-        let sq: f64 = y
-            .data
-            .iter()
-            .zip(&t.data)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        sq / positions(y) as f64
-    };
+    // The block output has conv2's layout (rows of sites).
+    let positions = |t: &Tensor| u2.positions(t).max(1);
+    let rec_loss = |y: &Tensor, t: &Tensor| squared_error(y, t) / positions(y) as f64;
     let down = Downstream::new(graph, add);
     let tgpl = |f: usize, y: Tensor| tgpl_downstream(ctx, &down, add, &states[f], y);
 
@@ -1283,21 +1295,7 @@ fn optimise_unit(
     };
     let out_axis = weight_out_axis(l.kind);
     let shape = w0.shape.clone();
-    let wgrid = Grid::weight(w0.bits);
-    let wq: Vec<QParams> = w0
-        .scales
-        .iter()
-        .map(|&s| QParams {
-            scale: s,
-            zero_point: 0,
-            grid: wgrid,
-        })
-        .collect();
-    let mut weights = if opts.adaround {
-        UnitWeights::Ada(AdaRound::new(&folded.weight, out_axis, &wq)?)
-    } else {
-        UnitWeights::Fixed(dequantized(w0, out_axis))
-    };
+    let mut weights = UnitWeights::new(folded, w0, out_axis, opts.adaround)?;
     let nearest = dequantized(w0, out_axis);
     // The step size is learnt relative to its initial value (s = s0 * r, Adam on r), so
     // one learning rate suits every layer whatever the magnitude of its activations.
@@ -1343,15 +1341,7 @@ fn optimise_unit(
         };
         layer.forward(&x, w, &Crop::Full, rb_of(f)).map_err(err)
     };
-    let rec_loss = |y: &Tensor, t: &Tensor| -> f64 {
-        let sq: f64 = y
-            .data
-            .iter()
-            .zip(&t.data)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        sq / layer.positions(y).max(1) as f64
-    };
+    let rec_loss = |y: &Tensor, t: &Tensor| squared_error(y, t) / layer.positions(y).max(1) as f64;
     let tgpl = |f: usize, y: Tensor| -> Result<(f64, Tensor), CalibError> {
         tgpl_downstream(ctx, &down, i, &states[f], y)
     };
