@@ -243,6 +243,9 @@ struct RenderArgs {
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if !lidar_ptq::engine::keep_freed_memory() {
+        log::debug!("allocator thresholds left as they are");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate {

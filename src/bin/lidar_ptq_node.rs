@@ -3,6 +3,8 @@
 //! message naming the parameter and exit status 1.
 
 fn main() {
+    // Activations are allocated per layer: keep freed memory for the next scan.
+    lidar_ptq::engine::keep_freed_memory();
     if let Err(e) = lidar_ptq::node::runtime::run() {
         // The ROS logger may not be installed yet (the context failed): say it on stderr too.
         log::error!("{e}");

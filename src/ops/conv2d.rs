@@ -6,14 +6,18 @@
 //! however large the image; a 1x1 stride-1 unpadded conv skips packing (the image already
 //! is its column matrix).
 
-use super::im2col::{Geom, col2im_add, im2col};
-use super::matmul::{MatRef, gemm};
+use super::im2col::{Geom, col2im_add, im2col, im2col_serial};
+use super::matmul::{MatRef, gemm, gemm_serial};
 use super::{OpsError, Result, Tensor, dims, expect_len, expect_shape};
+use rayon::prelude::*;
 
 const OP: &str = "conv2d";
 
 /// Target size of one im2col band, in elements (4 MiB of f32: L2/L3 friendly).
 const BAND_ELEMS: usize = 1 << 20;
+
+/// Target size of one band when each thread packs its own (1 MiB of f32).
+const PAR_BAND_ELEMS: usize = 1 << 18;
 
 /// Stride and zero padding, (vertical, horizontal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +118,60 @@ fn band_rows(g: &Geom) -> usize {
     (BAND_ELEMS / (g.k() * g.wo).max(1)).clamp(1, g.ho.max(1))
 }
 
+/// Output rows per band when bands are spread over threads: small enough that a band's
+/// columns stay in the core's L2 cache between packing and GEMM, and that every thread gets
+/// several bands.
+fn par_band_rows(g: &Geom, threads: usize) -> usize {
+    let by_cache = (PAR_BAND_ELEMS / (g.k() * g.wo).max(1)).max(1);
+    let by_threads = g.ho.div_ceil(4 * threads.max(1)).max(1);
+    by_cache.min(by_threads).min(g.ho.max(1))
+}
+
+/// Adds `conv(img, weight)` onto `out` (`[cout, ho * wo]`, holding the bias or zeros).
+///
+/// Each thread packs and multiplies its own bands of output rows on its own core: packing
+/// in parallel and then one threaded GEMM per band would move the band between caches
+/// and synchronise the pool twice per band.
+fn forward_bands(img: &[f32], weight: &[f32], cout: usize, g: &Geom, out: &mut [f32]) {
+    let (k, hw_out) = (g.k(), g.ho * g.wo);
+    let rows = par_band_rows(g, rayon::current_num_threads());
+    let bands: Vec<(usize, usize)> = (0..g.ho)
+        .step_by(rows)
+        .map(|oy0| (oy0, (oy0 + rows).min(g.ho)))
+        .collect();
+    let results: Vec<Vec<f32>> = bands
+        .par_iter()
+        .map_init(
+            || vec![0.0f32; k * rows * g.wo],
+            |col, &(oy0, oy1)| {
+                let cols = (oy1 - oy0) * g.wo;
+                im2col_serial(img, g, oy0, oy1, col);
+                let mut band = vec![0.0f32; cout * cols];
+                gemm_serial(
+                    cout,
+                    cols,
+                    k,
+                    &mut band,
+                    cols,
+                    false,
+                    MatRef::rows(weight, k),
+                    MatRef::rows(col, cols),
+                );
+                band
+            },
+        )
+        .collect();
+    for (&(oy0, oy1), band) in bands.iter().zip(&results) {
+        let cols = (oy1 - oy0) * g.wo;
+        for (co, src) in band.chunks_exact(cols).enumerate() {
+            let dst = &mut out[co * hw_out + oy0 * g.wo..co * hw_out + oy1 * g.wo];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        }
+    }
+}
+
 /// `y = conv(x, weight) + bias`: `[N, Cin, H, W] -> [N, Cout, Ho, Wo]`.
 pub fn forward(
     x: &Tensor,
@@ -132,36 +190,24 @@ pub fn forward(
             plane.fill(b[i % cout]);
         }
     }
-    let rows = band_rows(&g);
-    let mut col = if is_pointwise(&g) {
-        Vec::new()
-    } else {
-        vec![0.0f32; k * rows * g.wo]
-    };
     for b in 0..n {
         let img = &x.data[b * hw_in..(b + 1) * hw_in];
         let out = &mut y.data[b * cout * hw_out..(b + 1) * cout * hw_out];
-        let mut oy0 = 0;
-        while oy0 < g.ho {
-            let oy1 = (oy0 + rows).min(g.ho);
-            let cols = (oy1 - oy0) * g.wo;
-            let packed: &[f32] = if is_pointwise(&g) {
-                img
-            } else {
-                im2col(img, &g, oy0, oy1, &mut col);
-                &col
-            };
+        if is_pointwise(&g) {
+            // The image already is its column matrix.
+            let w = MatRef::rows(&weight.data, k);
             gemm(
                 cout,
-                cols,
+                hw_out,
                 k,
-                &mut out[oy0 * g.wo..],
+                out,
                 hw_out,
                 bias.is_some(),
-                MatRef::rows(&weight.data, k),
-                MatRef::rows(packed, cols),
+                w,
+                MatRef::rows(img, hw_out),
             );
-            oy0 = oy1;
+        } else {
+            forward_bands(img, &weight.data, cout, &g, out);
         }
     }
     Ok(y)

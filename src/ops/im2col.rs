@@ -53,47 +53,67 @@ impl Geom {
     }
 }
 
-/// Packs output rows `[oy0, oy1)` of `img` (`[c, h, w]`) into `col` (`[k, (oy1-oy0) * wo]`).
+/// Packs output rows `[oy0, oy1)` of `img` (`[c, h, w]`) into `col` (`[k, (oy1-oy0) * wo]`),
+/// channels spread over the thread pool.
 pub(crate) fn im2col(img: &[f32], g: &Geom, oy0: usize, oy1: usize, col: &mut [f32]) {
+    let Some(per_c) = check_band(img, g, oy0, oy1, col) else {
+        return;
+    };
+    col[..g.c * per_c]
+        .par_chunks_mut(per_c)
+        .enumerate()
+        .for_each(|(ci, dst)| pack_channel(img, g, oy0, oy1, ci, dst));
+}
+
+/// [`im2col`] on the calling thread, for callers that already split work over threads.
+pub(crate) fn im2col_serial(img: &[f32], g: &Geom, oy0: usize, oy1: usize, col: &mut [f32]) {
+    let Some(per_c) = check_band(img, g, oy0, oy1, col) else {
+        return;
+    };
+    for (ci, dst) in col[..g.c * per_c].chunks_exact_mut(per_c).enumerate() {
+        pack_channel(img, g, oy0, oy1, ci, dst);
+    }
+}
+
+/// Checks buffer sizes; the length of one channel's block of rows (None when empty).
+fn check_band(img: &[f32], g: &Geom, oy0: usize, oy1: usize, col: &[f32]) -> Option<usize> {
     let cols = (oy1 - oy0) * g.wo;
     let per_c = g.kh * g.kw * cols;
     assert!(
         img.len() >= g.c * g.h * g.w && col.len() >= g.c * per_c,
         "im2col: buffer too small"
     );
-    if per_c == 0 {
-        return;
-    }
-    col[..g.c * per_c]
-        .par_chunks_mut(per_c)
-        .enumerate()
-        .for_each(|(ci, dst)| {
-            let plane = &img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    let row = &mut dst[(ky * g.kw + kx) * cols..(ky * g.kw + kx + 1) * cols];
-                    let valid = g.valid_cols(kx);
-                    for oy in oy0..oy1 {
-                        let out = &mut row[(oy - oy0) * g.wo..(oy - oy0 + 1) * g.wo];
-                        let Some(iy) = g.in_row(oy, ky) else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        out[..valid.start].fill(0.0);
-                        out[valid.end..].fill(0.0);
-                        let src = &plane[iy * g.w..(iy + 1) * g.w];
-                        let x0 = valid.start * g.sw + kx - g.pw;
-                        if g.sw == 1 {
-                            out[valid.clone()].copy_from_slice(&src[x0..x0 + valid.len()]);
-                        } else {
-                            for (j, o) in out[valid.clone()].iter_mut().enumerate() {
-                                *o = src[x0 + j * g.sw];
-                            }
-                        }
+    (per_c > 0).then_some(per_c)
+}
+
+/// The `kh * kw` rows of channel `ci` for output rows `[oy0, oy1)`.
+fn pack_channel(img: &[f32], g: &Geom, oy0: usize, oy1: usize, ci: usize, dst: &mut [f32]) {
+    let cols = (oy1 - oy0) * g.wo;
+    let plane = &img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let row = &mut dst[(ky * g.kw + kx) * cols..(ky * g.kw + kx + 1) * cols];
+            let valid = g.valid_cols(kx);
+            for oy in oy0..oy1 {
+                let out = &mut row[(oy - oy0) * g.wo..(oy - oy0 + 1) * g.wo];
+                let Some(iy) = g.in_row(oy, ky) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                out[..valid.start].fill(0.0);
+                out[valid.end..].fill(0.0);
+                let src = &plane[iy * g.w..(iy + 1) * g.w];
+                let x0 = valid.start * g.sw + kx - g.pw;
+                if g.sw == 1 {
+                    out[valid.clone()].copy_from_slice(&src[x0..x0 + valid.len()]);
+                } else {
+                    for (j, o) in out[valid.clone()].iter_mut().enumerate() {
+                        *o = src[x0 + j * g.sw];
                     }
                 }
             }
-        });
+        }
+    }
 }
 
 /// Adjoint of [`im2col`]: adds the columns of output rows `[oy0, oy1)` back onto `img`.

@@ -51,6 +51,36 @@ pub(crate) fn gemm(
     a: MatRef<'_>,
     b: MatRef<'_>,
 ) {
+    gemm_on(m, n, k, dst, ld_dst, accumulate, a, b, true);
+}
+
+/// [`gemm`] on the calling thread, for callers that already split work over threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+    accumulate: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+) {
+    gemm_on(m, n, k, dst, ld_dst, accumulate, a, b, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+    accumulate: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    threads: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -74,7 +104,7 @@ pub(crate) fn gemm(
         b.last_index(k, n).is_some_and(|i| i < b.data.len()),
         "gemm: rhs view out of bounds"
     );
-    let par = if m * n * k >= PARALLEL_MIN_FLOPS {
+    let par = if threads && m * n * k >= PARALLEL_MIN_FLOPS {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None

@@ -34,6 +34,7 @@
 pub mod batchnorm;
 pub mod concat;
 pub mod conv2d;
+pub mod conv_narrow;
 pub mod conv_transpose2d;
 pub mod focal_loss;
 pub mod height_compress;
@@ -47,6 +48,7 @@ pub mod repeat_points;
 pub mod scatter;
 pub mod sigmoid;
 pub mod sparse_conv;
+pub mod winograd;
 
 #[cfg(test)]
 pub(crate) mod testutil;
