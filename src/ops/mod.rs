@@ -25,7 +25,8 @@
 //! Ops: [`linear`], [`batchnorm`] (train/eval, BN folding), [`relu`], [`sigmoid`],
 //! [`pillar_max`], [`repeat_points`], [`scatter`] (and gather), [`conv2d`], [`conv_transpose2d`], [`concat`](mod@concat)
 //! (and split), [`focal_loss`], [`reg_l1_loss`], and for the voxel branch [`sparse_conv`]
-//! (over a `sparse::Rulebook`) and [`height_compress`]. Convolutions and linear run on the `gemm`
+//! (over a `sparse::Rulebook`) and [`height_compress`]. Inference-only forwards for 3x3
+//! stride-1 convolutions: [`winograd`] and [`conv_narrow`] (few output channels). Convolutions and linear run on the `gemm`
 //! crate through a safe strided wrapper; parallelism comes from the global rayon pool.
 //!
 //! Shapes are validated on every call; a mismatch is an [`OpsError`] naming the op and the
