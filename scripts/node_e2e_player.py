@@ -132,6 +132,7 @@ class Player(Node):
         self.malformed_stamps = set()
         self.answers = []  # (recv ns, msg)
         self.processing = []
+        self.node_latency = []  # the node's own receive-to-publish latency, one per answer
         self.rosout = []  # (level, text)
         self.switch_stamp = None
         self.diagnostics = None
@@ -140,6 +141,7 @@ class Player(Node):
         reliable = QoSProfile(depth=1000)
         self.create_subscription(Detection3DArray, f"{ns}/output/detections", self.on_detections, reliable)
         self.create_subscription(Float64, f"{ns}/debug/processing_time_ms", self.on_processing, reliable)
+        self.create_subscription(Float64, f"{ns}/debug/pipeline_latency_ms", self.on_node_latency, reliable)
         self.create_subscription(DiagnosticArray, "/diagnostics", self.on_diagnostics, reliable)
         rosout_qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -168,6 +170,10 @@ class Player(Node):
     def on_processing(self, msg):
         with self.lock:
             self.processing.append(msg.data)
+
+    def on_node_latency(self, msg):
+        with self.lock:
+            self.node_latency.append(msg.data)
 
     def on_rosout(self, msg):
         if msg.name != NODE_LOGGER:
@@ -332,6 +338,7 @@ def main():
         objects = list(node.objects)
         sent = dict(node.sent)
         processing = list(node.processing)
+        node_latency = list(node.node_latency)
         diagnostics = dict(node.diagnostics or {})
         diagnostics_seen = list(node.diagnostics_seen)
         malformed_stamps = set(node.malformed_stamps)
@@ -350,6 +357,12 @@ def main():
     prev_recv = None
     processing_by_precision = {"fp32": [], "int8": []}
     pair_processing = len(processing) == len(answers)
+    # The node publishes its own latency (stamp -> publish) right after each answer, on
+    # the same thread: the k-th value belongs to the k-th answer. Unlike the receive time
+    # here, it does not include this player's own scheduling (publishing a burst of
+    # clouds from Python can delay the thread that receives the answers).
+    pair_node_latency = len(node_latency) == len(answers)
+    node_latency_by_phase = {}
     for k, (recv, msg) in enumerate(answers):
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         if stamp in malformed_stamps:
@@ -375,6 +388,8 @@ def main():
         if pair_processing:
             processing_by_precision[precision].append(processing[k])
         latency_by_phase.setdefault(phase, []).append(ms)
+        if pair_node_latency:
+            node_latency_by_phase.setdefault(phase, []).append(node_latency[k])
         answered_by_phase[phase] = answered_by_phase.get(phase, 0) + 1
         if phase in ("calibrating", "int8", "replay"):
             steady_recv.append(recv)
@@ -412,6 +427,7 @@ def main():
         "latency_ms_fp32": summary(latency["fp32"]),
         "latency_ms_int8": summary(latency["int8"]),
         "latency_ms_by_phase": {p: summary(v) for p, v in latency_by_phase.items()},
+        "node_latency_ms_by_phase": {p: summary(v) for p, v in node_latency_by_phase.items()},
         "processing_ms": summary(processing),
         "processing_ms_fp32": summary(processing_by_precision["fp32"]),
         "processing_ms_int8": summary(processing_by_precision["int8"]),
