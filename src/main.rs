@@ -125,6 +125,9 @@ struct BenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also report every node's median time (FP32 and INT8).
+    #[arg(long)]
+    layers: bool,
     /// cpu (FP32 and INT8 kernels on this CPU), or cuda / cuda:N (FP32, FP16 and INT8 on
     /// that GPU; builds with feature `cuda`).
     #[arg(long, default_value = "cpu")]
@@ -355,6 +358,7 @@ fn bench_verb(a: &BenchArgs) -> Result<()> {
         iters: a.iters,
         warmup: a.warmup,
         lidar: a.lidar,
+        layers: a.layers,
     };
     let bar = indicatif::ProgressBar::new(0);
     if let cli::Device::Cuda(ordinal) = a.device {

@@ -163,6 +163,63 @@ fn conv2d_avx2_is_bit_exact_with_the_reference() {
 }
 
 #[test]
+fn narrow_conv3x3_avx2_is_bit_exact_with_the_reference() {
+    // 3x3, stride 1, padding 1, at most four output channels: the direct AVX2 kernel.
+    if !Isa::Avx2.is_available() {
+        eprintln!("AVX2 unavailable: nothing to compare");
+        return;
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    let mut i = 0;
+    for cout in 1..=4 {
+        for cin in [1, 2, 5, 64] {
+            // Widths below, at and past one 16-pixel block; heights past one task (8 rows).
+            for hw in [(3, 19), (4, 5), (9, 16), (17, 37)] {
+                // Near the middle of the codes: a zero point far off it saturates every
+                // output of these random layers (zx = 0 runs in the f32 cases below).
+                let zx = r.random_range(64..=192);
+                conv_case(
+                    &mut r,
+                    cin,
+                    cout,
+                    (3, 3),
+                    1,
+                    1,
+                    hw,
+                    zx,
+                    cin == 64 && i % 2 == 0,
+                );
+                i += 1;
+            }
+        }
+    }
+    // The dequantizing epilogue (f32 output, with and without ReLU).
+    for (cin, cout, (h, w), zx) in [
+        (64, 2, (13, 21), 9u8),
+        (3, 1, (4, 40), 250),
+        (7, 4, (8, 8), 0),
+    ] {
+        let l = Layer::random(&mut r, cout * cin * 9, cout, cin * 9, zx);
+        let p = PackedConv::with_epilogue(
+            &l.w,
+            [cout, cin, 3, 3],
+            &l.bias_q(),
+            l.dequant(),
+            (1, 1),
+            (1, 1),
+        )
+        .unwrap();
+        let x = random_input(&mut r, cin * h * w);
+        let (mut want, mut got) = (vec![0f32; cout * h * w], vec![0f32; cout * h * w]);
+        p.forward_f32(Isa::Scalar, &x, [1, cin, h, w], zx, &mut want)
+            .unwrap();
+        p.forward_f32(Isa::Avx2, &x, [1, cin, h, w], zx, &mut got)
+            .unwrap();
+        assert_eq!(bits(&got), bits(&want), "narrow f32 cin {cin} cout {cout}");
+    }
+}
+
+#[test]
 fn conv_transpose2d_avx2_is_bit_exact_with_the_reference() {
     if !Isa::Avx2.is_available() {
         eprintln!("AVX2 unavailable: nothing to compare");

@@ -111,6 +111,18 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Simulated sensor; default: HDL-32E for nuScenes models, HDL-64E otherwise.
     pub lidar: Option<LidarModel>,
+    /// Also report the median time of every node ([`BenchReport::layers`]).
+    pub layers: bool,
+}
+
+/// One node's median milliseconds in each pipeline. A node the engine runs together with
+/// others (the FP32 engine's stacked sibling convs) carries the group's time on the
+/// first of them to finish and 0 on the rest.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerTime {
+    pub node: String,
+    pub fp32_ms: f64,
+    pub int8_ms: Option<f64>,
 }
 
 /// Median milliseconds per stage.
@@ -178,6 +190,9 @@ pub struct BenchReport {
     /// Voxel models: the same for the INT8 engine.
     pub int8_sparse_ms: Option<f64>,
     pub int8_sparse_share: Option<f64>,
+    /// With `--layers`: every node's median time, in graph order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerTime>>,
 }
 
 /// CPU features that matter to the kernels, as detected at run time.
@@ -315,8 +330,11 @@ const STAGE_DECODE: usize = 5;
 type NetStep<'a> = dyn FnMut(&NetInput<'_>, &mut dyn FnMut(usize), &mut HeadOutputs) -> Result<(), BenchError>
     + 'a;
 
-/// Per-stage milliseconds of one run.
-type Sample = [f64; 6];
+/// Per-stage milliseconds of one run, and per node.
+struct Sample {
+    stages: [f64; 6],
+    nodes: Vec<f64>,
+}
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -362,7 +380,8 @@ fn time_pipeline(
     let mut samples = Vec::new();
     let mut detections = 0;
     for it in 0..opts.warmup + opts.iters {
-        let mut s: Sample = [0.0; 6];
+        let mut s = [0.0; 6];
+        let mut nodes = vec![0.0; graph.nodes.len()];
         let t0 = Instant::now();
         frame
             .prepare(pts)
@@ -374,7 +393,9 @@ fn time_pipeline(
             &frame.input(),
             &mut |node| {
                 let now = Instant::now();
-                s[stage[node]] += ms(now - last);
+                let t = ms(now - last);
+                s[stage[node]] += t;
+                nodes[node] += t;
                 last = now;
             },
             &mut heads,
@@ -386,20 +407,27 @@ fn time_pipeline(
         s[STAGE_DECODE] = ms(t2.elapsed());
         detections = boxes.len();
         if it >= opts.warmup {
-            samples.push(s);
+            samples.push(Sample { stages: s, nodes });
         }
         progress.inc(1);
     }
     Ok((samples, detections))
 }
 
+/// Median milliseconds of every node.
+fn node_medians(samples: &[Sample], n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| median(samples.iter().map(|s| s.nodes[i]).collect()))
+        .collect()
+}
+
 fn summarize(samples: &[Sample], detections: usize, dense_gmac: f64) -> PipelineTimes {
-    let col = |k: usize| median(samples.iter().map(|s| s[k]).collect());
-    let total = median(samples.iter().map(|s| s.iter().sum()).collect());
+    let col = |k: usize| median(samples.iter().map(|s| s.stages[k]).collect());
+    let total = median(samples.iter().map(|s| s.stages.iter().sum()).collect());
     let dense = median(
         samples
             .iter()
-            .map(|s| s[STAGE_BACKBONE] + s[STAGE_NECK] + s[STAGE_HEAD])
+            .map(|s| s.stages[STAGE_BACKBONE] + s.stages[STAGE_NECK] + s.stages[STAGE_HEAD])
             .collect(),
     );
     PipelineTimes {
@@ -459,6 +487,7 @@ pub fn run(
         },
     )?;
     let fp32_times = summarize(&samples, det, dense_gmac);
+    let fp32_nodes = node_medians(&samples, graph.nodes.len());
 
     let fp32_sparse_ms = graph.sparse.as_ref().map(|_| fp32_times.stages.pfn);
     let fp32_sparse_share = fp32_sparse_ms.map(|s| s / fp32_times.total_ms);
@@ -484,6 +513,7 @@ pub fn run(
         .sum();
     let mut int8_weight_bytes = None;
     let mut int8_times = None;
+    let mut int8_nodes = None;
     let mut uniform = None;
     let isa = Isa::detect();
     if let Some(qm) = &qm {
@@ -503,7 +533,20 @@ pub fn run(
         let seen = after.0 - before.0;
         uniform = (seen > 0).then(|| (after.1 - before.1) as f64 / seen as f64);
         int8_times = Some(summarize(&samples, det, dense_gmac));
+        int8_nodes = Some(node_medians(&samples, graph.nodes.len()));
     }
+    let layers = opts.layers.then(|| {
+        graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| LayerTime {
+                node: n.name.clone(),
+                fp32_ms: fp32_nodes[i],
+                int8_ms: int8_nodes.as_ref().map(|t| t[i]),
+            })
+            .collect()
+    });
     let int8_sparse = int8_times
         .as_ref()
         .filter(|_| graph.sparse.is_some())
@@ -546,6 +589,7 @@ pub fn run(
         active_sites,
         int8_sparse_ms,
         int8_sparse_share,
+        layers,
     })
 }
 
@@ -628,6 +672,14 @@ pub fn format_report(r: &BenchReport) -> String {
             "; active sites per resolution {:?}",
             r.active_sites.as_deref().unwrap_or(&[])
         );
+    }
+    if let Some(layers) = &r.layers {
+        let _ = writeln!(s, "per node (median ms):");
+        let _ = writeln!(s, "{:<48} {:>9} {:>9}", "node", "fp32", "int8");
+        for l in layers {
+            let int8 = l.int8_ms.map_or("-".to_string(), |t| format!("{t:.2}"));
+            let _ = writeln!(s, "{:<48} {:>9.2} {:>9}", l.node, l.fp32_ms, int8);
+        }
     }
     s
 }

@@ -101,6 +101,31 @@ enum Step {
     Concat {
         aliased: bool,
     },
+    /// Sibling convs (same input, same geometry) stacked into one kernel, run at the
+    /// first of them: one im2col and packing of the input for all. Their output values
+    /// (`members`: value and channels, in node order) lie one after the other in the
+    /// first one's buffer, so each reads as an ordinary value.
+    Stacked {
+        kernel: PackedConv,
+        zx: u8,
+        members: Vec<(usize, usize)>,
+    },
+    /// A conv whose output a `Stacked` step computed already.
+    InStack,
+}
+
+/// Rows a stacked kernel may hold: enough to share the input's im2col and packing among
+/// several siblings, few enough that their outputs, all live at once, stay small.
+const MAX_STACK_ROWS: usize = 512;
+
+/// What stacking needs of an integer conv: its weights as given, and its epilogue.
+struct ConvParts {
+    codes: Vec<i8>,
+    shape: [usize; 4],
+    stride: usize,
+    padding: usize,
+    bias_q: Vec<i32>,
+    epilogue: Epilogue,
 }
 
 /// The INT8 CPU engine.
@@ -145,6 +170,7 @@ impl Int8Engine {
         let mut folded = fold_layers(graph, weights)?;
         let acts = qm.activations.clone();
         let mut steps = Vec::with_capacity(graph.nodes.len());
+        let mut conv_parts: Vec<Option<ConvParts>> = (0..graph.nodes.len()).map(|_| None).collect();
         for (i, (node, plan)) in graph.nodes.iter().zip(&qm.layers).enumerate() {
             let step = match (&node.op, plan) {
                 (Op::Layer(l), Some(LayerPlan::Int(w))) => {
@@ -189,17 +215,28 @@ impl Int8Engine {
                             kernel,
                             stride,
                             padding,
-                        } => IntKernel::Conv(
-                            PackedConv::with_epilogue(
-                                &w.codes,
-                                [l.out_channels, l.in_channels, kernel, kernel],
-                                &bias_q,
-                                epi,
-                                (stride, stride),
-                                (padding, padding),
+                        } => {
+                            let shape = [l.out_channels, l.in_channels, kernel, kernel];
+                            conv_parts[i] = Some(ConvParts {
+                                codes: w.codes.clone(),
+                                shape,
+                                stride,
+                                padding,
+                                bias_q: bias_q.clone(),
+                                epilogue: epi.clone(),
+                            });
+                            IntKernel::Conv(
+                                PackedConv::with_epilogue(
+                                    &w.codes,
+                                    shape,
+                                    &bias_q,
+                                    epi,
+                                    (stride, stride),
+                                    (padding, padding),
+                                )
+                                .map_err(kerr)?,
                             )
-                            .map_err(kerr)?,
-                        ),
+                        }
                         LayerKind::ConvTranspose2d { kernel, stride } => IntKernel::ConvTranspose(
                             PackedConvTranspose::with_epilogue(
                                 &w.codes,
@@ -257,6 +294,7 @@ impl Int8Engine {
             };
             steps.push(step);
         }
+        stack_siblings(graph, &conv_parts, &mut steps)?;
         let (loc, n_u8, n_f32) = plan_memory(graph, &acts, &mut steps);
         let (ny, nx) = graph.bev;
         Ok(Self {
@@ -297,6 +335,7 @@ impl Int8Engine {
                     IntKernel::Sparse(k, _) => k.weight_bytes(),
                 },
                 Step::Float { folded, .. } => 4 * (folded.weight.data.len() + folded.bias.len()),
+                Step::Stacked { kernel, .. } => kernel.weight_bytes(),
                 _ => 0,
             })
             .sum()
@@ -636,6 +675,41 @@ impl Int8Engine {
                 }
                 os
             }
+            Step::Stacked {
+                kernel,
+                zx,
+                members,
+            } => {
+                let [n, c, h, w] = kernel.output_shape(xs.nchw()).map_err(kerr)?;
+                let len = n * c * h * w;
+                macro_rules! call {
+                    ($pool:ident, $fwd:ident) => {{
+                        let mut buf = std::mem::take(&mut self.$pool[yl.slot]);
+                        if buf.len() < yl.offset + len {
+                            buf.resize(yl.offset + len, Default::default());
+                        }
+                        let y = &mut buf[yl.offset..yl.offset + len];
+                        let r = view(&self.u8_slots, xl, xs.len()).and_then(|xin| {
+                            kernel.$fwd(self.isa, xin, xs.nchw(), *zx, y).map_err(kerr)
+                        });
+                        self.$pool[yl.slot] = buf;
+                        r?;
+                    }};
+                }
+                if xl.slot == yl.slot && out_q.is_some() {
+                    return Err(EngineError::Internal(format!("{name}: slot reuse")));
+                }
+                if out_q.is_some() {
+                    call!(u8_slots, forward);
+                } else {
+                    call!(f32_slots, forward_f32);
+                }
+                for &(m, cm) in members {
+                    self.shapes[m] = Shape::new(&[n, cm, h, w]);
+                }
+                self.shapes[v]
+            }
+            Step::InStack => self.shapes[v],
             Step::Concat { aliased } => {
                 let first = xs;
                 let c: usize = node.inputs.iter().map(|&u| self.shapes[u].dims[1]).sum();
@@ -890,6 +964,136 @@ fn height_compress<T: Copy + Send + Sync>(
     debug_assert_eq!(y.len(), c * d * plane);
 }
 
+/// Stacks sibling integer convs: those reading the same value with the same geometry and
+/// the same kind of output (codes, or reals with the same ReLU), whose outputs have static
+/// shapes and are not written into a concat, up to [`MAX_STACK_ROWS`] rows per stack.
+/// Every output channel is computed exactly as alone (its own row of the GEMM), so
+/// stacking changes no result.
+fn stack_siblings(
+    graph: &Graph,
+    parts: &[Option<ConvParts>],
+    steps: &mut [Step],
+) -> Result<(), EngineError> {
+    let shapes = static_shapes(graph);
+    let mut concat_input = vec![false; graph.nodes.len() + 1];
+    for n in &graph.nodes {
+        if matches!(n.op, Op::Concat) {
+            n.inputs.iter().for_each(|&u| concat_input[u] = true);
+        }
+    }
+    let same_kind = |a: &Epilogue, b: &Epilogue| match (a, b) {
+        (Epilogue::Requant(_), Epilogue::Requant(_)) => true,
+        (
+            Epilogue::Dequant {
+                input_scale: sa,
+                relu: ra,
+                ..
+            },
+            Epilogue::Dequant {
+                input_scale: sb,
+                relu: rb,
+                ..
+            },
+        ) => sa == sb && ra == rb,
+        _ => false,
+    };
+    let int_step: Vec<bool> = steps
+        .iter()
+        .map(|s| matches!(s, Step::Int { .. }))
+        .collect();
+    let stackable = |j: usize| {
+        parts[j].is_some() && shapes[j + 1].is_some() && !concat_input[j + 1] && int_step[j]
+    };
+    let mut taken = vec![false; graph.nodes.len()];
+    for i in 0..graph.nodes.len() {
+        if taken[i] || !stackable(i) {
+            continue;
+        }
+        let lead = parts[i].as_ref().expect("stackable");
+        let mut members = vec![i];
+        let mut rows = lead.shape[0];
+        for j in i + 1..graph.nodes.len() {
+            let Some(p) = parts[j].as_ref().filter(|_| !taken[j] && stackable(j)) else {
+                continue;
+            };
+            if graph.nodes[j].inputs == graph.nodes[i].inputs
+                && p.shape[1..] == lead.shape[1..]
+                && (p.stride, p.padding) == (lead.stride, lead.padding)
+                && same_kind(&p.epilogue, &lead.epilogue)
+                && rows + p.shape[0] <= MAX_STACK_ROWS
+            {
+                members.push(j);
+                rows += p.shape[0];
+            }
+        }
+        if members.len() < 2 {
+            continue;
+        }
+        let ps: Vec<&ConvParts> = members
+            .iter()
+            .map(|&j| parts[j].as_ref().expect("stackable"))
+            .collect();
+        let epilogue = match &lead.epilogue {
+            Epilogue::Requant(_) => Epilogue::Requant(
+                ps.iter()
+                    .flat_map(|p| match &p.epilogue {
+                        Epilogue::Requant(r) => r.clone(),
+                        Epilogue::Dequant { .. } => unreachable!("same kind"),
+                    })
+                    .collect(),
+            ),
+            Epilogue::Dequant {
+                input_scale, relu, ..
+            } => Epilogue::Dequant {
+                input_scale: *input_scale,
+                weight_scale: ps
+                    .iter()
+                    .flat_map(|p| match &p.epilogue {
+                        Epilogue::Dequant { weight_scale, .. } => weight_scale.clone(),
+                        Epilogue::Requant(_) => unreachable!("same kind"),
+                    })
+                    .collect(),
+                relu: *relu,
+            },
+        };
+        let codes: Vec<i8> = ps.iter().flat_map(|p| p.codes.iter().copied()).collect();
+        let bias: Vec<i32> = ps.iter().flat_map(|p| p.bias_q.iter().copied()).collect();
+        let [_, cin, kh, kw] = lead.shape;
+        let kernel = PackedConv::with_epilogue(
+            &codes,
+            [rows, cin, kh, kw],
+            &bias,
+            epilogue,
+            (lead.stride, lead.stride),
+            (lead.padding, lead.padding),
+        )
+        .map_err(|source| EngineError::Kernel {
+            node: graph.nodes[i].name.clone(),
+            source,
+        })?;
+        let zx = match steps[i] {
+            Step::Int { zx, .. } => zx,
+            _ => unreachable!("stackable"),
+        };
+        steps[i] = Step::Stacked {
+            kernel,
+            zx,
+            members: members
+                .iter()
+                .zip(&ps)
+                .map(|(&j, p)| (j + 1, p.shape[0]))
+                .collect(),
+        };
+        for &j in &members {
+            taken[j] = true;
+        }
+        for &j in &members[1..] {
+            steps[j] = Step::InStack;
+        }
+    }
+    Ok(())
+}
+
 /// Assigns every value a slot by liveness (a value's slot is free again after its last
 /// reader) and aliases concat inputs into the concat's buffer. Returns the locations and
 /// the u8 and f32 pool sizes.
@@ -940,12 +1144,58 @@ fn plan_memory(
         }
     }
     let is_u8 = |v: usize| acts[v].is_some();
+    // Stacked outputs: one buffer per stack, each member at its offset; the buffer is free
+    // again when every member is (`stack_live` counts the members still live).
+    let mut stack_of: Vec<Option<usize>> = vec![None; nv];
+    let mut stack_members: Vec<Vec<(usize, usize)>> = Vec::new();
+    for step in steps.iter() {
+        if let Step::Stacked { members, .. } = step {
+            let mut off = 0;
+            let placed = members
+                .iter()
+                .map(|&(m, _)| {
+                    stack_of[m] = Some(stack_members.len());
+                    let at = (m, off);
+                    off += shapes[m].map_or(0, |s| s.len());
+                    at
+                })
+                .collect();
+            stack_members.push(placed);
+        }
+    }
+    let mut stack_live: Vec<usize> = stack_members.iter().map(Vec::len).collect();
     let mut loc: Vec<Option<Loc>> = vec![None; nv];
     let mut pools = Pools::default();
     loc[0] = Some(pools.alloc(is_u8(0)));
     let mut to_free: Vec<(usize, bool)> = Vec::new();
+    // A value that is dead now: its slot is free unless it lies in a concat's or a
+    // stack's buffer (a stack's is free with its last member).
+    let mut release = |u: usize, loc: &[Option<Loc>], to_free: &mut Vec<(usize, bool)>| {
+        if alias[u].is_some() {
+            return;
+        }
+        if let Some(g) = stack_of[u] {
+            stack_live[g] -= 1;
+            if stack_live[g] > 0 {
+                return;
+            }
+        }
+        to_free.push((loc[u].expect("planned").slot, is_u8(u)));
+    };
     for (i, n) in graph.nodes.iter().enumerate() {
         let v = i + 1;
+        if let Some(g) = stack_of[v]
+            && loc[v].is_none()
+        {
+            // The first member: the stack's buffer, every member placed in it.
+            let base = pools.alloc(is_u8(v));
+            for &(m, off) in &stack_members[g] {
+                loc[m] = Some(Loc {
+                    slot: base.slot,
+                    offset: off,
+                });
+            }
+        }
         if loc[v].is_none() {
             loc[v] = Some(match alias[v] {
                 Some((cv, off)) => {
@@ -960,13 +1210,16 @@ fn plan_memory(
         }
         // Slots whose last reader is this node, and outputs nobody reads, free up now.
         to_free.clear();
-        for &u in &n.inputs {
-            if last_use[u] == Some(i) && alias[u].is_none() {
-                to_free.push((loc[u].expect("planned").slot, is_u8(u)));
+        let mut dead: Vec<usize> = n.inputs.clone();
+        dead.sort_unstable();
+        dead.dedup();
+        for &u in &dead {
+            if last_use[u] == Some(i) {
+                release(u, &loc, &mut to_free);
             }
         }
-        if last_use[v].is_none() && alias[v].is_none() {
-            to_free.push((loc[v].expect("planned").slot, is_u8(v)));
+        if last_use[v].is_none() {
+            release(v, &loc, &mut to_free);
         }
         to_free.sort_unstable();
         to_free.dedup();
@@ -1488,6 +1741,8 @@ mod tests {
         }
         for isa in isas {
             let mut e = Int8Engine::with_isa(&graph, &w, &qm, isa).unwrap();
+            // The head's sibling convs run stacked (and must still match).
+            assert!(e.steps.iter().any(|s| matches!(s, Step::Stacked { .. })));
             for f in [&dense, &sparse, &dense] {
                 let got = e.run(&f.input()).unwrap();
                 let want = reference(&graph, &w, &qm, &f.input());

@@ -725,3 +725,220 @@ fn im2col_band(x: &[u8], g: &ConvGeom, cin: usize, zx: u8, n0: usize, len: usize
         }
     }
 }
+
+/// Output channels the direct 3x3 kernel ([`conv3x3_narrow`]) serves: below this, the
+/// GEMM's im2col and panel packing cost many times the multiplications themselves.
+pub(super) const NARROW_MAX_COUT: usize = 4;
+/// Output rows per parallel task of the direct kernel.
+const NARROW_ROWS: usize = 8;
+/// Output pixels per register block of the direct kernel (two ymm per channel).
+const NARROW_COLS: usize = 16;
+
+/// Weight pairs of the direct kernel: `wn[(p * 9 + tap) * cout + c]` holds
+/// `w[c, 2p, tap]` and `w[c, 2p + 1, tap]` as an i16 pair (zero past `cin`).
+pub(super) fn narrow_weights(w: &[i8], cout: usize, cin: usize) -> Vec<i32> {
+    let kp = cin.div_ceil(2);
+    let at = |c: usize, ci: usize, t: usize| -> u32 {
+        if ci < cin {
+            w[(c * cin + ci) * 9 + t] as i16 as u16 as u32
+        } else {
+            0
+        }
+    };
+    let mut wn = vec![0i32; kp * 9 * cout];
+    for p in 0..kp {
+        for t in 0..9 {
+            for c in 0..cout {
+                wn[(p * 9 + t) * cout + c] = (at(c, 2 * p, t) | (at(c, 2 * p + 1, t) << 16)) as i32;
+            }
+        }
+    }
+    wn
+}
+
+/// Direct 3x3 convolution, stride 1, padding 1, for at most [`NARROW_MAX_COUT`] output
+/// channels (the head's last convs): no im2col, no packing. Per task of
+/// [`NARROW_ROWS`] output rows, the centred inputs `x - zx` of channel pairs are
+/// interleaved as i16 pairs over the rows the task reads (zero in the padding, which is
+/// exactly what a padded tap contributes), then every output pixel sums, in registers,
+/// `vpmaddwd` of those pairs with the broadcast weight pairs of each tap: the exact
+/// `sum (x - zx) * w` of the reference, followed by the GEMM kernels' epilogue with the
+/// bias as offset.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` is `[cin, h, w]`, `out` `[cout, h, w]` with
+/// `cout <= NARROW_MAX_COUT`, `wn` from [`narrow_weights`] and `gw` the layer's packed
+/// weights (for the epilogue).
+pub(super) unsafe fn conv3x3_narrow<T: SimdOut>(
+    gw: &GemmWeights,
+    wn: &[i32],
+    x: &[u8],
+    zx: u8,
+    (cin, h, w): (usize, usize, usize),
+    out: &mut [T],
+) {
+    let cout = gw.m;
+    assert!(
+        (1..=NARROW_MAX_COUT).contains(&cout)
+            && x.len() == cin * h * w
+            && out.len() == cout * h * w
+            && wn.len() == cin.div_ceil(2) * 9 * cout
+    );
+    let out = OutPtr {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    (0..h.div_ceil(NARROW_ROWS)).into_par_iter().for_each(|t| {
+        let y0 = t * NARROW_ROWS;
+        let rows = (h - y0).min(NARROW_ROWS);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // SAFETY: AVX2 (caller); shapes asserted above.
+            unsafe {
+                let pitch = narrow_pairs(x, zx, (cin, h, w), y0, rows, &mut s.xp);
+                match cout {
+                    1 => narrow_rows::<T, 1>(gw, wn, &s.xp, pitch, (cin, h, w), y0, rows, out),
+                    2 => narrow_rows::<T, 2>(gw, wn, &s.xp, pitch, (cin, h, w), y0, rows, out),
+                    3 => narrow_rows::<T, 3>(gw, wn, &s.xp, pitch, (cin, h, w), y0, rows, out),
+                    _ => narrow_rows::<T, 4>(gw, wn, &s.xp, pitch, (cin, h, w), y0, rows, out),
+                }
+            }
+        })
+    });
+}
+
+/// The centred input pairs a task reads: `xp[(p * (rows + 2) + r) * pitch + 1 + x]` =
+/// `(x[2p, y0 + r - 1, x] - zx) | (x[2p + 1, ..] - zx) << 16` as i16, zero outside the
+/// image (and for a missing odd channel). Returns the row pitch.
+#[target_feature(enable = "avx2")]
+unsafe fn narrow_pairs(
+    x: &[u8],
+    zx: u8,
+    (cin, h, w): (usize, usize, usize),
+    y0: usize,
+    rows: usize,
+    xp: &mut Vec<i32>,
+) -> usize {
+    // Room for the left pad, the row, the right pad and a full block read past it.
+    let pitch = (w + 2).next_multiple_of(NARROW_COLS) + NARROW_COLS;
+    let kp = cin.div_ceil(2);
+    let len = kp * (rows + 2) * pitch;
+    if xp.len() < len {
+        xp.resize(len, 0);
+    }
+    let z = _mm256_set1_epi16(zx as i16);
+    for p in 0..kp {
+        for r in 0..rows + 2 {
+            let dst = &mut xp[(p * (rows + 2) + r) * pitch..][..pitch];
+            let iy = (y0 + r).checked_sub(1).filter(|&iy| iy < h);
+            let Some(iy) = iy else {
+                dst.fill(0);
+                continue;
+            };
+            dst[0] = 0;
+            dst[w + 1..].fill(0);
+            let a = &x[((2 * p) * h + iy) * w..][..w];
+            let b = (2 * p + 1 < cin).then(|| &x[((2 * p + 1) * h + iy) * w..][..w]);
+            let mut i = 0;
+            while i + 16 <= w {
+                // SAFETY: 16 bytes at `i < w - 15` of each row; 16 lanes written at
+                // `1 + i <= w - 15` of a row of `pitch >= w + 18` lanes.
+                unsafe {
+                    let va = _mm256_sub_epi16(
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i)),
+                        z,
+                    );
+                    let vb = match b {
+                        Some(b) => _mm256_sub_epi16(
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                                b.as_ptr().add(i) as *const __m128i
+                            )),
+                            z,
+                        ),
+                        None => _mm256_setzero_si256(),
+                    };
+                    let lo = _mm256_unpacklo_epi16(va, vb);
+                    let hi = _mm256_unpackhi_epi16(va, vb);
+                    let d = dst.as_mut_ptr().add(1 + i) as *mut __m256i;
+                    _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(lo, hi));
+                    _mm256_storeu_si256(d.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+                }
+                i += 16;
+            }
+            for j in i..w {
+                let va = (a[j] as i16 - zx as i16) as u16 as u32;
+                let vb = b.map_or(0, |b| (b[j] as i16 - zx as i16) as u16 as u32);
+                dst[1 + j] = (va | (vb << 16)) as i32;
+            }
+        }
+    }
+    pitch
+}
+
+/// Output rows `[y0, y0 + rows)` of every channel from the task's pairs `xp`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+unsafe fn narrow_rows<T: SimdOut, const NC: usize>(
+    gw: &GemmWeights,
+    wn: &[i32],
+    xp: &[i32],
+    pitch: usize,
+    (cin, h, w): (usize, usize, usize),
+    y0: usize,
+    rows: usize,
+    out: OutPtr<T>,
+) {
+    let kp = cin.div_ceil(2);
+    assert!(xp.len() >= kp * (rows + 2) * pitch && wn.len() >= kp * 9 * NC);
+    for y in 0..rows {
+        let mut xb = 0;
+        while xb < w {
+            let mut acc = [[_mm256_setzero_si256(); 2]; NC];
+            for p in 0..kp {
+                for ky in 0..3 {
+                    let row = (p * (rows + 2) + y + ky) * pitch + xb;
+                    for kx in 0..3 {
+                        // SAFETY: `row + kx + 16 <= .. + w + 2 + 16 <= ..+ pitch` lanes of
+                        // the task's pairs (asserted); weights indexed below `kp * 9 * NC`.
+                        unsafe {
+                            let src = xp.as_ptr().add(row + kx);
+                            let x0 = _mm256_loadu_si256(src as *const __m256i);
+                            let x1 = _mm256_loadu_si256(src.add(8) as *const __m256i);
+                            let wv = wn.as_ptr().add((p * 9 + ky * 3 + kx) * NC);
+                            for (c, acc) in acc.iter_mut().enumerate() {
+                                let wc = _mm256_set1_epi32(*wv.add(c));
+                                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x0, wc));
+                                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x1, wc));
+                            }
+                        }
+                    }
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                for (half, &a) in acc.iter().enumerate() {
+                    let c0 = xb + 8 * half;
+                    if c0 >= w {
+                        break;
+                    }
+                    let valid = (w - c0).min(8);
+                    let at = (c * h + y0 + y) * w + c0;
+                    // acc is sum (x - zx) w already: the offset is the bias alone.
+                    let off = gw.bias[c];
+                    // SAFETY: AVX2; `c < m`; full stores are in bounds (checked).
+                    unsafe {
+                        if valid == 8 && at + 8 <= out.len {
+                            T::epi8(a, off, gw, c, out.ptr.add(at));
+                        } else {
+                            let mut lanes = [T::default(); 8];
+                            T::epi8(a, off, gw, c, lanes.as_mut_ptr());
+                            for (i, &v) in lanes[..valid].iter().enumerate() {
+                                out.write(at + i, v);
+                            }
+                        }
+                    }
+                }
+            }
+            xb += NARROW_COLS;
+        }
+    }
+}

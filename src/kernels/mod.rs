@@ -22,6 +22,11 @@
 //! summed into i32, exact). The zero point is folded into the epilogue as
 //! `bias_q - zx * sum_k w[c, k]` (wrapping, identical to the reference mod 2^32).
 //!
+//! 3x3 convs with stride 1, padding 1 and at most four output channels (the head's last
+//! layers) skip the GEMM: with so few rows, im2col and panel packing would cost several
+//! times the multiplications. A direct kernel (`avx2::conv3x3_narrow`) sums the centred
+//! input pairs times broadcast weight pairs in registers instead, with the same epilogue.
+//!
 //! # Epilogues
 //! An [`Epilogue`] turns `acc + bias_q` into the layer's output: [`Epilogue::Requant`]
 //! gives u8 codes (`forward`), [`Epilogue::Dequant`] gives f32 reals exactly as
@@ -350,6 +355,9 @@ pub struct PackedConv {
     bias: Vec<i32>,
     epilogue: Epilogue,
     gemm: GemmWeights,
+    /// Weight pairs of the AVX2 direct kernel for 3x3, stride-1, padding-1 convs with
+    /// few output channels (`avx2::conv3x3_narrow`).
+    narrow: Option<Vec<i32>>,
 }
 
 impl PackedConv {
@@ -395,6 +403,15 @@ impl PackedConv {
         let gemm = GemmWeights::new(cout, k, bias, epilogue.clone(), |row, kk| {
             weight[row * k + kk]
         });
+        #[cfg(target_arch = "x86_64")]
+        let narrow = (kh == 3
+            && kw == 3
+            && stride == (1, 1)
+            && padding == (1, 1)
+            && cout <= avx2::NARROW_MAX_COUT)
+            .then(|| avx2::narrow_weights(weight, cout, cin));
+        #[cfg(not(target_arch = "x86_64"))]
+        let narrow = None;
         Ok(Self {
             cout,
             cin,
@@ -405,6 +422,7 @@ impl PackedConv {
             bias: bias.to_vec(),
             epilogue,
             gemm,
+            narrow,
         })
     }
 
@@ -453,7 +471,7 @@ impl PackedConv {
 
     /// Resident bytes of the packed parameters.
     pub fn weight_bytes(&self) -> usize {
-        self.gemm.bytes() + 4 * self.bias.len()
+        self.gemm.bytes() + 4 * (self.bias.len() + self.narrow.as_ref().map_or(0, Vec::len))
     }
 
     /// `out = requant(conv(x - zx, w) + bias)`: `x` is `[n, cin, h, w]` = `input`, `out`
@@ -504,7 +522,14 @@ impl PackedConv {
                 Isa::Scalar => scalar::conv2d(self, xi, zx, &g, oi),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `check_isa` verified AVX2; lengths were checked above.
-                Isa::Avx2 => unsafe { avx2::conv2d(&self.gemm, xi, zx, &g, oi) },
+                Isa::Avx2 => unsafe {
+                    match &self.narrow {
+                        Some(wn) => {
+                            avx2::conv3x3_narrow(&self.gemm, wn, xi, zx, (self.cin, g.h, g.w), oi)
+                        }
+                        None => avx2::conv2d(&self.gemm, xi, zx, &g, oi),
+                    }
+                },
                 #[cfg(not(target_arch = "x86_64"))]
                 Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
             }
