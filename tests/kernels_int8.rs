@@ -264,6 +264,9 @@ fn linear_avx2_is_bit_exact_with_the_reference() {
         (130, 10, 64),
         (300, 33, 65),
         (17, 64, 3),
+        // Several parallel tasks of rows (the pillar net's points), K odd and even.
+        (1100, 64, 32),
+        (1030, 9, 40),
     ]
     .into_iter()
     .enumerate()

@@ -942,3 +942,230 @@ unsafe fn narrow_rows<T: SimdOut, const NC: usize>(
         }
     }
 }
+
+/// Output channels the direct linear kernel keeps in registers (8 ymm accumulators).
+pub(super) const LINEAR_DIRECT_MAX_COUT: usize = 64;
+/// Rows per parallel task of the direct linear kernel.
+const LINEAR_ROWS: usize = 512;
+
+/// A linear layer prepared for [`linear_direct`]: weight pairs by output lane and the
+/// epilogue's per-channel parameters as lanes (`m8` = outputs rounded up to 8, padding
+/// lanes zero).
+#[derive(Debug, Clone)]
+pub(super) struct DirectLinear {
+    kp: usize,
+    m8: usize,
+    /// `wl[p * m8 + c]`: `w[c, 2p]` and `w[c, 2p + 1]` as an i16 pair.
+    wl: Vec<i32>,
+    bias: Vec<i32>,
+    epi: LaneEpilogue,
+}
+
+/// [`Epilogue`] parameters laid out by output lane.
+#[derive(Debug, Clone)]
+enum LaneEpilogue {
+    /// `Requant`: multiplier, `lo - zp` and `hi - zp` (as f32), `zp`.
+    Requant {
+        mult: Vec<f32>,
+        lo: Vec<f32>,
+        hi: Vec<f32>,
+        zp: Vec<i32>,
+    },
+    /// `Dequant`: `s_in * s_w[c]`, then ReLU.
+    Dequant { scale: Vec<f32>, relu: bool },
+}
+
+impl DirectLinear {
+    pub(super) fn new(w: &GemmWeights, weight: &[i8], cout: usize, cin: usize) -> DirectLinear {
+        let (kp, m8) = (cin.div_ceil(2), cout.next_multiple_of(8));
+        let at = |c: usize, k: usize| -> u32 {
+            if c < cout && k < cin {
+                weight[c * cin + k] as i16 as u16 as u32
+            } else {
+                0
+            }
+        };
+        let mut wl = vec![0i32; kp * m8];
+        for p in 0..kp {
+            for c in 0..m8 {
+                wl[p * m8 + c] = (at(c, 2 * p) | (at(c, 2 * p + 1) << 16)) as i32;
+            }
+        }
+        let lane = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
+            (0..m8).map(|c| if c < cout { f(c) } else { 0.0 }).collect()
+        };
+        let epi = match &w.epilogue {
+            Epilogue::Requant(r) => LaneEpilogue::Requant {
+                mult: lane(&|c| r[c].multiplier),
+                lo: lane(&|c| (r[c].lo - r[c].zero_point) as f32),
+                hi: lane(&|c| (r[c].hi - r[c].zero_point) as f32),
+                zp: (0..m8)
+                    .map(|c| if c < cout { r[c].zero_point } else { 0 })
+                    .collect(),
+            },
+            Epilogue::Dequant { relu, .. } => LaneEpilogue::Dequant {
+                scale: lane(&|c| w.deq_scale[c]),
+                relu: *relu,
+            },
+        };
+        let mut bias = w.bias.clone();
+        bias.resize(m8, 0);
+        DirectLinear {
+            kp,
+            m8,
+            wl,
+            bias,
+            epi,
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        let epi = match &self.epi {
+            LaneEpilogue::Requant { .. } => 16 * self.m8,
+            LaneEpilogue::Dequant { .. } => 4 * self.m8,
+        };
+        4 * (self.wl.len() + self.bias.len()) + epi
+    }
+}
+
+/// An output element of the direct linear kernel's per-lane epilogue.
+pub(super) trait LaneOut: OutElem {
+    /// The epilogue of output channels `[c0, c0 + 8)` (accumulators `acc`, centred sums)
+    /// into `dst[..8]`: lane by lane the operations of the GEMM epilogue.
+    ///
+    /// # Safety
+    /// AVX2 available; `dst` valid for 8 writes; `c0 + 8 <= d.m8`.
+    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut Self);
+}
+
+impl LaneOut for u8 {
+    #[inline(always)]
+    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut u8) {
+        if let LaneEpilogue::Requant { mult, lo, hi, zp } = &d.epi {
+            // SAFETY: lanes `[c0, c0 + 8)` of vectors of length m8 (caller); 8 bytes out.
+            unsafe {
+                let ld = |v: &[f32]| _mm256_loadu_ps(v.as_ptr().add(c0));
+                let b = _mm256_loadu_si256(d.bias.as_ptr().add(c0) as *const __m256i);
+                let z = _mm256_loadu_si256(zp.as_ptr().add(c0) as *const __m256i);
+                let v = _mm256_add_epi32(acc, b);
+                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ld(mult));
+                let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+                let f = _mm256_min_ps(_mm256_max_ps(f, ld(lo)), ld(hi));
+                let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), z);
+                let w =
+                    _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                _mm_storel_epi64(dst as *mut __m128i, _mm_packus_epi16(w, w));
+            }
+        }
+    }
+}
+
+impl LaneOut for f32 {
+    #[inline(always)]
+    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut f32) {
+        if let LaneEpilogue::Dequant { scale, relu } = &d.epi {
+            // SAFETY: as for u8; 8 floats out.
+            unsafe {
+                let b = _mm256_loadu_si256(d.bias.as_ptr().add(c0) as *const __m256i);
+                let v = _mm256_add_epi32(acc, b);
+                let mut f = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(v),
+                    _mm256_loadu_ps(scale.as_ptr().add(c0)),
+                );
+                if *relu {
+                    f = _mm256_max_ps(f, _mm256_setzero_ps());
+                }
+                _mm256_storeu_ps(dst, f);
+            }
+        }
+    }
+}
+
+/// Linear `[rows, cin] -> [rows, cout]` with at most [`LINEAR_DIRECT_MAX_COUT`] outputs
+/// (the pillar feature net, whose rows are points): each row's centred input pairs are
+/// broadcast against the weight pairs of 8 outputs per register, all outputs of the row
+/// accumulate in registers, and the epilogue writes them contiguously. The GEMM would
+/// pack every row and scatter its outputs one by one.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` is `[rows, cin]`, `out` `[rows, cout]`, `d` built for
+/// `cout` outputs and `cin` inputs.
+pub(super) unsafe fn linear_direct<T: LaneOut>(
+    d: &DirectLinear,
+    x: &[u8],
+    zx: u8,
+    (rows, cin, cout): (usize, usize, usize),
+    out: &mut [T],
+) {
+    assert!(
+        x.len() == rows * cin
+            && out.len() == rows * cout
+            && d.kp == cin.div_ceil(2)
+            && d.m8 == cout.next_multiple_of(8)
+            && cout <= LINEAR_DIRECT_MAX_COUT
+    );
+    out.par_chunks_mut(cout * LINEAR_ROWS)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let x = &x[t * LINEAR_ROWS * cin..];
+            // SAFETY: AVX2 (caller); shapes asserted above.
+            unsafe {
+                match d.m8 / 8 {
+                    1 => linear_rows::<T, 1>(d, x, zx, cin, cout, o),
+                    2 => linear_rows::<T, 2>(d, x, zx, cin, cout, o),
+                    3 => linear_rows::<T, 3>(d, x, zx, cin, cout, o),
+                    4 => linear_rows::<T, 4>(d, x, zx, cin, cout, o),
+                    5 => linear_rows::<T, 5>(d, x, zx, cin, cout, o),
+                    6 => linear_rows::<T, 6>(d, x, zx, cin, cout, o),
+                    7 => linear_rows::<T, 7>(d, x, zx, cin, cout, o),
+                    _ => linear_rows::<T, 8>(d, x, zx, cin, cout, o),
+                }
+            }
+        });
+}
+
+/// The rows of `out` (`[n, cout]`) from the rows of `x` (`[>= n, cin]`).
+#[target_feature(enable = "avx2")]
+unsafe fn linear_rows<T: LaneOut, const NA: usize>(
+    d: &DirectLinear,
+    x: &[u8],
+    zx: u8,
+    cin: usize,
+    cout: usize,
+    out: &mut [T],
+) {
+    let (kp, m8) = (d.kp, d.m8);
+    assert!(d.wl.len() >= kp * m8 && m8 >= 8 * NA && x.len() >= out.len() / cout * cin);
+    let z = zx as i16;
+    for (r, orow) in out.chunks_exact_mut(cout).enumerate() {
+        let xr = &x[r * cin..(r + 1) * cin];
+        let mut acc = [_mm256_setzero_si256(); NA];
+        for p in 0..kp {
+            let a = (xr[2 * p] as i16 - z) as u16 as u32;
+            let b = xr
+                .get(2 * p + 1)
+                .map_or(0, |&v| (v as i16 - z) as u16 as u32);
+            let xv = _mm256_set1_epi32((a | (b << 16)) as i32);
+            // SAFETY: `p * m8 + 8 * NA <= kp * m8` lanes of `wl` (asserted).
+            let wp = unsafe { d.wl.as_ptr().add(p * m8) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_si256(wp.add(8 * j) as *const __m256i) };
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(xv, wv));
+            }
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            let c0 = 8 * j;
+            // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
+            unsafe {
+                if c0 + 8 <= cout {
+                    T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
+                } else {
+                    let mut lanes = [T::default(); 8];
+                    T::lanes(a, d, c0, lanes.as_mut_ptr());
+                    orow[c0..].copy_from_slice(&lanes[..cout - c0]);
+                }
+            }
+        }
+    }
+}

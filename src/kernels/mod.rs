@@ -26,6 +26,9 @@
 //! layers) skip the GEMM: with so few rows, im2col and panel packing would cost several
 //! times the multiplications. A direct kernel (`avx2::conv3x3_narrow`) sums the centred
 //! input pairs times broadcast weight pairs in registers instead, with the same epilogue.
+//! Likewise linear layers with at most 64 outputs (the pillar net, one row per point)
+//! run `avx2::linear_direct`: a row's outputs accumulate in registers and are written
+//! contiguously by a per-lane copy of the same epilogue, instead of being scattered.
 //!
 //! # Epilogues
 //! An [`Epilogue`] turns `acc + bias_q` into the layer's output: [`Epilogue::Requant`]
@@ -193,9 +196,9 @@ impl OutElem for f32 {
 
 /// An output type every kernel family can write.
 #[cfg(target_arch = "x86_64")]
-trait Out: avx2::SimdOut {}
+trait Out: avx2::SimdOut + avx2::LaneOut {}
 #[cfg(target_arch = "x86_64")]
-impl<T: avx2::SimdOut> Out for T {}
+impl<T: avx2::SimdOut + avx2::LaneOut> Out for T {}
 #[cfg(not(target_arch = "x86_64"))]
 trait Out: OutElem {}
 #[cfg(not(target_arch = "x86_64"))]
@@ -722,6 +725,9 @@ pub struct PackedLinear {
     bias: Vec<i32>,
     epilogue: Epilogue,
     gemm: GemmWeights,
+    /// The AVX2 direct kernel's layout, for layers with few outputs.
+    #[cfg(target_arch = "x86_64")]
+    direct: Option<avx2::DirectLinear>,
 }
 
 impl PackedLinear {
@@ -759,13 +765,20 @@ impl PackedLinear {
             cin,
             bias: bias.to_vec(),
             epilogue,
+            #[cfg(target_arch = "x86_64")]
+            direct: (cout <= avx2::LINEAR_DIRECT_MAX_COUT)
+                .then(|| avx2::DirectLinear::new(&gemm, weight, cout, cin)),
             gemm,
         })
     }
 
     /// Resident bytes of the packed parameters.
     pub fn weight_bytes(&self) -> usize {
-        self.gemm.bytes() + 4 * self.bias.len()
+        #[cfg(target_arch = "x86_64")]
+        let direct = self.direct.as_ref().map_or(0, |d| d.bytes());
+        #[cfg(not(target_arch = "x86_64"))]
+        let direct = 0;
+        self.gemm.bytes() + 4 * self.bias.len() + direct
     }
 
     /// `x` is `[rows, cin]` row-major, `out` `[rows, cout]`.
@@ -795,7 +808,12 @@ impl PackedLinear {
             Isa::Scalar => scalar::linear(self, x, zx, rows, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `check_isa` verified AVX2; lengths were checked above.
-            Isa::Avx2 => unsafe { avx2::linear(&self.gemm, x, zx, rows, out) },
+            Isa::Avx2 => unsafe {
+                match &self.direct {
+                    Some(d) => avx2::linear_direct(d, x, zx, (rows, self.cin, self.cout), out),
+                    None => avx2::linear(&self.gemm, x, zx, rows, out),
+                }
+            },
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
         }
