@@ -12,10 +12,12 @@
 # Usage: scripts/ptq-table.sh [WORK]            (default out/ptq-table)
 # Environment: LIDAR_PTQ_BIN (target/release/lidar_ptq), VAL_BAG (out/val/hdl64),
 #   DATA (../shared/data), FRAMES (calibration scans, 256), NOISE_SEEDS ("1 2"; empty:
-#   no noise runs), BITS ("w8a8 w4a8"), NICE (10), DOC (docs/ptq-results.md), MODEL
+#   no noise runs), NOISE_ROWS (rows run with every noise seed, "minmax lidar-ptq"),
+#   BITS ("w8a8 w4a8"), NICE (10), DOC (docs/ptq-results.md), MODEL
 #   (models/default.safetensors), CARD (its model card), TRAIN_SECONDS (its training
-#   time, from the card), TITLE (the model's name in the heading), EXTRA_ROWS (more
-#   rows, "name|label|calibrate arguments" separated by ';').
+#   time, from the card; the eleven-class models/default11.safetensors took 6666),
+#   TITLE (the model's name in the heading), EXTRA_ROWS (more rows,
+#   "name|label|calibrate arguments" separated by ';').
 # The voxel model's table: MODEL=models/default_voxel.safetensors \
 #   CARD=models/default_voxel.md TRAIN_SECONDS=... TITLE="default voxel model" BITS=w8a8 \
 #   NOISE_SEEDS= EXTRA_ROWS="layer-units|LiDAR-PTQ, every layer its own unit|--method lidar-ptq --layer-units" \
@@ -26,7 +28,7 @@ WORK=${1:-out/ptq-table}
 BIN=${LIDAR_PTQ_BIN:-target/release/lidar_ptq}
 MODEL=${MODEL:-models/default.safetensors}
 CARD=${CARD:-models/default.md}
-TRAIN_SECONDS=${TRAIN_SECONDS:-6666}
+TRAIN_SECONDS=${TRAIN_SECONDS:-5441}
 TITLE=${TITLE:-default model}
 VAL=${VAL_BAG:-out/val/hdl64}
 DATA=${DATA:-../shared/data}
@@ -58,7 +60,7 @@ if [ -n "${EXTRA_ROWS:-}" ]; then
   IFS=';' read -r -a extra <<<"$EXTRA_ROWS"
   ROWS+=("${extra[@]}")
 fi
-NOISE_ROWS=(minmax lidar-ptq)
+read -r -a NOISE_ROWS <<<"${NOISE_ROWS:-minmax lidar-ptq}"
 [ -n "$NOISE_SEEDS" ] || NOISE_ROWS=()
 read -r -a BITS <<<"${BITS:-w8a8 w4a8}"
 
@@ -143,7 +145,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
   echo "  quantized (no keep-float), per-channel symmetric weights, per-tensor asymmetric"
   echo "  activations, per-feature input scales; calibration seed 0."
   echo "- Scores: \`eval\` on the held-out validation bag \`$VAL\` ($(jq .frames "$WORK/fp32.json") scans):"
-  echo "  nuScenes-style centre-distance AP, 11 classes; per-distance columns are the mAP within"
+  echo "  nuScenes-style centre-distance AP, $(jq '.per_class | length' "$WORK/fp32.json") classes; per-distance columns are the mAP within"
   echo "  each range band. On the same bag, \`fidelity\` against the FP32 detections (see"
   echo "  below): the share of FP32 boxes the INT8 model reproduces and the mean score error of"
   echo "  the matched boxes: quantization fidelity on the validation scans, without labels."
