@@ -109,6 +109,8 @@ pub struct ClassResult {
     pub num_gt: usize,
     /// AP at each distance threshold, in `NuscenesConfig::dist_thresholds` order.
     pub ap: Vec<f64>,
+    /// Recall at each distance threshold with every detection kept (matched / GT).
+    pub recall: Vec<f64>,
     pub mean_ap: f64,
     pub tp: TpErrors,
     /// Precision at the 101 recall points 0, 0.01, ..., 1 for each threshold (PR curves).
@@ -327,9 +329,11 @@ pub fn nuscenes_eval(frames: &[Frame<'_>], cfg: &NuscenesConfig) -> NuscenesResu
         }
         let yaw_period = if spec.name == "barrier" { PI } else { 2.0 * PI };
         let mut ap = Vec::new();
+        let mut recall = Vec::new();
         let mut precision = Vec::new();
         for &thr in &cfg.dist_thresholds {
             let m = match_class(&per_frame, thr, yaw_period);
+            recall.push(m.is_tp.iter().filter(|&&t| t).count() as f64 / num_gt as f64);
             let c = pr_curve(&m, num_gt);
             ap.push(average_precision(&c.precision, cfg));
             precision.push(c.precision);
@@ -352,6 +356,7 @@ pub fn nuscenes_eval(frames: &[Frame<'_>], cfg: &NuscenesConfig) -> NuscenesResu
             num_gt,
             mean_ap: ap.iter().sum::<f64>() / ap.len() as f64,
             ap,
+            recall,
             tp,
             precision,
         });

@@ -68,6 +68,8 @@ pub struct ClassReport {
     /// AP per centre-distance threshold, keyed "0.5", "1.0", "2.0", "4.0".
     #[serde(rename = "AP_by_threshold")]
     pub ap_by_threshold: BTreeMap<String, f64>,
+    /// Recall (matched / ground truth, every detection kept) per centre distance.
+    pub recall_by_threshold: BTreeMap<String, f64>,
     /// True-positive errors at the 2 m threshold (`null` where undefined).
     pub tp_errors: TpErrors,
     #[serde(rename = "bev_iou_AP")]
@@ -235,6 +237,15 @@ pub fn score(frames: &[Frame<'_>], classes: &[&str], model: &str, source: &str) 
                             .iter()
                             .zip(&c.ap)
                             .map(|(t, ap)| (format!("{t:?}"), *ap))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                recall_by_threshold: result
+                    .map(|c| {
+                        cfg.dist_thresholds
+                            .iter()
+                            .zip(&c.recall)
+                            .map(|(t, r)| (format!("{t:?}"), *r))
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -432,6 +443,12 @@ mod tests {
             assert!((car.ap_by_threshold[k] - want).abs() < 1e-9, "{k}: {car:?}");
         }
         assert!((car.ap.unwrap() - (half + 1.0) / 2.0).abs() < 1e-9);
+        // Recall: one car of two within 0.5 and 1 m, both within 2 and 4 m; the missed
+        // pedestrian none.
+        for (k, want) in [("0.5", 0.5), ("1.0", 0.5), ("2.0", 1.0), ("4.0", 1.0)] {
+            assert_eq!(car.recall_by_threshold[k], want, "{k}");
+        }
+        assert_eq!(r.per_class["pedestrian"].recall_by_threshold["2.0"], 0.0);
         // BEV IoU 0.7: only the first car matches: 20 of 40 recall points at precision 1.
         assert!((car.bev_iou_ap.unwrap() - 0.5).abs() < 1e-12);
         // Bands ignore the class range: the 60 m car is found in 50+.
