@@ -73,10 +73,16 @@ enum IntKernel {
 }
 
 enum Step {
-    /// Integer layer; `zx` is the input zero point.
+    /// Integer layer; `zx` is the input zero point. `stack` is empty, or the layer runs
+    /// sibling convs (same input, same geometry) stacked into one kernel, at the first of
+    /// them: one im2col and packing of the input for all. Their output values (`stack`:
+    /// value and channels, in node order) lie one after the other in the first one's
+    /// buffer, so each reads as an ordinary value.
     Int {
-        kernel: IntKernel,
+        // Boxed: the packed kernels are much larger than the other steps.
+        kernel: Box<IntKernel>,
         zx: u8,
+        stack: Vec<(usize, usize)>,
     },
     /// Kept-float layer with its folded FP32 parameters.
     Float {
@@ -101,16 +107,7 @@ enum Step {
     Concat {
         aliased: bool,
     },
-    /// Sibling convs (same input, same geometry) stacked into one kernel, run at the
-    /// first of them: one im2col and packing of the input for all. Their output values
-    /// (`members`: value and channels, in node order) lie one after the other in the
-    /// first one's buffer, so each reads as an ordinary value.
-    Stacked {
-        kernel: PackedConv,
-        zx: u8,
-        members: Vec<(usize, usize)>,
-    },
-    /// A conv whose output a `Stacked` step computed already.
+    /// A conv whose output a stacked `Int` step computed already.
     InStack,
 }
 
@@ -266,8 +263,9 @@ impl Int8Engine {
                         ),
                     };
                     Step::Int {
-                        kernel,
+                        kernel: Box::new(kernel),
                         zx: inp.zero_point as u8,
+                        stack: Vec::new(),
                     }
                 }
                 (Op::Layer(l), _) => Step::Float {
@@ -328,14 +326,13 @@ impl Int8Engine {
         self.steps
             .iter()
             .map(|s| match s {
-                Step::Int { kernel, .. } => match kernel {
+                Step::Int { kernel, .. } => match kernel.as_ref() {
                     IntKernel::Linear(k) => k.weight_bytes(),
                     IntKernel::Conv(k) => k.weight_bytes(),
                     IntKernel::ConvTranspose(k) => k.weight_bytes(),
                     IntKernel::Sparse(k, _) => k.weight_bytes(),
                 },
                 Step::Float { folded, .. } => 4 * (folded.weight.data.len() + folded.bias.len()),
-                Step::Stacked { kernel, .. } => kernel.weight_bytes(),
                 _ => 0,
             })
             .sum()
@@ -435,9 +432,9 @@ impl Int8Engine {
         };
         let out_q = self.acts[v];
         let shape = match &self.steps[i] {
-            Step::Int { kernel, zx } => {
+            Step::Int { kernel, zx, stack } => {
                 let isa = self.isa;
-                let os = match kernel {
+                let os = match kernel.as_ref() {
                     IntKernel::Linear(k) => {
                         let [pp, nn, _] = [xs.dims[0], xs.dims[1], xs.dims[2]];
                         if xs.rank != 3 {
@@ -465,7 +462,7 @@ impl Int8Engine {
                         }
                         let y = &mut buf[yl.offset..yl.offset + len];
                         let r = view(&self.u8_slots, xl, xs.len()).and_then(|xin| {
-                            match kernel {
+                            match kernel.as_ref() {
                                 IntKernel::Linear(k) => {
                                     k.$fwd(isa, xin, xs.dims[0] * xs.dims[1], *zx, y)
                                 }
@@ -494,7 +491,15 @@ impl Int8Engine {
                 } else {
                     call!(f32_slots, forward_f32);
                 }
-                os
+                if stack.is_empty() {
+                    os
+                } else {
+                    let [n, _, h, w] = os.nchw();
+                    for &(m, cm) in stack {
+                        self.shapes[m] = Shape::new(&[n, cm, h, w]);
+                    }
+                    self.shapes[v]
+                }
             }
             Step::Float { kind, folded, relu } => {
                 let data = match (self.acts[x], &self.input_scales) {
@@ -674,40 +679,6 @@ impl Int8Engine {
                     }
                 }
                 os
-            }
-            Step::Stacked {
-                kernel,
-                zx,
-                members,
-            } => {
-                let [n, c, h, w] = kernel.output_shape(xs.nchw()).map_err(kerr)?;
-                let len = n * c * h * w;
-                macro_rules! call {
-                    ($pool:ident, $fwd:ident) => {{
-                        let mut buf = std::mem::take(&mut self.$pool[yl.slot]);
-                        if buf.len() < yl.offset + len {
-                            buf.resize(yl.offset + len, Default::default());
-                        }
-                        let y = &mut buf[yl.offset..yl.offset + len];
-                        let r = view(&self.u8_slots, xl, xs.len()).and_then(|xin| {
-                            kernel.$fwd(self.isa, xin, xs.nchw(), *zx, y).map_err(kerr)
-                        });
-                        self.$pool[yl.slot] = buf;
-                        r?;
-                    }};
-                }
-                if xl.slot == yl.slot && out_q.is_some() {
-                    return Err(EngineError::Internal(format!("{name}: slot reuse")));
-                }
-                if out_q.is_some() {
-                    call!(u8_slots, forward);
-                } else {
-                    call!(f32_slots, forward_f32);
-                }
-                for &(m, cm) in members {
-                    self.shapes[m] = Shape::new(&[n, cm, h, w]);
-                }
-                self.shapes[v]
             }
             Step::InStack => self.shapes[v],
             Step::Concat { aliased } => {
@@ -1075,10 +1046,10 @@ fn stack_siblings(
             Step::Int { zx, .. } => zx,
             _ => unreachable!("stackable"),
         };
-        steps[i] = Step::Stacked {
-            kernel,
+        steps[i] = Step::Int {
+            kernel: Box::new(IntKernel::Conv(kernel)),
             zx,
-            members: members
+            stack: members
                 .iter()
                 .zip(&ps)
                 .map(|(&j, p)| (j + 1, p.shape[0]))
@@ -1149,7 +1120,9 @@ fn plan_memory(
     let mut stack_of: Vec<Option<usize>> = vec![None; nv];
     let mut stack_members: Vec<Vec<(usize, usize)>> = Vec::new();
     for step in steps.iter() {
-        if let Step::Stacked { members, .. } = step {
+        if let Step::Int { stack: members, .. } = step
+            && !members.is_empty()
+        {
             let mut off = 0;
             let placed = members
                 .iter()
@@ -1742,7 +1715,11 @@ mod tests {
         for isa in isas {
             let mut e = Int8Engine::with_isa(&graph, &w, &qm, isa).unwrap();
             // The head's sibling convs run stacked (and must still match).
-            assert!(e.steps.iter().any(|s| matches!(s, Step::Stacked { .. })));
+            assert!(
+                e.steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Int { stack, .. } if !stack.is_empty()))
+            );
             for f in [&dense, &sparse, &dense] {
                 let got = e.run(&f.input()).unwrap();
                 let want = reference(&graph, &w, &qm, &f.input());

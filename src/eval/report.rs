@@ -181,6 +181,15 @@ fn mean(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
 
 /// Scores detections against ground truth over `classes` (each at its [`class_range`]):
 /// the function behind `lidar_ptq eval`, callable on any (ground truth, detections) pairs.
+/// Per-threshold values keyed by the centre distance (`"0.5"`, `"1.0"`, ...).
+fn by_threshold(thresholds: &[f64], values: &[f64]) -> BTreeMap<String, f64> {
+    thresholds
+        .iter()
+        .zip(values)
+        .map(|(t, v)| (format!("{t:?}"), *v))
+        .collect()
+}
+
 pub fn score(frames: &[Frame<'_>], classes: &[&str], model: &str, source: &str) -> Report {
     let specs: Vec<ClassSpec> = classes
         .iter()
@@ -232,22 +241,10 @@ pub fn score(frames: &[Frame<'_>], classes: &[&str], model: &str, source: &str) 
             ClassReport {
                 ap: result.map(|c| c.mean_ap),
                 ap_by_threshold: result
-                    .map(|c| {
-                        cfg.dist_thresholds
-                            .iter()
-                            .zip(&c.ap)
-                            .map(|(t, ap)| (format!("{t:?}"), *ap))
-                            .collect()
-                    })
+                    .map(|c| by_threshold(&cfg.dist_thresholds, &c.ap))
                     .unwrap_or_default(),
                 recall_by_threshold: result
-                    .map(|c| {
-                        cfg.dist_thresholds
-                            .iter()
-                            .zip(&c.recall)
-                            .map(|(t, r)| (format!("{t:?}"), *r))
-                            .collect()
-                    })
+                    .map(|c| by_threshold(&cfg.dist_thresholds, &c.recall))
                     .unwrap_or_default(),
                 tp_errors: result.map(|c| c.tp.clone()).unwrap_or_default(),
                 bev_iou_ap: bev_ap(&counted, class),
