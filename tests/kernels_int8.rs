@@ -72,6 +72,15 @@ impl Layer {
     }
 }
 
+/// The SIMD families to compare with the reference on this CPU; says which are skipped.
+fn simd() -> Vec<Isa> {
+    let isas = Isa::simd_available();
+    for isa in Isa::ALL[1..].iter().filter(|i| !isas.contains(i)) {
+        eprintln!("{isa:?} unavailable on this CPU: its kernels are not compared");
+    }
+    isas
+}
+
 fn random_input(r: &mut ChaCha8Rng, n: usize) -> Vec<u8> {
     (0..n).map(|_| r.random_range(0..=255u8)).collect()
 }
@@ -89,7 +98,7 @@ fn tie_requant(cout: usize, zp: i32, relu: bool) -> Vec<Requant> {
         .collect()
 }
 
-/// Asserts AVX2 == scalar for a conv case; returns false when AVX2 is unavailable.
+/// Asserts every SIMD family this CPU runs == scalar for a conv case.
 #[allow(clippy::too_many_arguments)]
 fn conv_case(
     r: &mut ChaCha8Rng,
@@ -124,9 +133,11 @@ fn conv_case(
     let mut want = vec![0u8; os.iter().product()];
     let mut got = vec![0u8; want.len()];
     p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
-    p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
     let case = format!("cin {cin} cout {cout} k {k:?} s {stride} p {pad} {hw:?} zx {zx}");
-    assert_eq!(got, want, "conv {case}");
+    for isa in simd() {
+        p.forward(isa, &x, shape, zx, &mut got).unwrap();
+        assert_eq!(got, want, "conv {case} {isa:?}");
+    }
     // A degenerate case (all outputs clamped) would prove little.
     let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
     assert!(
@@ -136,11 +147,7 @@ fn conv_case(
 }
 
 #[test]
-fn conv2d_avx2_is_bit_exact_with_the_reference() {
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
+fn conv2d_simd_is_bit_exact_with_the_reference() {
     let mut r = ChaCha8Rng::seed_from_u64(1);
     let mut i = 0;
     for cin in [3, 5, 17, 33] {
@@ -157,18 +164,17 @@ fn conv2d_avx2_is_bit_exact_with_the_reference() {
             }
         }
     }
-    // Non-square kernel, an image larger than one band, K odd and even.
+    // Non-square kernel, an image larger than one band, K odd and even (every K mod 4
+    // for the quads of the VNNI core).
     conv_case(&mut r, 16, 13, (1, 3), 1, 1, (19, 23), 77, false);
+    conv_case(&mut r, 6, 9, (1, 1), 1, 0, (7, 40), 5, false);
+    conv_case(&mut r, 10, 70, (3, 3), 2, 1, (21, 30), 130, true);
     conv_case(&mut r, 8, 64, (3, 3), 1, 1, (16, 24), 3, false);
 }
 
 #[test]
-fn narrow_conv3x3_avx2_is_bit_exact_with_the_reference() {
+fn narrow_conv3x3_simd_is_bit_exact_with_the_reference() {
     // 3x3, stride 1, padding 1, at most four output channels: the direct AVX2 kernel.
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
     let mut r = ChaCha8Rng::seed_from_u64(11);
     let mut i = 0;
     for cout in 1..=4 {
@@ -213,18 +219,16 @@ fn narrow_conv3x3_avx2_is_bit_exact_with_the_reference() {
         let (mut want, mut got) = (vec![0f32; cout * h * w], vec![0f32; cout * h * w]);
         p.forward_f32(Isa::Scalar, &x, [1, cin, h, w], zx, &mut want)
             .unwrap();
-        p.forward_f32(Isa::Avx2, &x, [1, cin, h, w], zx, &mut got)
-            .unwrap();
-        assert_eq!(bits(&got), bits(&want), "narrow f32 cin {cin} cout {cout}");
+        for isa in simd() {
+            p.forward_f32(isa, &x, [1, cin, h, w], zx, &mut got)
+                .unwrap();
+            assert_eq!(bits(&got), bits(&want), "narrow f32 cin {cin} cout {cout}");
+        }
     }
 }
 
 #[test]
-fn conv_transpose2d_avx2_is_bit_exact_with_the_reference() {
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
+fn conv_transpose2d_simd_is_bit_exact_with_the_reference() {
     let mut r = ChaCha8Rng::seed_from_u64(2);
     for (i, (cin, cout, k)) in [(3, 1, 2), (5, 7, 2), (17, 65, 2), (33, 7, 1), (16, 9, 4)]
         .into_iter()
@@ -246,17 +250,15 @@ fn conv_transpose2d_avx2_is_bit_exact_with_the_reference() {
         let mut want = vec![0u8; os.iter().product()];
         let mut got = vec![0u8; want.len()];
         p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
-        p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
-        assert_eq!(got, want, "conv_transpose cin {cin} cout {cout} k {k}");
+        for isa in simd() {
+            p.forward(isa, &x, shape, zx, &mut got).unwrap();
+            assert_eq!(got, want, "conv_transpose cin {cin} cout {cout} k {k}");
+        }
     }
 }
 
 #[test]
-fn linear_avx2_is_bit_exact_with_the_reference() {
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
+fn linear_simd_is_bit_exact_with_the_reference() {
     let mut r = ChaCha8Rng::seed_from_u64(3);
     for (i, (rows, cin, cout)) in [
         (1, 3, 1),
@@ -267,6 +269,8 @@ fn linear_avx2_is_bit_exact_with_the_reference() {
         // Several parallel tasks of rows (the pillar net's points), K odd and even.
         (1100, 64, 32),
         (1030, 9, 40),
+        // The GEMM path with K = 2 mod 4.
+        (50, 10, 70),
     ]
     .into_iter()
     .enumerate()
@@ -283,8 +287,10 @@ fn linear_avx2_is_bit_exact_with_the_reference() {
         let mut want = vec![0u8; rows * cout];
         let mut got = vec![0u8; rows * cout];
         p.forward(Isa::Scalar, &x, rows, zx, &mut want).unwrap();
-        p.forward(Isa::Avx2, &x, rows, zx, &mut got).unwrap();
-        assert_eq!(got, want, "linear rows {rows} cin {cin} cout {cout}");
+        for isa in simd() {
+            p.forward(isa, &x, rows, zx, &mut got).unwrap();
+            assert_eq!(got, want, "linear rows {rows} cin {cin} cout {cout}");
+        }
     }
 }
 
@@ -523,13 +529,9 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Conv and transposed conv on sparse and uniform inputs, both epilogues, several layers
-/// in a row (each call must start with a fresh uniform-column cache): AVX2 == scalar.
+/// in a row (each call must start with a fresh uniform-column cache): SIMD == scalar.
 #[test]
 fn sparse_inputs_are_bit_exact_with_the_reference() {
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
     let mut r = ChaCha8Rng::seed_from_u64(7);
     let reused_before = lidar_ptq::kernels::panel_stats().1;
     let mut i = 0;
@@ -565,8 +567,10 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
                 let n: usize = p.output_shape(shape).unwrap().iter().product();
                 let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
                 p.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
-                p.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
-                assert_eq!(got, want, "sparse conv u8 {case}");
+                for isa in simd() {
+                    p.forward(isa, &x, shape, zx, &mut got).unwrap();
+                    assert_eq!(got, want, "sparse conv u8 {case}");
+                }
                 let p = PackedConv::with_epilogue(
                     &l.w,
                     [cout, cin, k, k],
@@ -579,8 +583,10 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
                 let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
                 p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
                     .unwrap();
-                p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
-                assert_eq!(bits(&got), bits(&want), "sparse conv f32 {case}");
+                for isa in simd() {
+                    p.forward_f32(isa, &x, shape, zx, &mut got).unwrap();
+                    assert_eq!(bits(&got), bits(&want), "sparse conv f32 {case}");
+                }
                 // The transposed conv (upsampling) on the same input.
                 let t = PackedConvTranspose::with_epilogue(
                     &l.w[..cin * cout * 4.min(k * k)],
@@ -599,8 +605,10 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
                 let n: usize = t.output_shape(shape).unwrap().iter().product();
                 let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
                 t.forward(Isa::Scalar, &x, shape, zx, &mut want).unwrap();
-                t.forward(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
-                assert_eq!(got, want, "sparse conv_transpose {case}");
+                for isa in simd() {
+                    t.forward(isa, &x, shape, zx, &mut got).unwrap();
+                    assert_eq!(got, want, "sparse conv_transpose {case}");
+                }
                 i += 1;
             }
         }
@@ -609,12 +617,11 @@ fn sparse_inputs_are_bit_exact_with_the_reference() {
     assert!(lidar_ptq::kernels::panel_stats().1 > reused_before + 100);
 }
 
-/// The dequantizing epilogue on dense random inputs: AVX2 == scalar bit for bit, and the
+/// The dequantizing epilogue on dense random inputs: SIMD == scalar bit for bit, and the
 /// scalar output is the real-valued layer (f64) up to f32 rounding.
 #[test]
 fn dequantizing_epilogue_is_exact() {
     let mut r = ChaCha8Rng::seed_from_u64(8);
-    let avx2 = Isa::Avx2.is_available();
     for (cin, cout, k, s, pad, zx) in [
         (3, 7, 3, 1, 1, 0u8),
         (17, 5, 3, 2, 1, 131),
@@ -636,11 +643,15 @@ fn dequantizing_epilogue_is_exact() {
         let mut got = vec![0f32; cout * ho * wo];
         p.forward_f32(Isa::Scalar, &x, [1, cin, h, w], zx, &mut got)
             .unwrap();
-        if avx2 {
-            let mut simd = vec![0f32; got.len()];
-            p.forward_f32(Isa::Avx2, &x, [1, cin, h, w], zx, &mut simd)
+        let mut lanes = vec![0f32; got.len()];
+        for isa in simd() {
+            p.forward_f32(isa, &x, [1, cin, h, w], zx, &mut lanes)
                 .unwrap();
-            assert_eq!(bits(&simd), bits(&got), "conv f32 cin {cin} cout {cout}");
+            assert_eq!(
+                bits(&lanes),
+                bits(&got),
+                "conv f32 cin {cin} cout {cout} {isa:?}"
+            );
         }
         for co in 0..cout {
             let bq = l.bias_q()[co] as f64 * l.s_x as f64 * l.s_w[co] as f64;
@@ -668,18 +679,17 @@ fn dequantizing_epilogue_is_exact() {
             }
         }
     }
-    // Linear and transposed conv, AVX2 against scalar.
-    if !avx2 {
-        return;
-    }
-    for (rows, cin, cout, zx) in [(300, 11, 64, 3u8), (17, 64, 3, 200)] {
+    // Linear (direct and GEMM paths) and transposed conv, SIMD against scalar.
+    for (rows, cin, cout, zx) in [(300, 11, 64, 3u8), (17, 64, 3, 200), (40, 30, 70, 9)] {
         let l = Layer::random(&mut r, cout * cin, cout, cin, zx);
         let p = PackedLinear::with_epilogue(&l.w, cout, cin, &l.bias_q(), l.dequant()).unwrap();
         let x = random_input(&mut r, rows * cin);
         let (mut want, mut got) = (vec![0f32; rows * cout], vec![0f32; rows * cout]);
         p.forward_f32(Isa::Scalar, &x, rows, zx, &mut want).unwrap();
-        p.forward_f32(Isa::Avx2, &x, rows, zx, &mut got).unwrap();
-        assert_eq!(bits(&got), bits(&want), "linear f32 rows {rows}");
+        for isa in simd() {
+            p.forward_f32(isa, &x, rows, zx, &mut got).unwrap();
+            assert_eq!(bits(&got), bits(&want), "linear f32 rows {rows}");
+        }
     }
     let (cin, cout, k, zx) = (9, 5, 2, 44u8);
     let l = Layer::random(&mut r, cin * cout * k * k, cout, cin, zx);
@@ -698,8 +708,10 @@ fn dequantizing_epilogue_is_exact() {
     let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
     p.forward_f32(Isa::Scalar, &x, shape, zx, &mut want)
         .unwrap();
-    p.forward_f32(Isa::Avx2, &x, shape, zx, &mut got).unwrap();
-    assert_eq!(bits(&got), bits(&want), "conv_transpose f32");
+    for isa in simd() {
+        p.forward_f32(isa, &x, shape, zx, &mut got).unwrap();
+        assert_eq!(bits(&got), bits(&want), "conv_transpose f32");
+    }
 }
 
 #[test]
@@ -782,11 +794,7 @@ fn sparse_geometries(r: &mut ChaCha8Rng) -> Vec<(String, Rulebook)> {
 }
 
 #[test]
-fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
-    if !Isa::Avx2.is_available() {
-        eprintln!("AVX2 unavailable: nothing to compare");
-        return;
-    }
+fn sparse_conv_simd_is_bit_exact_with_the_reference() {
     let mut r = ChaCha8Rng::seed_from_u64(21);
     for (g, (name, rb)) in sparse_geometries(&mut r).into_iter().enumerate() {
         let k = rb.kernel();
@@ -808,8 +816,10 @@ fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
                 let mut want = vec![0u8; rb.n_out() * cout];
                 let mut got = vec![0u8; want.len()];
                 p.forward(Isa::Scalar, &x, &rb, zx, &mut want).unwrap();
-                p.forward(Isa::Avx2, &x, &rb, zx, &mut got).unwrap();
-                assert_eq!(got, want, "{case}");
+                for isa in simd() {
+                    p.forward(isa, &x, &rb, zx, &mut got).unwrap();
+                    assert_eq!(got, want, "{case}");
+                }
                 let distinct = want.iter().collect::<std::collections::HashSet<_>>().len();
                 assert!(distinct > 3, "{case}: outputs barely vary");
             }
@@ -827,8 +837,10 @@ fn sparse_conv_avx2_is_bit_exact_with_the_reference() {
             let mut want = vec![0f32; rb.n_out() * cout];
             let mut got = vec![0f32; want.len()];
             p.forward_f32(Isa::Scalar, &x, &rb, zx, &mut want).unwrap();
-            p.forward_f32(Isa::Avx2, &x, &rb, zx, &mut got).unwrap();
-            assert_eq!(bits(&got), bits(&want), "{case} (f32 output)");
+            for isa in simd() {
+                p.forward_f32(isa, &x, &rb, zx, &mut got).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{case} (f32 output)");
+            }
         }
     }
 }
@@ -887,10 +899,7 @@ fn sparse_conv_arguments_are_checked() {
     .unwrap();
     let x = random_input(&mut r, rb.n_in() * 3);
     let mut out = vec![0u8; rb.n_out() * 2];
-    for isa in [Isa::Scalar, Isa::Avx2]
-        .into_iter()
-        .filter(|i| i.is_available())
-    {
+    for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
         // Too few input rows for the rulebook.
         let e = p
             .forward(isa, &x[..x.len() - 3], &rb, 0, &mut out)

@@ -1,9 +1,11 @@
-//! AVX2 INT8 GEMM kernels (exact: i16-widened operands, `vpmaddwd`, i32 accumulators).
+//! x86 INT8 GEMM kernels (exact: i16-widened operands and `vpmaddwd` on AVX2, u8 x i8
+//! quads and `vpdpbusd` on AVX512-VNNI; i32 accumulators).
 //!
 //! `out[M, N] = epilogue(W[M, K] * X[K, N])`. The N axis (pixels or rows) is cut into
 //! bands of [`BAND`] columns run in parallel with rayon; each band is gathered as u8 into a
-//! `[K, BAND]` column buffer (im2col for convolutions, zero-point padded), widened and
-//! interleaved into K-pair panels of [`NR`] columns, then multiplied by every [`MR`]-row
+//! `[K, BAND]` column buffer (im2col for convolutions, zero-point padded), interleaved
+//! into panels of [`NR`] columns (K pairs widened to i16, or K quads of u8, per
+//! [`GemmCore`]), then multiplied by every [`MR`]-row
 //! block of the packed weights. The micro-kernel keeps an `MR x NR` tile in 12 ymm
 //! accumulators; the epilogue adds `bias - zx * wsum`, then requantizes in f32 exactly like
 //! `Requant::apply` (RNE conversion, `vroundps` to nearest-even, clamp) and stores u8, or
@@ -42,8 +44,11 @@ struct UniformCache {
 struct Scratch {
     col: Vec<u8>,
     xp: Vec<i32>,
-    /// One row block of weights widened to i16 pairs.
+    /// Weights in the core's lanes: one row block (prepared per band), or every block
+    /// (prepared once per call, see [`Core::PREP_ONCE`]).
     wb: Vec<i32>,
+    /// The call whose weights `wb` holds in full.
+    wb_call: u64,
     cache: UniformCache,
 }
 
@@ -175,6 +180,7 @@ impl<T: Copy> OutPtr<T> {
 /// # Safety
 /// The CPU must support AVX2; `x` and `out` must have the lengths of `g`.
 pub(super) unsafe fn conv2d<T: SimdOut>(
+    core: GemmCore,
     w: &GemmWeights,
     x: &[u8],
     zx: u8,
@@ -186,7 +192,7 @@ pub(super) unsafe fn conv2d<T: SimdOut>(
     let cin = x.len() / (g.h * g.w);
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, n, out, store, zx, |n0, len, col| {
+        drive(core, w, n, out, store, zx, |n0, len, col| {
             im2col_band(x, g, cin, zx, n0, len, col)
         })
     }
@@ -198,6 +204,7 @@ pub(super) unsafe fn conv2d<T: SimdOut>(
 /// The CPU must support AVX2; `x` is `[cin, h, w]`, `out` `[cout, h*kh, w*kw]` with
 /// `(kh, kw) == stride`.
 pub(super) unsafe fn upsample<T: SimdOut>(
+    core: GemmCore,
     w: &GemmWeights,
     x: &[u8],
     zx: u8,
@@ -216,7 +223,7 @@ pub(super) unsafe fn upsample<T: SimdOut>(
     let cin = x.len() / hw;
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, hw, out, store, zx, |n0, len, col| {
+        drive(core, w, hw, out, store, zx, |n0, len, col| {
             for ci in 0..cin {
                 col[ci * BAND..ci * BAND + len].copy_from_slice(&x[ci * hw + n0..][..len]);
             }
@@ -229,6 +236,7 @@ pub(super) unsafe fn upsample<T: SimdOut>(
 /// # Safety
 /// The CPU must support AVX2; `x` is `[rows, cin]`, `out` `[rows, m]`.
 pub(super) unsafe fn linear<T: SimdOut>(
+    core: GemmCore,
     w: &GemmWeights,
     x: &[u8],
     zx: u8,
@@ -239,7 +247,7 @@ pub(super) unsafe fn linear<T: SimdOut>(
     let store = Store::RowMajor { ldc: w.m };
     // SAFETY: forwarded from the caller.
     unsafe {
-        drive(w, rows, out, store, zx, |n0, len, col| {
+        drive(core, w, rows, out, store, zx, |n0, len, col| {
             for (j, r) in x[n0 * cin..(n0 + len) * cin].chunks_exact(cin).enumerate() {
                 for (k, &v) in r.iter().enumerate() {
                     col[k * BAND + j] = v;
@@ -337,9 +345,28 @@ unsafe fn site<const NA: usize>(
     }
 }
 
-/// Runs the GEMM over `n` columns in parallel bands. `fill(n0, len, col)` writes columns
-/// `[n0, n0 + len)` of every K row into `col[k * BAND + j]`, `j < len`.
+/// Runs the GEMM over `n` columns in parallel bands with the multiply core `core`.
+/// `fill(n0, len, col)` writes columns `[n0, n0 + len)` of every K row into
+/// `col[k * BAND + j]`, `j < len`.
 unsafe fn drive<T: SimdOut>(
+    core: GemmCore,
+    w: &GemmWeights,
+    n: usize,
+    out: &mut [T],
+    store: Store,
+    zx: u8,
+    fill: impl Fn(usize, usize, &mut [u8]) + Sync,
+) {
+    // SAFETY: forwarded from the caller, who checked the core's ISA.
+    unsafe {
+        match core {
+            GemmCore::Madd16 => drive_with::<T, Madd16>(w, n, out, store, zx, fill),
+            GemmCore::Vnni => drive_with::<T, Vnni>(w, n, out, store, zx, fill),
+        }
+    }
+}
+
+unsafe fn drive_with<T: SimdOut, C: Core>(
     w: &GemmWeights,
     n: usize,
     out: &mut [T],
@@ -352,35 +379,49 @@ unsafe fn drive<T: SimdOut>(
         len: out.len(),
     };
     let call = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    // K groups: pairs or quads, the last one padded.
+    let groups = w.k.div_ceil(C::GROUP);
     (0..n.div_ceil(BAND)).into_par_iter().for_each(|b| {
         let n0 = b * BAND;
         let len = (n - n0).min(BAND);
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
-            // Two rows per K pair (odd K reads one stale row, multiplied by zero weights).
-            let col_len = 2 * w.kp * BAND;
+            // GROUP rows per K group (the padding rows hold stale bytes, multiplied by
+            // zero weights).
+            let col_len = C::GROUP * groups * BAND;
             if s.col.len() < col_len {
                 s.col.resize(col_len, 0);
             }
-            let xp_len = PANELS * w.kp * NR;
+            let xp_len = PANELS * groups * NR;
             if s.xp.len() < xp_len {
                 s.xp.resize(xp_len, 0);
             }
-            if s.wb.len() < w.kp * MR {
-                s.wb.resize(w.kp * MR, 0);
+            let wb_len = if C::PREP_ONCE {
+                w.m.div_ceil(MR) * groups * MR
+            } else {
+                groups * MR
+            };
+            if s.wb.len() < wb_len {
+                s.wb.resize(wb_len, 0);
+            }
+            if C::PREP_ONCE && s.wb_call != call {
+                for (blk, dst) in s.wb[..wb_len].chunks_exact_mut(groups * MR).enumerate() {
+                    C::prep_block(w, blk, dst);
+                }
+                s.wb_call = call;
             }
             if s.cache.call != call {
                 s.cache.call = call;
                 s.cache.valid = false;
             }
             fill(n0, len, &mut s.col[..col_len]);
-            // SAFETY: the caller guarantees AVX2; buffers were sized above.
+            // SAFETY: the caller guarantees the core's ISA; buffers were sized above.
             unsafe {
-                band(
+                band::<T, C>(
                     w,
                     &s.col[..col_len],
                     &mut s.xp[..xp_len],
-                    &mut s.wb[..w.kp * MR],
+                    &mut s.wb[..wb_len],
                     &mut s.cache,
                     n0,
                     len,
@@ -404,7 +445,7 @@ enum Panel {
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
-unsafe fn band<T: SimdOut>(
+unsafe fn band<T: SimdOut, C: Core>(
     w: &GemmWeights,
     col: &[u8],
     xp: &mut [i32],
@@ -437,10 +478,12 @@ unsafe fn band<T: SimdOut>(
         .count();
     PANELS_SEEN.fetch_add(panels as u64, Ordering::Relaxed);
     PANELS_REUSED.fetch_add(reused as u64, Ordering::Relaxed);
-    // SAFETY: AVX2 is enabled here; buffer sizes were set by `drive`.
+    let groups = w.k.div_ceil(C::GROUP);
+    // SAFETY: AVX2 is enabled here, the core's ISA by the caller; buffer sizes were set
+    // by `drive_with`.
     unsafe {
-        pack_panels(col, w.kp, &kinds[..panels], xp);
-        band_gemm(w, xp, wb, &kinds[..panels], n0, len, zx, out, store);
+        C::pack_panels(col, groups, &kinds[..panels], xp);
+        band_gemm::<T, C>(w, xp, wb, &kinds[..panels], n0, len, zx, out, store);
     }
     for (j, _) in kinds[..panels]
         .iter()
@@ -571,7 +614,7 @@ unsafe fn epi8_f32(acc: __m256i, off: i32, scale: f32, relu: bool, dst: *mut f32
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
-unsafe fn band_gemm<T: SimdOut>(
+unsafe fn band_gemm<T: SimdOut, C: Core>(
     w: &GemmWeights,
     xp: &[i32],
     wb: &mut [i32],
@@ -583,25 +626,35 @@ unsafe fn band_gemm<T: SimdOut>(
     store: Store,
 ) {
     let panels = kinds.len();
-    let blk_len = w.kp * MR;
+    let groups = w.k.div_ceil(C::GROUP);
+    let blk_len = groups * MR;
     assert!(
-        xp.len() >= panels * w.kp * NR
-            && w.wp.len() >= w.m.div_ceil(MR) * blk_len * 2
-            && wb.len() >= blk_len
+        xp.len() >= panels * groups * NR
+            && w.wp.len() >= w.m.div_ceil(MR) * w.kp * MR * 2
+            && wb.len()
+                >= if C::PREP_ONCE {
+                    w.m.div_ceil(MR) * blk_len
+                } else {
+                    blk_len
+                }
     );
     if !kinds.contains(&Panel::Compute) {
         return;
     }
     for blk in 0..w.m.div_ceil(MR) {
-        widen_block(&w.wp[blk * blk_len * 2..(blk + 1) * blk_len * 2], wb);
-        let wp = wb.as_ptr();
+        let wp = if C::PREP_ONCE {
+            wb[blk * blk_len..].as_ptr()
+        } else {
+            C::prep_block(w, blk, &mut wb[..blk_len]);
+            wb.as_ptr()
+        };
         for (j, _) in kinds
             .iter()
             .enumerate()
             .filter(|(_, k)| **k == Panel::Compute)
         {
             // SAFETY: bounded by the assert above.
-            let acc = unsafe { tile(wp, xp.as_ptr().add(j * w.kp * NR), w.kp) };
+            let acc = unsafe { C::tile(wp, xp.as_ptr().add(j * groups * NR), groups) };
             for (i, acc) in acc.iter().enumerate() {
                 let row = blk * MR + i;
                 if row >= w.m {
@@ -641,6 +694,158 @@ fn widen_block(src: &[i8], dst: &mut [i32]) {
         dst[i / 2] = (lo | (hi << 16)) as i32;
         i += 2;
     }
+}
+
+/// The multiply core of the band GEMM, chosen per call: how K is grouped into i32 lanes,
+/// packed and multiplied. Both cores give the exact integer sums, so they share the
+/// bands, the uniform-panel cache and the epilogues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GemmCore {
+    /// AVX2: u8 and i8 widened to i16 pairs, `vpmaddwd`.
+    Madd16,
+    /// AVX512-VNNI (256-bit, AVX512VL): u8 quads times i8 quads, `vpdpbusd`. Each
+    /// u8 x i8 product fits i16 and VNNI sums four of them into i32 without saturation.
+    Vnni,
+}
+
+/// A multiply core (see [`GemmCore`]).
+trait Core {
+    /// K elements per i32 lane.
+    const GROUP: usize;
+    /// Whether a worker prepares every row block once per call (kept in its scratch)
+    /// rather than one block per band: for cores whose preparation costs more than
+    /// re-reading prepared weights from the cache.
+    const PREP_ONCE: bool;
+    /// Packs the compute panels of `col` (`GROUP * groups` rows of `BAND` bytes) into
+    /// `xp[(j * groups + g) * NR + c]`.
+    ///
+    /// # Safety
+    /// The core's ISA is available.
+    unsafe fn pack_panels(col: &[u8], groups: usize, kinds: &[Panel], xp: &mut [i32]);
+    /// Row block `blk` of the packed weights in this core's lanes: `dst[g * MR + i]`.
+    fn prep_block(w: &GemmWeights, blk: usize, dst: &mut [i32]);
+    /// The `MR x NR` tile of one block and one panel over `groups` K groups.
+    ///
+    /// # Safety
+    /// The core's ISA is available; `wp` and `xp` hold `groups * MR` and `groups * NR`.
+    unsafe fn tile(wp: *const i32, xp: *const i32, groups: usize) -> [[__m256i; 2]; MR];
+}
+
+struct Madd16;
+
+impl Core for Madd16 {
+    const GROUP: usize = 2;
+    // Widening is one instruction per 16 weights, and the widened matrix is twice the
+    // size: per band keeps it in L1.
+    const PREP_ONCE: bool = false;
+    #[inline(always)]
+    unsafe fn pack_panels(col: &[u8], groups: usize, kinds: &[Panel], xp: &mut [i32]) {
+        // SAFETY: forwarded.
+        unsafe { pack_panels(col, groups, kinds, xp) }
+    }
+    #[inline(always)]
+    fn prep_block(w: &GemmWeights, blk: usize, dst: &mut [i32]) {
+        let len = w.kp * MR * 2;
+        // SAFETY: AVX2 is checked by every caller of the kernels (`check_isa`).
+        unsafe { widen_block(&w.wp[blk * len..(blk + 1) * len], dst) }
+    }
+    #[inline(always)]
+    unsafe fn tile(wp: *const i32, xp: *const i32, groups: usize) -> [[__m256i; 2]; MR] {
+        // SAFETY: forwarded.
+        unsafe { tile(wp, xp, groups) }
+    }
+}
+
+struct Vnni;
+
+impl Core for Vnni {
+    const GROUP: usize = 4;
+    // The byte regrouping cost as much as the multiplications when done per band.
+    const PREP_ONCE: bool = true;
+    #[inline(always)]
+    unsafe fn pack_panels(col: &[u8], groups: usize, kinds: &[Panel], xp: &mut [i32]) {
+        // SAFETY: forwarded.
+        unsafe { pack_quads(col, groups, kinds, xp) }
+    }
+    fn prep_block(w: &GemmWeights, blk: usize, dst: &mut [i32]) {
+        // Quad g of row i is pairs 2g and 2g + 1 of the pair-packed store (a missing
+        // last pair is zero weights).
+        let base = blk * w.kp * MR * 2;
+        let pair = |p: usize, i: usize| -> [u8; 2] {
+            if p < w.kp {
+                let e = base + (p * MR + i) * 2;
+                [w.wp[e] as u8, w.wp[e + 1] as u8]
+            } else {
+                [0, 0]
+            }
+        };
+        for (g, lanes) in dst.chunks_exact_mut(MR).enumerate() {
+            for (i, lane) in lanes.iter_mut().enumerate() {
+                let ([a, b], [c, d]) = (pair(2 * g, i), pair(2 * g + 1, i));
+                *lane = i32::from_le_bytes([a, b, c, d]);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn tile(wp: *const i32, xp: *const i32, groups: usize) -> [[__m256i; 2]; MR] {
+        // SAFETY: forwarded.
+        unsafe { tile_vnni(wp, xp, groups) }
+    }
+}
+
+/// Interleaves K-row quads of `col` into panels (those to compute): lane `c` of quad `g`
+/// of panel `j` holds bytes `col[4g + r][16j + c]`, `r = 0..4`, lowest first.
+#[target_feature(enable = "avx2")]
+unsafe fn pack_quads(col: &[u8], groups: usize, kinds: &[Panel], xp: &mut [i32]) {
+    let panels = kinds.len();
+    assert!(
+        col.len() >= 4 * groups * BAND && xp.len() >= panels * groups * NR && panels * NR <= BAND
+    );
+    let (src, dst) = (col.as_ptr(), xp.as_mut_ptr());
+    for g in 0..groups {
+        for (j, _) in kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Panel::Compute)
+        {
+            // SAFETY: indices bounded by the assert above.
+            unsafe {
+                let row = |r: usize| {
+                    _mm_loadu_si128(src.add((4 * g + r) * BAND + j * NR) as *const __m128i)
+                };
+                let (a, b, c, e) = (row(0), row(1), row(2), row(3));
+                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+                let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
+                let d = dst.add((j * groups + g) * NR) as *mut __m128i;
+                _mm_storeu_si128(d, _mm_unpacklo_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
+                _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+            }
+        }
+    }
+}
+
+/// The `MR x NR` tile with `vpdpbusd`: per K quad two panel loads, `MR` weight-quad
+/// broadcasts and 12 dot products into the i32 accumulators.
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn tile_vnni(wp: *const i32, xp: *const i32, groups: usize) -> [[__m256i; 2]; MR] {
+    let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+    for g in 0..groups {
+        // SAFETY: the caller passes panels/blocks holding `groups` quads.
+        unsafe {
+            let b0 = _mm256_loadu_si256(xp.add(g * NR) as *const __m256i);
+            let b1 = _mm256_loadu_si256(xp.add(g * NR + 8) as *const __m256i);
+            let a = wp.add(g * MR);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm256_set1_epi32(*a.add(i));
+                acc[0] = _mm256_dpbusd_epi32(acc[0], b0, wv);
+                acc[1] = _mm256_dpbusd_epi32(acc[1], b1, wv);
+            }
+        }
+    }
+    acc
 }
 
 /// Runs the epilogue on 8 lanes and writes the first `valid` for columns `n..n + valid`.

@@ -43,13 +43,19 @@
 //! kernel detects panels of identical columns and reuses the outputs of the last such
 //! column it computed instead of running the GEMM; results stay bit-exact by construction.
 //!
-//! # Where wider ISAs plug in
-//! AVX-512BW / AVX512-VNNI (`vpdpbusd`, u8 x i8 -> i32 without i16 saturation when one
-//! operand is offset to 7 bits or the sum of four products is handled by VNNI's i32
-//! accumulate) and AMX-INT8 would be new `Isa` variants, a sibling module of `avx2` with
-//! its own micro-kernel and panel packing, selected in [`Isa::detect`] and dispatched in
-//! the `forward` methods below (look for `Isa::Avx2`). They are deliberately not written:
-//! the development and CI machines have AVX2 only, and untested kernels are not shipped.
+//! # AVX512-VNNI
+//! [`Isa::Avx512Vnni`] runs the same bands, uniform-panel cache and epilogues with another
+//! multiply core (`avx2::GemmCore::Vnni`): K is grouped in quads instead of pairs, the
+//! u8 im2col rows are interleaved into quads without widening, and `vpdpbusd` (256-bit,
+//! AVX512VL) multiplies them by broadcast i8 weight quads straight into i32. Each u8 x i8
+//! product fits i16 and VNNI adds the four into i32 without saturation, so the sums are
+//! exact and the outputs are the reference's bit for bit. The weight quads are regrouped
+//! from the one pair-packed store per row block, so resident weights stay one byte each.
+//! The narrow-conv, direct-linear and sparse kernels are AVX2's under both families.
+//!
+//! AMX-INT8 would be one more core (tiles instead of ymm accumulators), selected the same
+//! way; it is not written because no machine here has AMX, and untested kernels are not
+//! shipped.
 
 mod pack;
 pub mod scalar;
@@ -60,7 +66,8 @@ mod avx2;
 use crate::quant::{Requant, dequantize_acc};
 use pack::GemmWeights;
 
-/// Environment variable that forces a kernel family (`scalar` or `avx2`) in [`Isa::detect`].
+/// Environment variable that forces a kernel family (`scalar`, `avx2` or `avx512vnni`) in
+/// [`Isa::detect`].
 pub const ISA_ENV: &str = "LIDAR_PTQ_INT8_ISA";
 
 /// Instruction-set family of a kernel.
@@ -70,6 +77,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 (i16-widened `vpmaddwd` GEMM).
     Avx2,
+    /// x86-64 AVX512-VNNI with AVX512VL: the GEMM multiplies u8 x i8 quads with
+    /// `vpdpbusd` on 256-bit registers; the direct and sparse kernels are AVX2's.
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -79,18 +89,35 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512Vnni => false,
         }
+    }
+
+    /// Every family, the reference first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// The SIMD families this CPU runs (each is tested against [`Isa::Scalar`]).
+    pub fn simd_available() -> Vec<Isa> {
+        Isa::ALL[1..]
+            .iter()
+            .copied()
+            .filter(|i| i.is_available())
+            .collect()
     }
 
     /// The fastest family this CPU runs.
     pub fn best() -> Isa {
-        if Isa::Avx2.is_available() {
-            Isa::Avx2
-        } else {
-            Isa::Scalar
-        }
+        [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.is_available())
+            .unwrap_or(Isa::Scalar)
     }
 
     /// [`Isa::best`] unless [`ISA_ENV`] names an available family.
@@ -98,6 +125,7 @@ impl Isa {
         match std::env::var(ISA_ENV).as_deref() {
             Ok("scalar") => Isa::Scalar,
             Ok("avx2") if Isa::Avx2.is_available() => Isa::Avx2,
+            Ok("avx512vnni") if Isa::Avx512Vnni.is_available() => Isa::Avx512Vnni,
             _ => Isa::best(),
         }
     }
@@ -321,6 +349,15 @@ fn check_output<T: OutElem>(op: &'static str, epilogue: &Epilogue) -> Result<()>
     }
 }
 
+/// The band GEMM's multiply core for an x86 family.
+#[cfg(target_arch = "x86_64")]
+fn gemm_core(isa: Isa) -> avx2::GemmCore {
+    match isa {
+        Isa::Avx512Vnni => avx2::GemmCore::Vnni,
+        _ => avx2::GemmCore::Madd16,
+    }
+}
+
 fn check_isa(op: &'static str, isa: Isa) -> Result<()> {
     if isa.is_available() {
         Ok(())
@@ -524,17 +561,20 @@ impl PackedConv {
             match isa {
                 Isa::Scalar => scalar::conv2d(self, xi, zx, &g, oi),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `check_isa` verified AVX2; lengths were checked above.
-                Isa::Avx2 => unsafe {
+                // SAFETY: `check_isa` verified the family (VNNI implies AVX2); lengths
+                // were checked above.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe {
                     match &self.narrow {
                         Some(wn) => {
                             avx2::conv3x3_narrow(&self.gemm, wn, xi, zx, (self.cin, g.h, g.w), oi)
                         }
-                        None => avx2::conv2d(&self.gemm, xi, zx, &g, oi),
+                        None => avx2::conv2d(gemm_core(isa), &self.gemm, xi, zx, &g, oi),
                     }
                 },
                 #[cfg(not(target_arch = "x86_64"))]
-                Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+                Isa::Avx2 | Isa::Avx512Vnni => {
+                    unreachable!("check_isa rejects x86 families off x86-64")
+                }
             }
         }
         Ok([n, self.cout, g.ho, g.wo])
@@ -707,8 +747,8 @@ impl PackedConvTranspose {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `check_isa` verified AVX2; lengths were checked above, and the
                 // upsampling geometry makes (h * s, w * s) the output size.
-                Isa::Avx2 if self.is_upsampling() => unsafe {
-                    avx2::upsample(&self.gemm, xi, zx, (h, w), self.stride, oi)
+                Isa::Avx2 | Isa::Avx512Vnni if self.is_upsampling() => unsafe {
+                    avx2::upsample(gemm_core(isa), &self.gemm, xi, zx, (h, w), self.stride, oi)
                 },
                 _ => scalar::conv_transpose2d(self, xi, zx, (h, w), (ho, wo), oi),
             }
@@ -808,14 +848,16 @@ impl PackedLinear {
             Isa::Scalar => scalar::linear(self, x, zx, rows, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `check_isa` verified AVX2; lengths were checked above.
-            Isa::Avx2 => unsafe {
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe {
                 match &self.direct {
                     Some(d) => avx2::linear_direct(d, x, zx, (rows, self.cin, self.cout), out),
-                    None => avx2::linear(&self.gemm, x, zx, rows, out),
+                    None => avx2::linear(gemm_core(isa), &self.gemm, x, zx, rows, out),
                 }
             },
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+            Isa::Avx2 | Isa::Avx512Vnni => {
+                unreachable!("check_isa rejects x86 families off x86-64")
+            }
         }
         Ok(())
     }
@@ -949,7 +991,7 @@ impl PackedSparseConv {
         match isa {
             Isa::Scalar => scalar::sparse_conv(self, x, zx, rb, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
+            Isa::Avx2 | Isa::Avx512Vnni => {
                 let xc = self.centre(x, zx);
                 let nbr = self.neighbours(rb);
                 // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
@@ -957,7 +999,9 @@ impl PackedSparseConv {
                 unsafe { avx2::sparse_conv(self, &xc, &nbr, out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => unreachable!("check_isa rejects AVX2 off x86-64"),
+            Isa::Avx2 | Isa::Avx512Vnni => {
+                unreachable!("check_isa rejects x86 families off x86-64")
+            }
         }
         Ok(())
     }

@@ -28,12 +28,26 @@ fn peaks(
     thr: f32,
     local_max: bool,
 ) -> Vec<(f32, usize, usize)> {
+    // Most cells score far below the threshold: skip them on the logit, before the
+    // neighbourhood test and the exp. The cut is the logit of a score 1e-6 under the
+    // threshold (far more than f32 sigmoid's rounding), so every cell that could pass
+    // reaches the exact test below.
+    let lo = thr as f64 - 1e-6;
+    let cut = (lo / (1.0 - lo)).ln();
+    let logit_cut = if cut.is_finite() {
+        (cut - 1e-6 * cut.abs().max(1.0)) as f32
+    } else {
+        f32::NEG_INFINITY
+    };
     let mut out = Vec::new();
     for c in 0..classes {
         let plane = &heat[c * h * w..(c + 1) * h * w];
         for y in 0..h {
             for x in 0..w {
                 let v = plane[y * w + x];
+                if v < logit_cut {
+                    continue;
+                }
                 // A peak is the max of its 3x3 neighbourhood (ties keep every equal cell,
                 // as max-pool equality does in the reference). Without the filter every
                 // cell is a candidate.
@@ -307,5 +321,36 @@ mod tests {
         let cells: Vec<usize> = p.iter().map(|c| c.2).collect();
         assert_eq!(cells, vec![5, 6]);
         assert_eq!(peaks(&heat, 1, h, w, 1, 0.1, false).len(), 1, "top-K caps");
+    }
+
+    /// The logit shortcut keeps exactly the cells a plain sigmoid-then-compare keeps,
+    /// values right at the threshold and extreme thresholds included.
+    #[test]
+    fn logit_shortcut_keeps_what_the_sigmoid_keeps() {
+        use rand::{RngExt, SeedableRng};
+        let naive = |heat: &[f32], thr: f32| -> Vec<(f32, usize, usize)> {
+            let mut out: Vec<_> = heat
+                .iter()
+                .enumerate()
+                .filter(|&(_, &v)| sigmoid(v) > thr)
+                .map(|(i, &v)| (sigmoid(v), 0, i))
+                .collect();
+            out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+            out
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for thr in [0.0f32, 1e-7, 0.1, 0.5, 0.9, 0.999_999, 1.0, -0.5, 2.0] {
+            let centre = if thr > 0.0 && thr < 1.0 {
+                (thr / (1.0 - thr)).ln()
+            } else {
+                0.0
+            };
+            let heat: Vec<f32> = (0..4096)
+                .map(|_| centre + rng.random_range(-1e-3f32..1e-3) * rng.random_range(0.0f32..1.0))
+                .chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, centre])
+                .collect();
+            let got = peaks(&heat, 1, 1, heat.len(), usize::MAX, thr, false);
+            assert_eq!(got, naive(&heat, thr), "threshold {thr}");
+        }
     }
 }
