@@ -47,9 +47,7 @@ fn conv3x3(c: &mut Criterion) {
         let shape = [1, ch, hw, hw];
         let mut out = vec![0u8; ch * hw * hw];
         let mut isas = vec![Isa::Scalar];
-        if Isa::Avx2.is_available() {
-            isas.push(Isa::Avx2);
-        }
+        isas.extend(Isa::simd_available());
         for isa in isas {
             g.bench_function(format!("int8_{isa:?}").to_lowercase(), |b| {
                 b.iter(|| {

@@ -17,6 +17,11 @@ trap 'rm -rf "$OUT"' EXIT
 for r in $(seq 1 "$ROUNDS"); do
   .venv-ort/bin/python scripts/bench_ort.py "$CONFIG" --threads "$(nproc)" 2>/dev/null > "$OUT/ort$r.json"
   ./target/release/lidar_ptq bench --preset "$PRESET" --int8 auto --iters 7 --warmup 2 --json 2>/dev/null > "$OUT/ours$r.json"
+  # Where the CPU has AVX512-VNNI, our INT8 also with the AVX2 kernels forced.
+  if grep -qw avx512_vnni /proc/cpuinfo; then
+    LIDAR_PTQ_INT8_ISA=avx2 ./target/release/lidar_ptq bench --preset "$PRESET" --int8 auto \
+      --iters 7 --warmup 2 --json 2>/dev/null > "$OUT/avx2$r.json"
+  fi
 done
 python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
@@ -31,10 +36,16 @@ for r in range(1, n + 1):
         "ours_fp32_dense_ms": round(ours["fp32_dense_ms"], 1),
         "ort_int8_dense_ms": round(ort["int8_dense_ms"], 1),
         "ours_int8_dense_ms": round(ours["int8_dense_ms"], 1),
+        "ours_int8_isa": ours["isa"],
     }
+    try:
+        row["ours_int8_avx2_dense_ms"] = round(json.load(open(f"{d}/avx2{r}.json"))["int8_dense_ms"], 1)
+    except FileNotFoundError:
+        pass
     rows.append(row)
     print(json.dumps(row))
-med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "round"}
+med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("round", "ours_int8_isa")}
+med["ours_int8_isa"] = rows[0]["ours_int8_isa"]
 med["fp32_ours_over_ort"] = round(med["ours_fp32_dense_ms"] / med["ort_fp32_dense_ms"], 3)
 med["int8_ours_over_ort"] = round(med["ours_int8_dense_ms"] / med["ort_int8_dense_ms"], 3)
 med["onnxruntime"] = ort["onnxruntime"]

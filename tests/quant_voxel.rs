@@ -212,9 +212,7 @@ fn the_int8_engine_reproduces_the_simulated_integer_network() {
     o.input_per_feature = false;
     variants.push(o);
     let mut isas = vec![Isa::Scalar];
-    if Isa::Avx2.is_available() {
-        isas.push(Isa::Avx2);
-    }
+    isas.extend(Isa::simd_available());
     for opts in variants {
         let m = calibrate(&cfg, &w, &fr, &opts).unwrap();
         let net = QuantNet::new(&graph, &w, &m).unwrap();

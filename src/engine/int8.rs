@@ -1709,9 +1709,7 @@ mod tests {
         // Few points: mostly empty BEV maps (the uniform-region path).
         let sparse = Frame::new(&cfg, &scan(6, 150));
         let mut isas = vec![Isa::Scalar];
-        if Isa::best() != Isa::Scalar {
-            isas.push(Isa::best());
-        }
+        isas.extend(Isa::simd_available());
         for isa in isas {
             let mut e = Int8Engine::with_isa(&graph, &w, &qm, isa).unwrap();
             // The head's sibling convs run stacked (and must still match).
