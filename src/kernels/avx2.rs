@@ -1162,6 +1162,10 @@ pub(super) struct DirectLinear {
     m8: usize,
     /// `wl[p * m8 + c]`: `w[c, 2p]` and `w[c, 2p + 1]` as an i16 pair.
     wl: Vec<i32>,
+    /// `wq[g * m8 + c]`: `w[c, 4g..4g + 4]` as i8 bytes (the VNNI kernel's quads).
+    wq: Vec<i32>,
+    /// `sum_k w[c, k]` by output lane (the VNNI kernel folds the zero point with it).
+    wsum: Vec<i32>,
     bias: Vec<i32>,
     epi: LaneEpilogue,
 }
@@ -1196,6 +1200,25 @@ impl DirectLinear {
                 wl[p * m8 + c] = (at(c, 2 * p) | (at(c, 2 * p + 1) << 16)) as i32;
             }
         }
+        let byte = |c: usize, k: usize| {
+            if c < cout && k < cin {
+                weight[c * cin + k] as u8
+            } else {
+                0
+            }
+        };
+        let kq = cin.div_ceil(4);
+        let mut wq = vec![0i32; kq * m8];
+        for g in 0..kq {
+            for c in 0..m8 {
+                let b = [0, 1, 2, 3].map(|r| byte(c, 4 * g + r));
+                wq[g * m8 + c] = i32::from_le_bytes(b);
+            }
+        }
+        // Wrapping, like the accumulator it corrects.
+        let wsum = (0..m8)
+            .map(|c| (0..cin).fold(0i32, |s, k| s.wrapping_add(byte(c, k) as i8 as i32)))
+            .collect();
         let lane = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
             (0..m8).map(|c| if c < cout { f(c) } else { 0.0 }).collect()
         };
@@ -1219,6 +1242,8 @@ impl DirectLinear {
             kp,
             m8,
             wl,
+            wq,
+            wsum,
             bias,
             epi,
         }
@@ -1229,7 +1254,7 @@ impl DirectLinear {
             LaneEpilogue::Requant { .. } => 16 * self.m8,
             LaneEpilogue::Dequant { .. } => 4 * self.m8,
         };
-        4 * (self.wl.len() + self.bias.len()) + epi
+        4 * (self.wl.len() + self.wq.len() + self.wsum.len() + self.bias.len()) + epi
     }
 }
 
@@ -1296,12 +1321,17 @@ impl LaneOut for f32 {
 /// The CPU must support AVX2; `x` is `[rows, cin]`, `out` `[rows, cout]`, `d` built for
 /// `cout` outputs and `cin` inputs.
 pub(super) unsafe fn linear_direct<T: LaneOut>(
+    core: GemmCore,
     d: &DirectLinear,
     x: &[u8],
     zx: u8,
     (rows, cin, cout): (usize, usize, usize),
     out: &mut [T],
 ) {
+    if core == GemmCore::Vnni {
+        // SAFETY: forwarded; the caller checked AVX512-VNNI for this core.
+        return unsafe { linear_direct_vnni(d, x, zx, (rows, cin, cout), out) };
+    }
     assert!(
         x.len() == rows * cin
             && out.len() == rows * cout
@@ -1357,6 +1387,106 @@ unsafe fn linear_rows<T: LaneOut, const NA: usize>(
                 // SAFETY: as above.
                 let wv = unsafe { _mm256_loadu_si256(wp.add(8 * j) as *const __m256i) };
                 *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(xv, wv));
+            }
+        }
+        for (j, &a) in acc.iter().enumerate() {
+            let c0 = 8 * j;
+            // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
+            unsafe {
+                if c0 + 8 <= cout {
+                    T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
+                } else {
+                    let mut lanes = [T::default(); 8];
+                    T::lanes(a, d, c0, lanes.as_mut_ptr());
+                    orow[c0..].copy_from_slice(&lanes[..cout - c0]);
+                }
+            }
+        }
+    }
+}
+
+/// [`linear_direct`] with `vpdpbusd`: each row's u8 input quads are broadcast against the
+/// i8 weight quads of 8 outputs per register. The accumulators start at `-zx * wsum`, so
+/// they end at the centred sum, as in the AVX2 kernel, and the epilogue is the same.
+///
+/// # Safety
+/// The CPU must support AVX2, AVX512-VNNI and AVX512VL; shapes as for [`linear_direct`].
+unsafe fn linear_direct_vnni<T: LaneOut>(
+    d: &DirectLinear,
+    x: &[u8],
+    zx: u8,
+    (rows, cin, cout): (usize, usize, usize),
+    out: &mut [T],
+) {
+    assert!(
+        x.len() == rows * cin
+            && out.len() == rows * cout
+            && d.wq.len() == cin.div_ceil(4) * d.m8
+            && d.m8 == cout.next_multiple_of(8)
+            && cout <= LINEAR_DIRECT_MAX_COUT
+    );
+    let mut corr = [0i32; LINEAR_DIRECT_MAX_COUT];
+    for (c, w) in corr.iter_mut().zip(&d.wsum) {
+        *c = (zx as i32).wrapping_mul(*w).wrapping_neg();
+    }
+    out.par_chunks_mut(cout * LINEAR_ROWS)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let x = &x[t * LINEAR_ROWS * cin..];
+            // SAFETY: the CPU features (caller); shapes asserted above.
+            unsafe {
+                match d.m8 / 8 {
+                    1 => linear_rows_vnni::<T, 1>(d, &corr, x, cin, cout, o),
+                    2 => linear_rows_vnni::<T, 2>(d, &corr, x, cin, cout, o),
+                    3 => linear_rows_vnni::<T, 3>(d, &corr, x, cin, cout, o),
+                    4 => linear_rows_vnni::<T, 4>(d, &corr, x, cin, cout, o),
+                    5 => linear_rows_vnni::<T, 5>(d, &corr, x, cin, cout, o),
+                    6 => linear_rows_vnni::<T, 6>(d, &corr, x, cin, cout, o),
+                    7 => linear_rows_vnni::<T, 7>(d, &corr, x, cin, cout, o),
+                    _ => linear_rows_vnni::<T, 8>(d, &corr, x, cin, cout, o),
+                }
+            }
+        });
+}
+
+/// The rows of `out` (`[n, cout]`) from the rows of `x` (`[>= n, cin]`), VNNI.
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn linear_rows_vnni<T: LaneOut, const NA: usize>(
+    d: &DirectLinear,
+    corr: &[i32; LINEAR_DIRECT_MAX_COUT],
+    x: &[u8],
+    cin: usize,
+    cout: usize,
+    out: &mut [T],
+) {
+    let (kq, m8) = (cin.div_ceil(4), d.m8);
+    assert!(d.wq.len() >= kq * m8 && m8 >= 8 * NA && x.len() >= out.len() / cout * cin);
+    let mut init = [_mm256_setzero_si256(); NA];
+    for (j, v) in init.iter_mut().enumerate() {
+        // SAFETY: `8 * NA <= m8 <= LINEAR_DIRECT_MAX_COUT` lanes of `corr`.
+        *v = unsafe { _mm256_loadu_si256(corr.as_ptr().add(8 * j) as *const __m256i) };
+    }
+    for (r, orow) in out.chunks_exact_mut(cout).enumerate() {
+        let xr = &x[r * cin..(r + 1) * cin];
+        let mut acc = init;
+        for g in 0..kq {
+            // The last quad of an input whose width is not a multiple of 4 is padded
+            // with zero codes (their weights are zero too).
+            let q = match xr.get(4 * g..4 * g + 4) {
+                Some(q) => [q[0], q[1], q[2], q[3]],
+                None => {
+                    let mut q = [0u8; 4];
+                    q[..cin - 4 * g].copy_from_slice(&xr[4 * g..]);
+                    q
+                }
+            };
+            let xv = _mm256_set1_epi32(i32::from_le_bytes(q));
+            // SAFETY: `g * m8 + 8 * NA <= kq * m8` lanes of `wq` (asserted).
+            let wp = unsafe { d.wq.as_ptr().add(g * m8) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_si256(wp.add(8 * j) as *const __m256i) };
+                *acc = _mm256_dpbusd_epi32(*acc, xv, wv);
             }
         }
         for (j, &a) in acc.iter().enumerate() {

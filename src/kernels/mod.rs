@@ -51,7 +51,9 @@
 //! product fits i16 and VNNI adds the four into i32 without saturation, so the sums are
 //! exact and the outputs are the reference's bit for bit. The weight quads are regrouped
 //! from the one pair-packed store per row block, so resident weights stay one byte each.
-//! The narrow-conv, direct-linear and sparse kernels are AVX2's under both families.
+//! The direct linear kernel has a VNNI variant too (`avx2::linear_direct_vnni`: u8 input
+//! quads broadcast against i8 weight quads, accumulators started at `-zx * wsum`); the
+//! narrow-conv and sparse kernels are AVX2's under both families.
 //!
 //! AMX-INT8 would be one more core (tiles instead of ymm accumulators), selected the same
 //! way; it is not written because no machine here has AMX, and untested kernels are not
@@ -77,8 +79,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 (i16-widened `vpmaddwd` GEMM).
     Avx2,
-    /// x86-64 AVX512-VNNI with AVX512VL: the GEMM multiplies u8 x i8 quads with
-    /// `vpdpbusd` on 256-bit registers; the direct and sparse kernels are AVX2's.
+    /// x86-64 AVX512-VNNI with AVX512VL: the GEMM and the direct linear kernel multiply
+    /// u8 x i8 quads with `vpdpbusd` on 256-bit registers; the narrow-conv and sparse
+    /// kernels are AVX2's.
     Avx512Vnni,
 }
 
@@ -850,7 +853,14 @@ impl PackedLinear {
             // SAFETY: `check_isa` verified AVX2; lengths were checked above.
             Isa::Avx2 | Isa::Avx512Vnni => unsafe {
                 match &self.direct {
-                    Some(d) => avx2::linear_direct(d, x, zx, (rows, self.cin, self.cout), out),
+                    Some(d) => avx2::linear_direct(
+                        gemm_core(isa),
+                        d,
+                        x,
+                        zx,
+                        (rows, self.cin, self.cout),
+                        out,
+                    ),
                     None => avx2::linear(gemm_core(isa), &self.gemm, x, zx, rows, out),
                 }
             },
