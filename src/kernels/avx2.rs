@@ -345,6 +345,107 @@ unsafe fn site<const NA: usize>(
     }
 }
 
+/// The VNNI sparse conv's operands (`PackedSparseConv::vnni_operands`).
+pub(super) struct SparseQuads {
+    /// Input-channel quads per row.
+    pub kq: usize,
+    /// `[n_in, kq]`: u8 input quads (zero padded).
+    pub xq: Vec<i32>,
+    /// `[taps][kq][cout_pad]`: i8 weight quads.
+    pub wq: Vec<i32>,
+    /// `[taps][cout_pad]`: `-zx * sum_ci w[co, t, ci]`, wrapping.
+    pub corr: Vec<i32>,
+}
+
+/// [`sparse_conv`] with `vpdpbusd`: u8 input quads of each present neighbour against that
+/// offset's i8 weight quads, plus the offset's zero-point term, so each sum is the
+/// centred one of the AVX2 kernel; same epilogue.
+///
+/// # Safety
+/// The CPU must support AVX2, AVX512-VNNI and AVX512VL; `q` was built for this layer and
+/// `n_in` input rows, every neighbour index is below `n_in` or `NONE`, and `out` is
+/// `[n_out, p.cout]`.
+pub(super) unsafe fn sparse_conv_vnni<T: OutElem>(
+    p: &PackedSparseConv,
+    q: &SparseQuads,
+    nbr: &[u32],
+    out: &mut [T],
+) {
+    let (cout, taps, cp) = (p.cout, p.taps, p.cout_pad);
+    assert!(q.wq.len() == taps * q.kq * cp && q.corr.len() == taps * cp);
+    out.par_chunks_mut(cout * SITES_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let mut acc = vec![0i32; cp];
+            for (r, row) in rows.chunks_exact_mut(cout).enumerate() {
+                let o = task * SITES_PER_TASK + r;
+                let nb = &nbr[o * taps..(o + 1) * taps];
+                let mut cb = 0;
+                while cb < cp {
+                    let na = ((cp - cb) / 8).min(8);
+                    // SAFETY: CPU features (caller); indices as the caller guarantees.
+                    unsafe {
+                        match na {
+                            1 => site_vnni::<1>(q, cp, nb, cb, &mut acc),
+                            2 => site_vnni::<2>(q, cp, nb, cb, &mut acc),
+                            3 => site_vnni::<3>(q, cp, nb, cb, &mut acc),
+                            4 => site_vnni::<4>(q, cp, nb, cb, &mut acc),
+                            5 => site_vnni::<5>(q, cp, nb, cb, &mut acc),
+                            6 => site_vnni::<6>(q, cp, nb, cb, &mut acc),
+                            7 => site_vnni::<7>(q, cp, nb, cb, &mut acc),
+                            _ => site_vnni::<8>(q, cp, nb, cb, &mut acc),
+                        }
+                    }
+                    cb += na * 8;
+                }
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = T::reference(&p.epilogue, c, acc[c], p.bias[c]);
+                }
+            }
+        });
+}
+
+/// Output channels `[cb, cb + 8 * NA)` of one site into `acc[cb..]`, VNNI.
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+unsafe fn site_vnni<const NA: usize>(
+    q: &SparseQuads,
+    cp: usize,
+    nb: &[u32],
+    cb: usize,
+    acc: &mut [i32],
+) {
+    let kq = q.kq;
+    let mut a = [_mm256_setzero_si256(); NA];
+    for (t, &i) in nb.iter().enumerate() {
+        if i == PackedSparseConv::NONE {
+            continue;
+        }
+        let corr = &q.corr[t * cp + cb..t * cp + cb + NA * 8];
+        for (k, a) in a.iter_mut().enumerate() {
+            // SAFETY: `corr` holds NA * 8 lanes; 8 read at k * 8.
+            let c = unsafe { _mm256_loadu_si256(corr.as_ptr().add(k * 8) as *const __m256i) };
+            *a = _mm256_add_epi32(*a, c);
+        }
+        let xrow = &q.xq[i as usize * kq..(i as usize + 1) * kq];
+        let wt = &q.wq[t * kq * cp..(t + 1) * kq * cp];
+        for (g, &xv) in xrow.iter().enumerate() {
+            let xv = _mm256_set1_epi32(xv);
+            let w = &wt[g * cp + cb..g * cp + cb + NA * 8];
+            for (k, a) in a.iter_mut().enumerate() {
+                // SAFETY: `w` holds NA * 8 lanes; 8 read at k * 8.
+                let wv = unsafe { _mm256_loadu_si256(w.as_ptr().add(k * 8) as *const __m256i) };
+                *a = _mm256_dpbusd_epi32(*a, xv, wv);
+            }
+        }
+    }
+    for (k, a) in a.iter().enumerate() {
+        let dst = &mut acc[cb + k * 8..cb + k * 8 + 8];
+        // SAFETY: 8 lanes into an 8-element slice.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, *a) };
+    }
+}
+
 /// Runs the GEMM over `n` columns in parallel bands with the multiply core `core`.
 /// `fill(n0, len, col)` writes columns `[n0, n0 + len)` of every K row into
 /// `col[k * BAND + j]`, `j < len`.

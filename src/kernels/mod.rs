@@ -51,9 +51,10 @@
 //! product fits i16 and VNNI adds the four into i32 without saturation, so the sums are
 //! exact and the outputs are the reference's bit for bit. The weight quads are regrouped
 //! from the one pair-packed store per row block, so resident weights stay one byte each.
-//! The direct linear kernel has a VNNI variant too (`avx2::linear_direct_vnni`: u8 input
-//! quads broadcast against i8 weight quads, accumulators started at `-zx * wsum`); the
-//! narrow-conv and sparse kernels are AVX2's under both families.
+//! The direct linear and sparse kernels have VNNI variants too (`avx2::linear_direct_vnni`,
+//! `avx2::sparse_conv_vnni`): u8 input quads broadcast against i8 weight quads, with the
+//! zero point folded in as `-zx * wsum` (per present neighbour for the sparse conv). The
+//! narrow-conv kernel is AVX2's under both families.
 //!
 //! AMX-INT8 would be one more core (tiles instead of ymm accumulators), selected the same
 //! way; it is not written because no machine here has AMX, and untested kernels are not
@@ -79,9 +80,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 (i16-widened `vpmaddwd` GEMM).
     Avx2,
-    /// x86-64 AVX512-VNNI with AVX512VL: the GEMM and the direct linear kernel multiply
-    /// u8 x i8 quads with `vpdpbusd` on 256-bit registers; the narrow-conv and sparse
-    /// kernels are AVX2's.
+    /// x86-64 AVX512-VNNI with AVX512VL: the GEMM, direct linear and sparse kernels
+    /// multiply u8 x i8 quads with `vpdpbusd` on 256-bit registers; the narrow-conv
+    /// kernel is AVX2's.
     Avx512Vnni,
 }
 
@@ -1001,12 +1002,21 @@ impl PackedSparseConv {
         match isa {
             Isa::Scalar => scalar::sparse_conv(self, x, zx, rb, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => {
+            Isa::Avx2 => {
                 let xc = self.centre(x, zx);
                 let nbr = self.neighbours(rb);
                 // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
                 // neighbour table indexes `n_in` rows, `out` was checked above.
                 unsafe { avx2::sparse_conv(self, &xc, &nbr, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                let vq = self.vnni_operands(x, zx);
+                let nbr = self.neighbours(rb);
+                // SAFETY: `check_isa` verified AVX512-VNNI (and AVX2); the operands are
+                // sized for `n_in` rows and this layer, the neighbour table indexes
+                // `n_in` rows, `out` was checked above.
+                unsafe { avx2::sparse_conv_vnni(self, &vq, &nbr, out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512Vnni => {
@@ -1030,6 +1040,49 @@ impl PackedSparseConv {
             }
         }
         xc
+    }
+
+    /// The VNNI kernel's operands for one call: input rows as u8 quads, the weights
+    /// regrouped from pairs into quads, and each offset's zero-point term `-zx * sum_ci w`
+    /// (added once per present neighbour, so the sum ends centred, as in the AVX2 kernel).
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_operands(&self, x: &[u8], zx: u8) -> avx2::SparseQuads {
+        let (cin, kp, cp, taps) = (self.cin, self.kp, self.cout_pad, self.taps);
+        let kq = cin.div_ceil(4);
+        let rows = x.len() / cin;
+        let mut xq = vec![0i32; rows * kq];
+        for (src, dst) in x.chunks_exact(cin).zip(xq.chunks_exact_mut(kq)) {
+            for (g, d) in dst.iter_mut().enumerate() {
+                let b = [0, 1, 2, 3].map(|r| src.get(4 * g + r).copied().unwrap_or(0));
+                *d = i32::from_le_bytes(b);
+            }
+        }
+        let pair = |t: usize, q: usize, c: usize| -> [u8; 2] {
+            if q < kp {
+                let e = ((t * kp + q) * cp + c) * 2;
+                [self.wp[e] as u8, self.wp[e + 1] as u8]
+            } else {
+                [0, 0]
+            }
+        };
+        let mut wq = vec![0i32; taps * kq * cp];
+        let mut corr = vec![0i32; taps * cp];
+        for t in 0..taps {
+            for g in 0..kq {
+                for c in 0..cp {
+                    let ([a, b], [e, f]) = (pair(t, 2 * g, c), pair(t, 2 * g + 1, c));
+                    wq[(t * kq + g) * cp + c] = i32::from_le_bytes([a, b, e, f]);
+                }
+            }
+            for c in 0..cp {
+                let sum = (0..kp).fold(0i32, |s, q| {
+                    let [a, b] = pair(t, q, c);
+                    s.wrapping_add(a as i8 as i32).wrapping_add(b as i8 as i32)
+                });
+                corr[t * cp + c] = (zx as i32).wrapping_mul(sum).wrapping_neg();
+            }
+        }
+        avx2::SparseQuads { kq, xq, wq, corr }
     }
 
     /// `[n_out, taps]`: the input row under each offset of every output site, or NONE.
