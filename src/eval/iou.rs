@@ -155,21 +155,30 @@ mod tests {
         count as f64 * (step as f64).powi(2)
     }
 
+    /// A box centred within `reach` of the origin, any yaw.
+    fn random_box(
+        rng: &mut ChaCha8Rng,
+        reach: f32,
+        length: std::ops::Range<f32>,
+        width: std::ops::Range<f32>,
+    ) -> Box3d {
+        Box3d {
+            center: [
+                rng.random_range(-reach..reach),
+                rng.random_range(-reach..reach),
+                0.0,
+            ],
+            size: [rng.random_range(length), rng.random_range(width), 1.0],
+            yaw: rng.random_range(-3.2..3.2),
+        }
+    }
+
     #[test]
     fn matches_a_raster_reference_on_random_pairs() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for _ in 0..40 {
-            let rbox = |rng: &mut ChaCha8Rng| Box3d {
-                center: [
-                    rng.random_range(-1.5..1.5),
-                    rng.random_range(-1.5..1.5),
-                    0.0,
-                ],
-                size: [rng.random_range(0.5..4.0), rng.random_range(0.5..2.5), 1.0],
-                yaw: rng.random_range(-3.2..3.2),
-            };
-            let a = rbox(&mut rng);
-            let b = rbox(&mut rng);
+            let a = random_box(&mut rng, 1.5, 0.5..4.0, 0.5..2.5);
+            let b = random_box(&mut rng, 1.5, 0.5..4.0, 0.5..2.5);
             let exact = bev_intersection(&a, &b);
             let approx = raster_intersection(&a, &b, 0.01);
             assert!(
@@ -186,16 +195,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut skipped = 0;
         for _ in 0..4000 {
-            let rbox = |rng: &mut ChaCha8Rng| Box3d {
-                center: [
-                    rng.random_range(-6.0..6.0),
-                    rng.random_range(-6.0..6.0),
-                    0.0,
-                ],
-                size: [rng.random_range(0.3..8.0), rng.random_range(0.3..3.0), 1.0],
-                yaw: rng.random_range(-3.2..3.2),
-            };
-            let (a, b) = (rbox(&mut rng), rbox(&mut rng));
+            let a = random_box(&mut rng, 6.0, 0.3..8.0, 0.3..3.0);
+            let b = random_box(&mut rng, 6.0, 0.3..8.0, 0.3..3.0);
             if circles_apart(&a, &b) {
                 skipped += 1;
                 assert!(clipped_area(&a, &b) < 1e-9, "{a:?} {b:?}");

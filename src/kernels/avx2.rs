@@ -260,22 +260,34 @@ pub(super) unsafe fn linear<T: SimdOut>(
 /// Output sites per parallel task of the sparse conv.
 const SITES_PER_TASK: usize = 64;
 
+/// The sparse conv's per-call operands, by multiply core.
+pub(super) enum SparseOperands<'a> {
+    /// AVX2: `[n_in, p.kp]` pairs of centred inputs (`PackedSparseConv::centre`).
+    Pairs(&'a [i32]),
+    /// VNNI: u8 input quads and regrouped weights (`PackedSparseConv::vnni_operands`).
+    Quads(&'a SparseQuads),
+}
+
 /// Sparse conv, output-stationary: every output site sums, in registers, its neighbours'
-/// centred input rows times that offset's weights (`vpmaddwd` on i16 pairs of input
-/// channels, exact i32), up to 64 output channels at a time; missing neighbours are
-/// skipped. The epilogue is the reference one, per element.
+/// input rows times that offset's weights (`vpmaddwd` on centred i16 pairs, or
+/// `vpdpbusd` on u8 quads plus the offset's zero-point term; exact i32 either way), up to
+/// 64 output channels at a time; missing neighbours are skipped. The epilogue is the
+/// reference one, per element.
 ///
 /// # Safety
-/// The CPU must support AVX2; `xc` is `[n_in, p.kp]` (pairs of centred inputs, see
-/// `PackedSparseConv::centre`), every neighbour index is below `n_in` or `NONE`, and `out`
-/// is `[n_out, p.cout]`.
+/// The CPU must support AVX2, and AVX512-VNNI with AVX512VL for `Quads`; the operands
+/// were built for this layer and `n_in` input rows, every neighbour index is below `n_in`
+/// or `NONE`, and `out` is `[n_out, p.cout]`.
 pub(super) unsafe fn sparse_conv<T: OutElem>(
     p: &PackedSparseConv,
-    xc: &[i32],
+    ops: SparseOperands<'_>,
     nbr: &[u32],
     out: &mut [T],
 ) {
     let (cout, taps) = (p.cout, p.taps);
+    if let SparseOperands::Quads(q) = &ops {
+        assert!(q.wq.len() == taps * q.kq * p.cout_pad && q.corr.len() == taps * p.cout_pad);
+    }
     out.par_chunks_mut(cout * SITES_PER_TASK)
         .enumerate()
         .for_each(|(task, rows)| {
@@ -286,17 +298,18 @@ pub(super) unsafe fn sparse_conv<T: OutElem>(
                 let mut cb = 0;
                 while cb < p.cout_pad {
                     let na = ((p.cout_pad - cb) / 8).min(8);
-                    // SAFETY: AVX2 (caller); indices and lengths as the caller guarantees.
+                    // SAFETY: CPU features (caller); indices and lengths as the caller
+                    // guarantees.
                     unsafe {
                         match na {
-                            1 => site::<1>(p, xc, nb, cb, &mut acc),
-                            2 => site::<2>(p, xc, nb, cb, &mut acc),
-                            3 => site::<3>(p, xc, nb, cb, &mut acc),
-                            4 => site::<4>(p, xc, nb, cb, &mut acc),
-                            5 => site::<5>(p, xc, nb, cb, &mut acc),
-                            6 => site::<6>(p, xc, nb, cb, &mut acc),
-                            7 => site::<7>(p, xc, nb, cb, &mut acc),
-                            _ => site::<8>(p, xc, nb, cb, &mut acc),
+                            1 => site_any::<1>(p, &ops, nb, cb, &mut acc),
+                            2 => site_any::<2>(p, &ops, nb, cb, &mut acc),
+                            3 => site_any::<3>(p, &ops, nb, cb, &mut acc),
+                            4 => site_any::<4>(p, &ops, nb, cb, &mut acc),
+                            5 => site_any::<5>(p, &ops, nb, cb, &mut acc),
+                            6 => site_any::<6>(p, &ops, nb, cb, &mut acc),
+                            7 => site_any::<7>(p, &ops, nb, cb, &mut acc),
+                            _ => site_any::<8>(p, &ops, nb, cb, &mut acc),
                         }
                     }
                     cb += na * 8;
@@ -306,6 +319,24 @@ pub(super) unsafe fn sparse_conv<T: OutElem>(
                 }
             }
         });
+}
+
+/// One site's output channels `[cb, cb + 8 * NA)` with the kernel of the operands.
+#[inline(always)]
+unsafe fn site_any<const NA: usize>(
+    p: &PackedSparseConv,
+    ops: &SparseOperands<'_>,
+    nb: &[u32],
+    cb: usize,
+    acc: &mut [i32],
+) {
+    // SAFETY: forwarded from `sparse_conv`.
+    unsafe {
+        match ops {
+            SparseOperands::Pairs(xc) => site::<NA>(p, xc, nb, cb, acc),
+            SparseOperands::Quads(q) => site_vnni::<NA>(q, p.cout_pad, nb, cb, acc),
+        }
+    }
 }
 
 /// Output channels `[cb, cb + 8 * NA)` of one site into `acc[cb..]`.
@@ -355,54 +386,6 @@ pub(super) struct SparseQuads {
     pub wq: Vec<i32>,
     /// `[taps][cout_pad]`: `-zx * sum_ci w[co, t, ci]`, wrapping.
     pub corr: Vec<i32>,
-}
-
-/// [`sparse_conv`] with `vpdpbusd`: u8 input quads of each present neighbour against that
-/// offset's i8 weight quads, plus the offset's zero-point term, so each sum is the
-/// centred one of the AVX2 kernel; same epilogue.
-///
-/// # Safety
-/// The CPU must support AVX2, AVX512-VNNI and AVX512VL; `q` was built for this layer and
-/// `n_in` input rows, every neighbour index is below `n_in` or `NONE`, and `out` is
-/// `[n_out, p.cout]`.
-pub(super) unsafe fn sparse_conv_vnni<T: OutElem>(
-    p: &PackedSparseConv,
-    q: &SparseQuads,
-    nbr: &[u32],
-    out: &mut [T],
-) {
-    let (cout, taps, cp) = (p.cout, p.taps, p.cout_pad);
-    assert!(q.wq.len() == taps * q.kq * cp && q.corr.len() == taps * cp);
-    out.par_chunks_mut(cout * SITES_PER_TASK)
-        .enumerate()
-        .for_each(|(task, rows)| {
-            let mut acc = vec![0i32; cp];
-            for (r, row) in rows.chunks_exact_mut(cout).enumerate() {
-                let o = task * SITES_PER_TASK + r;
-                let nb = &nbr[o * taps..(o + 1) * taps];
-                let mut cb = 0;
-                while cb < cp {
-                    let na = ((cp - cb) / 8).min(8);
-                    // SAFETY: CPU features (caller); indices as the caller guarantees.
-                    unsafe {
-                        match na {
-                            1 => site_vnni::<1>(q, cp, nb, cb, &mut acc),
-                            2 => site_vnni::<2>(q, cp, nb, cb, &mut acc),
-                            3 => site_vnni::<3>(q, cp, nb, cb, &mut acc),
-                            4 => site_vnni::<4>(q, cp, nb, cb, &mut acc),
-                            5 => site_vnni::<5>(q, cp, nb, cb, &mut acc),
-                            6 => site_vnni::<6>(q, cp, nb, cb, &mut acc),
-                            7 => site_vnni::<7>(q, cp, nb, cb, &mut acc),
-                            _ => site_vnni::<8>(q, cp, nb, cb, &mut acc),
-                        }
-                    }
-                    cb += na * 8;
-                }
-                for (c, o) in row.iter_mut().enumerate() {
-                    *o = T::reference(&p.epilogue, c, acc[c], p.bias[c]);
-                }
-            }
-        });
 }
 
 /// Output channels `[cb, cb + 8 * NA)` of one site into `acc[cb..]`, VNNI.
@@ -1413,14 +1396,14 @@ impl LaneOut for f32 {
 }
 
 /// Linear `[rows, cin] -> [rows, cout]` with at most [`LINEAR_DIRECT_MAX_COUT`] outputs
-/// (the pillar feature net, whose rows are points): each row's centred input pairs are
-/// broadcast against the weight pairs of 8 outputs per register, all outputs of the row
-/// accumulate in registers, and the epilogue writes them contiguously. The GEMM would
-/// pack every row and scatter its outputs one by one.
+/// (the pillar feature net, whose rows are points): each row's centred input pairs (or,
+/// with VNNI, its u8 input quads) are broadcast against the weights of 8 outputs per
+/// register, all outputs of the row accumulate in registers, and the epilogue writes
+/// them contiguously. The GEMM would pack every row and scatter its outputs one by one.
 ///
 /// # Safety
-/// The CPU must support AVX2; `x` is `[rows, cin]`, `out` `[rows, cout]`, `d` built for
-/// `cout` outputs and `cin` inputs.
+/// The CPU must support AVX2, and AVX512-VNNI with AVX512VL for `GemmCore::Vnni`; `x` is
+/// `[rows, cin]`, `out` `[rows, cout]`, `d` built for `cout` outputs and `cin` inputs.
 pub(super) unsafe fn linear_direct<T: LaneOut>(
     core: GemmCore,
     d: &DirectLinear,
@@ -1429,35 +1412,83 @@ pub(super) unsafe fn linear_direct<T: LaneOut>(
     (rows, cin, cout): (usize, usize, usize),
     out: &mut [T],
 ) {
-    if core == GemmCore::Vnni {
-        // SAFETY: forwarded; the caller checked AVX512-VNNI for this core.
-        return unsafe { linear_direct_vnni(d, x, zx, (rows, cin, cout), out) };
-    }
     assert!(
         x.len() == rows * cin
             && out.len() == rows * cout
             && d.kp == cin.div_ceil(2)
+            && d.wq.len() == cin.div_ceil(4) * d.m8
             && d.m8 == cout.next_multiple_of(8)
             && cout <= LINEAR_DIRECT_MAX_COUT
     );
+    // VNNI multiplies raw codes: its accumulators start at `-zx * wsum`.
+    let mut corr = [0i32; LINEAR_DIRECT_MAX_COUT];
+    for (c, w) in corr.iter_mut().zip(&d.wsum) {
+        *c = (zx as i32).wrapping_mul(*w).wrapping_neg();
+    }
     out.par_chunks_mut(cout * LINEAR_ROWS)
         .enumerate()
         .for_each(|(t, o)| {
             let x = &x[t * LINEAR_ROWS * cin..];
-            // SAFETY: AVX2 (caller); shapes asserted above.
+            // SAFETY: the core's CPU features (caller); shapes asserted above.
             unsafe {
                 match d.m8 / 8 {
-                    1 => linear_rows::<T, 1>(d, x, zx, cin, cout, o),
-                    2 => linear_rows::<T, 2>(d, x, zx, cin, cout, o),
-                    3 => linear_rows::<T, 3>(d, x, zx, cin, cout, o),
-                    4 => linear_rows::<T, 4>(d, x, zx, cin, cout, o),
-                    5 => linear_rows::<T, 5>(d, x, zx, cin, cout, o),
-                    6 => linear_rows::<T, 6>(d, x, zx, cin, cout, o),
-                    7 => linear_rows::<T, 7>(d, x, zx, cin, cout, o),
-                    _ => linear_rows::<T, 8>(d, x, zx, cin, cout, o),
+                    1 => rows_any::<T, 1>(core, d, &corr, x, zx, cin, cout, o),
+                    2 => rows_any::<T, 2>(core, d, &corr, x, zx, cin, cout, o),
+                    3 => rows_any::<T, 3>(core, d, &corr, x, zx, cin, cout, o),
+                    4 => rows_any::<T, 4>(core, d, &corr, x, zx, cin, cout, o),
+                    5 => rows_any::<T, 5>(core, d, &corr, x, zx, cin, cout, o),
+                    6 => rows_any::<T, 6>(core, d, &corr, x, zx, cin, cout, o),
+                    7 => rows_any::<T, 7>(core, d, &corr, x, zx, cin, cout, o),
+                    _ => rows_any::<T, 8>(core, d, &corr, x, zx, cin, cout, o),
                 }
             }
         });
+}
+
+/// The rows of one task with the core's kernel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_any<T: LaneOut, const NA: usize>(
+    core: GemmCore,
+    d: &DirectLinear,
+    corr: &[i32; LINEAR_DIRECT_MAX_COUT],
+    x: &[u8],
+    zx: u8,
+    cin: usize,
+    cout: usize,
+    out: &mut [T],
+) {
+    // SAFETY: forwarded from `linear_direct`.
+    unsafe {
+        match core {
+            GemmCore::Madd16 => linear_rows::<T, NA>(d, x, zx, cin, cout, out),
+            GemmCore::Vnni => linear_rows_vnni::<T, NA>(d, corr, x, cin, cout, out),
+        }
+    }
+}
+
+/// The epilogue of one row's accumulators (outputs `8j..8j + 8` in `acc[j]`) into `orow`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_row<T: LaneOut, const NA: usize>(
+    acc: &[__m256i; NA],
+    d: &DirectLinear,
+    cout: usize,
+    orow: &mut [T],
+) {
+    for (j, &a) in acc.iter().enumerate() {
+        let c0 = 8 * j;
+        // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
+        unsafe {
+            if c0 + 8 <= cout {
+                T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
+            } else {
+                let mut lanes = [T::default(); 8];
+                T::lanes(a, d, c0, lanes.as_mut_ptr());
+                orow[c0..].copy_from_slice(&lanes[..cout - c0]);
+            }
+        }
+    }
 }
 
 /// The rows of `out` (`[n, cout]`) from the rows of `x` (`[>= n, cin]`).
@@ -1490,67 +1521,14 @@ unsafe fn linear_rows<T: LaneOut, const NA: usize>(
                 *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(xv, wv));
             }
         }
-        for (j, &a) in acc.iter().enumerate() {
-            let c0 = 8 * j;
-            // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
-            unsafe {
-                if c0 + 8 <= cout {
-                    T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
-                } else {
-                    let mut lanes = [T::default(); 8];
-                    T::lanes(a, d, c0, lanes.as_mut_ptr());
-                    orow[c0..].copy_from_slice(&lanes[..cout - c0]);
-                }
-            }
-        }
+        // SAFETY: AVX2 (caller); `8 * NA <= m8`.
+        unsafe { store_row::<T, NA>(&acc, d, cout, orow) };
     }
 }
 
-/// [`linear_direct`] with `vpdpbusd`: each row's u8 input quads are broadcast against the
-/// i8 weight quads of 8 outputs per register. The accumulators start at `-zx * wsum`, so
-/// they end at the centred sum, as in the AVX2 kernel, and the epilogue is the same.
-///
-/// # Safety
-/// The CPU must support AVX2, AVX512-VNNI and AVX512VL; shapes as for [`linear_direct`].
-unsafe fn linear_direct_vnni<T: LaneOut>(
-    d: &DirectLinear,
-    x: &[u8],
-    zx: u8,
-    (rows, cin, cout): (usize, usize, usize),
-    out: &mut [T],
-) {
-    assert!(
-        x.len() == rows * cin
-            && out.len() == rows * cout
-            && d.wq.len() == cin.div_ceil(4) * d.m8
-            && d.m8 == cout.next_multiple_of(8)
-            && cout <= LINEAR_DIRECT_MAX_COUT
-    );
-    let mut corr = [0i32; LINEAR_DIRECT_MAX_COUT];
-    for (c, w) in corr.iter_mut().zip(&d.wsum) {
-        *c = (zx as i32).wrapping_mul(*w).wrapping_neg();
-    }
-    out.par_chunks_mut(cout * LINEAR_ROWS)
-        .enumerate()
-        .for_each(|(t, o)| {
-            let x = &x[t * LINEAR_ROWS * cin..];
-            // SAFETY: the CPU features (caller); shapes asserted above.
-            unsafe {
-                match d.m8 / 8 {
-                    1 => linear_rows_vnni::<T, 1>(d, &corr, x, cin, cout, o),
-                    2 => linear_rows_vnni::<T, 2>(d, &corr, x, cin, cout, o),
-                    3 => linear_rows_vnni::<T, 3>(d, &corr, x, cin, cout, o),
-                    4 => linear_rows_vnni::<T, 4>(d, &corr, x, cin, cout, o),
-                    5 => linear_rows_vnni::<T, 5>(d, &corr, x, cin, cout, o),
-                    6 => linear_rows_vnni::<T, 6>(d, &corr, x, cin, cout, o),
-                    7 => linear_rows_vnni::<T, 7>(d, &corr, x, cin, cout, o),
-                    _ => linear_rows_vnni::<T, 8>(d, &corr, x, cin, cout, o),
-                }
-            }
-        });
-}
-
-/// The rows of `out` (`[n, cout]`) from the rows of `x` (`[>= n, cin]`), VNNI.
+/// The rows of `out` (`[n, cout]`) from the rows of `x` (`[>= n, cin]`), VNNI: u8 input
+/// quads against i8 weight quads, the accumulators started at `corr` (`-zx * wsum`) so they
+/// end at the centred sum of the AVX2 kernel.
 #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
 unsafe fn linear_rows_vnni<T: LaneOut, const NA: usize>(
     d: &DirectLinear,
@@ -1590,18 +1568,7 @@ unsafe fn linear_rows_vnni<T: LaneOut, const NA: usize>(
                 *acc = _mm256_dpbusd_epi32(*acc, xv, wv);
             }
         }
-        for (j, &a) in acc.iter().enumerate() {
-            let c0 = 8 * j;
-            // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
-            unsafe {
-                if c0 + 8 <= cout {
-                    T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
-                } else {
-                    let mut lanes = [T::default(); 8];
-                    T::lanes(a, d, c0, lanes.as_mut_ptr());
-                    orow[c0..].copy_from_slice(&lanes[..cout - c0]);
-                }
-            }
-        }
+        // SAFETY: AVX2 (caller); `8 * NA <= m8`.
+        unsafe { store_row::<T, NA>(&acc, d, cout, orow) };
     }
 }

@@ -52,7 +52,7 @@
 //! exact and the outputs are the reference's bit for bit. The weight quads are regrouped
 //! from the one pair-packed store per row block, so resident weights stay one byte each.
 //! The direct linear and sparse kernels have VNNI variants too (`avx2::linear_direct_vnni`,
-//! `avx2::sparse_conv_vnni`): u8 input quads broadcast against i8 weight quads, with the
+//! `avx2::site_vnni`): u8 input quads broadcast against i8 weight quads, with the
 //! zero point folded in as `-zx * wsum` (per present neighbour for the sparse conv). The
 //! narrow-conv kernel is AVX2's under both families.
 //!
@@ -1007,7 +1007,7 @@ impl PackedSparseConv {
                 let nbr = self.neighbours(rb);
                 // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
                 // neighbour table indexes `n_in` rows, `out` was checked above.
-                unsafe { avx2::sparse_conv(self, &xc, &nbr, out) }
+                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Pairs(&xc), &nbr, out) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
@@ -1016,7 +1016,7 @@ impl PackedSparseConv {
                 // SAFETY: `check_isa` verified AVX512-VNNI (and AVX2); the operands are
                 // sized for `n_in` rows and this layer, the neighbour table indexes
                 // `n_in` rows, `out` was checked above.
-                unsafe { avx2::sparse_conv_vnni(self, &vq, &nbr, out) }
+                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Quads(&vq), &nbr, out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512Vnni => {
