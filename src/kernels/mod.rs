@@ -51,7 +51,7 @@
 //! product fits i16 and VNNI adds the four into i32 without saturation, so the sums are
 //! exact and the outputs are the reference's bit for bit. The weight quads are regrouped
 //! from the one pair-packed store per row block, so resident weights stay one byte each.
-//! The direct linear and sparse kernels have VNNI variants too (`avx2::linear_direct_vnni`,
+//! The direct linear and sparse kernels have VNNI variants too (`avx2::linear_rows_vnni`,
 //! `avx2::site_vnni`): u8 input quads broadcast against i8 weight quads, with the
 //! zero point folded in as `-zx * wsum` (per present neighbour for the sparse conv). The
 //! narrow-conv kernel is AVX2's under both families.
