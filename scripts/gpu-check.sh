@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the CUDA engine, on a machine with an NVIDIA GPU: every GPU test
 # (FP32 within 1e-4 of the CPU engine, INT8 bit-identical to the CPU INT8 engine, FP16
-# close), then `lidar_ptq bench --device cuda` and the PyTorch baseline on the same card.
+# close, pillar and voxel models, CUDA graph replay equal to eager launches), then
+# `lidar_ptq bench --device cuda` (pillar preset with and without CUDA graphs, the default
+# model, the voxel preset) and the PyTorch baseline on the same card.
 #
 #   scripts/gpu-check.sh [BIN_DIR] [OUT_DIR]
 #
@@ -36,12 +38,21 @@ export CARGO_MANIFEST_DIR=$PWD RUST_LOG=${RUST_LOG:-info}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 status=0
 "$BIN/cuda-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" || status=1
-"$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 --warmup 5 --json \
-    > "$OUT/bench_nuscenes_pillar.json" 2> "$OUT/bench.log" || status=1
+# nuScenes pillar preset: FP32, FP16, INT8 with the dense part as a CUDA graph (per-node GPU
+# times of a few extra profiled runs go to bench.log), then the same without graphs.
+LIDAR_PTQ_CUDA_PROFILE=1 "$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 \
+    --warmup 5 --json > "$OUT/bench_nuscenes_pillar.json" 2> "$OUT/bench.log" || status=1
 cat "$OUT/bench_nuscenes_pillar.json"
+LIDAR_PTQ_CUDA_GRAPH=0 "$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 \
+    --warmup 5 --json > "$OUT/bench_nuscenes_pillar_nograph.json" 2>> "$OUT/bench.log" || status=1
+cat "$OUT/bench_nuscenes_pillar_nograph.json"
 "$BIN/lidar_ptq" bench --device cuda --model models/default.safetensors --iters 30 --warmup 5 \
     --json > "$OUT/bench_default.json" 2>> "$OUT/bench.log" || status=1
 cat "$OUT/bench_default.json"
+# nuScenes voxel preset (sparse backbone on the GPU; rulebooks built on the CPU).
+"$BIN/lidar_ptq" bench --device cuda --preset nuscenes-voxel --iters 10 --warmup 2 --json \
+    > "$OUT/bench_nuscenes_voxel.json" 2>> "$OUT/bench.log" || status=1
+cat "$OUT/bench_nuscenes_voxel.json"
 python3 scripts/bench_torch.py config/models/nuscenes_pillar.yaml > "$OUT/torch_nuscenes_pillar.json" \
     2> "$OUT/torch.log" || status=1
 cat "$OUT/torch_nuscenes_pillar.json"

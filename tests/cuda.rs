@@ -259,12 +259,13 @@ fn int8_equals_the_cpu_int8_engine_bit_for_bit() {
         assert_eq!(gpu.fusions(), (1, 1));
         for f in inputs(&cfg, &[random_scan(30), random_scan(31)]) {
             let want = cpu.run(&f.net_input()).unwrap();
-            for direct in [true, false] {
+            for (direct, tiled) in [(true, true), (false, true), (true, false)] {
                 gpu.set_direct_branches(direct);
+                gpu.set_tiled_im2col(tiled);
                 let got = gpu.run(&f.net_input()).unwrap();
                 assert_eq!(
                     got, want,
-                    "{:?}, direct branch kernels {direct}",
+                    "{:?}, direct branch kernels {direct}, tiled im2col {tiled}",
                     opts.method
                 );
             }
@@ -294,4 +295,184 @@ fn int8_detections_equal_the_cpu_on_validation_scans() {
         boxes += a.len();
     }
     assert!(boxes > 0, "the scans produced no detections to compare");
+}
+
+// ---- the voxel (SPConv) model on the GPU ----------------------------------------------
+
+const TINY_VOXEL: &str = include_str!("fixtures/tiny_voxel.yaml");
+
+/// The tiny voxel model with seeded weights and non-trivial BatchNorm statistics.
+fn tiny_voxel() -> (ModelConfig, Graph, Weights) {
+    let cfg = ModelConfig::from_yaml(TINY_VOXEL).unwrap();
+    let graph = Graph::build(&cfg).unwrap();
+    let mut w = Weights::init(&graph, 41);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    for (name, t) in w.tensors.iter_mut() {
+        let range = if name.ends_with("running_var") {
+            0.5..2.0
+        } else if name.ends_with("running_mean") || name.ends_with(".bias") {
+            -0.3..0.3
+        } else {
+            continue;
+        };
+        if t.shape.len() == 1 {
+            t.data
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(range.clone()));
+        }
+    }
+    (cfg, graph, w)
+}
+
+fn default_voxel() -> (ModelConfig, Graph, Weights) {
+    let b = ModelBundle::load(&root().join("models/default_voxel.safetensors"), None).unwrap();
+    let graph = Graph::build(&b.config).unwrap();
+    (b.config, graph, b.weights)
+}
+
+/// A scan inside the tiny voxel model's +-6.4 m range: ground and a few blobs.
+fn voxel_scan(seed: u64) -> Points {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut p = Points::default();
+    for _ in 0..1200 {
+        p.push(
+            rng.random_range(-6.3..6.3),
+            rng.random_range(-6.3..6.3),
+            rng.random_range(-2.9..-2.0),
+            rng.random_range(0.0..1.0),
+        );
+    }
+    for _ in 0..3 {
+        let (cx, cy) = (rng.random_range(-5.0..5.0), rng.random_range(-5.0..5.0));
+        for _ in 0..250 {
+            p.push(
+                cx + rng.random_range(-1.0..1.0),
+                cy + rng.random_range(-0.6..0.6),
+                rng.random_range(-2.0..0.5),
+                rng.random_range(0.2..1.0),
+            );
+        }
+    }
+    p
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn voxel_fp32_matches_the_cpu_engine_and_fp16_stays_close() {
+    for (cfg, graph, w) in [tiny_voxel(), default_voxel()] {
+        assert!(graph.sparse.is_some());
+        let cpu = Fp32Engine::new(&graph, &w).unwrap();
+        let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Fp32, 0).unwrap();
+        let mut half = CudaEngine::new(&graph, &w, CudaPrecision::Fp16, 0).unwrap();
+        let scans: Vec<Points> = if cfg.name == "tiny_voxel" {
+            (0..3).map(|k| voxel_scan(50 + k)).collect()
+        } else {
+            sim_scans(3)
+        };
+        let mut boxes = 0;
+        for f in inputs(&cfg, &scans) {
+            let want = cpu.run(&f.net_input()).unwrap();
+            let got = gpu.run(&f.net_input()).unwrap();
+            let e = max_rel(&got, &want);
+            eprintln!("{} voxel fp32 max rel error {e:.2e}", cfg.name);
+            assert!(e <= 1e-4, "{}: {e}", cfg.name);
+            let e16 = max_rel(&half.run(&f.net_input()).unwrap(), &want);
+            eprintln!("{} voxel fp16 max rel error {e16:.2e}", cfg.name);
+            assert!(e16 <= 5e-2, "{}: {e16}", cfg.name);
+            boxes += decode(&cfg, &got.views()).unwrap().len();
+        }
+        eprintln!("{}: {boxes} FP32 GPU detections", cfg.name);
+        // From the second frame on, the dense part replays as a CUDA graph.
+        assert!(gpu.graph_active(), "{}: no CUDA graph", cfg.name);
+    }
+}
+
+/// Voxel calibrations: min-max W8A8 (every layer integer, first sparse convs included), and
+/// one with the first sparse conv kept float (the float sparse kernel on dequantized codes).
+fn voxel_calibrations(graph: &Graph) -> Vec<CalibOptions> {
+    let first_sparse = graph
+        .nodes
+        .iter()
+        .find(|n| {
+            matches!(
+                &n.op,
+                lidar_ptq::model::graph::Op::Layer(l)
+                    if matches!(l.kind, lidar_ptq::model::graph::LayerKind::SparseConv3d { .. })
+            )
+        })
+        .map(|n| n.name.clone())
+        .unwrap();
+    let mut keep = CalibOptions::new(Method::MinMax);
+    keep.keep_float = vec![first_sparse];
+    vec![CalibOptions::new(Method::MinMax), keep]
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn voxel_int8_equals_the_cpu_int8_engine_bit_for_bit() {
+    let (cfg, graph, w) = tiny_voxel();
+    let calib: Vec<Points> = (0..4).map(|k| voxel_scan(60 + k)).collect();
+    for opts in voxel_calibrations(&graph) {
+        let qm = calibrate(&cfg, &w, &calib, &opts).unwrap();
+        let mut cpu = Int8Engine::new(&graph, &w, &qm).unwrap();
+        let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+        let scans: Vec<Points> = (0..3).map(|k| voxel_scan(70 + k)).collect();
+        for f in inputs(&cfg, &scans) {
+            let want = cpu.run(&f.net_input()).unwrap();
+            let got = gpu.run(&f.net_input()).unwrap();
+            assert_eq!(got, want, "keep float {:?}", opts.keep_float);
+        }
+    }
+    // The default voxel model: head maps and detections identical on validation scans.
+    let (cfg, graph, w) = default_voxel();
+    let sim = Simulator::new(SimConfig::new(LidarModel::Hdl64));
+    let calib: Vec<Points> = (0..4).map(|k| sim.sample(2_000_000 + k).0).collect();
+    let qm = calibrate(&cfg, &w, &calib, &CalibOptions::new(Method::MinMax)).unwrap();
+    let mut cpu = Int8Engine::new(&graph, &w, &qm).unwrap();
+    let mut gpu = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+    let mut boxes = 0;
+    for f in inputs(&cfg, &sim_scans(4)) {
+        let want = cpu.run(&f.net_input()).unwrap();
+        let got = gpu.run(&f.net_input()).unwrap();
+        assert_eq!(got, want);
+        let (a, b) = (
+            decode(&cfg, &got.views()).unwrap(),
+            decode(&cfg, &want.views()).unwrap(),
+        );
+        assert_eq!(a, b);
+        boxes += a.len();
+    }
+    assert!(boxes > 0, "the scans produced no detections to compare");
+}
+
+/// The dense part replayed as a CUDA graph computes what the eager launches compute, on
+/// frames of different sizes (the per-frame part grows its buffers; the graph's stay).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn graph_replay_equals_eager_execution() {
+    let (cfg, graph, w) = default_model();
+    let sim = Simulator::new(SimConfig::new(LidarModel::Hdl64));
+    let calib: Vec<Points> = (0..2).map(|k| sim.sample(2_000_000 + k).0).collect();
+    let qm = calibrate(&cfg, &w, &calib, &CalibOptions::new(Method::MinMax)).unwrap();
+    // Small, large, small, larger: buffers of the per-frame part reallocate.
+    let mut scans = vec![random_scan(80)];
+    scans.extend(sim_scans(1));
+    scans.push(random_scan(81));
+    scans.push(sim.sample(3_000_000).0);
+    for p in [
+        CudaPrecision::Fp32,
+        CudaPrecision::Fp16,
+        CudaPrecision::Int8(&qm),
+    ] {
+        let mut graphed = CudaEngine::new(&graph, &w, p, 0).unwrap();
+        let mut eager = CudaEngine::new(&graph, &w, p, 0).unwrap();
+        eager.set_graphs(false);
+        for f in inputs(&cfg, &scans) {
+            let a = graphed.run(&f.net_input()).unwrap();
+            let b = eager.run(&f.net_input()).unwrap();
+            assert_eq!(a, b, "{}", p.name());
+        }
+        assert!(graphed.graph_active(), "{}: no CUDA graph", p.name());
+        assert!(!eager.graph_active());
+    }
 }

@@ -29,6 +29,8 @@ pub struct GpuTimes {
     pub dense_gops: f64,
     pub decode_ms: f64,
     pub detections: usize,
+    /// Whether the dense part replayed as a CUDA graph in the timed runs.
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -119,6 +121,7 @@ pub fn run(
             }
             progress.inc(1);
         }
+        let cuda_graph = engine.graph_active();
         if std::env::var_os("LIDAR_PTQ_CUDA_PROFILE").is_some() {
             // A few more runs with an event after every node: where the time goes.
             engine.enable_profile();
@@ -150,6 +153,7 @@ pub fn run(
             dense_gops: 2.0 * dense_gmac / (dense / 1e3),
             decode_ms: col(4),
             detections,
+            cuda_graph,
         });
     }
     let get = |name: &str| runs.iter().find(|r| r.precision == name);
@@ -189,20 +193,21 @@ pub fn format_report(r: &GpuBenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<6} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
-        "", "total", "voxel", "network", "dense", "decode", "GOP/s"
+        "{:<6} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9} {:>6}",
+        "", "total", "voxel", "network", "dense", "decode", "GOP/s", "graph"
     );
     for t in &r.runs {
         let _ = writeln!(
             s,
-            "{:<6} {:>9.3} {:>8.3} {:>9.3} {:>9.3} {:>8.3} {:>9.0}",
+            "{:<6} {:>9.3} {:>8.3} {:>9.3} {:>9.3} {:>8.3} {:>9.0} {:>6}",
             t.precision,
             t.total_ms,
             t.voxelize_ms,
             t.network_ms,
             t.dense_ms,
             t.decode_ms,
-            t.dense_gops
+            t.dense_gops,
+            if t.cuda_graph { "yes" } else { "no" }
         );
     }
     if let (Some(a), Some(b), Some(c), Some(d)) = (

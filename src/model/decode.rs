@@ -4,6 +4,7 @@
 use super::config::{ModelConfig, NmsKind};
 use crate::boxes::{Box3d, Detection};
 use crate::eval::bev_iou;
+use rayon::prelude::*;
 
 /// Raw head outputs of one task for one frame, each `[channels, H, W]` row-major.
 pub struct TaskOutputs<'a> {
@@ -132,8 +133,9 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
             expected: cfg.head.tasks.len(),
         });
     }
-    let mut all = Vec::new();
-    for (t, (classes, out)) in cfg.head.tasks.iter().zip(tasks).enumerate() {
+    // Tasks are independent (their own peaks and NMS): decoded in parallel, concatenated in
+    // config order, so the result is the same as one after the other.
+    let per_task = |(t, (classes, out)): (usize, (&Vec<String>, &TaskOutputs<'_>))| {
         let check = |what, got: usize, expected: usize| {
             if got == expected {
                 Ok(())
@@ -194,7 +196,21 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
         })
         .collect();
         dets.truncate(dc.nms.pre_max);
-        all.extend(nms(dets, dc.nms.kind, dc.nms.threshold, dc.nms.post_max));
+        Ok(nms(dets, dc.nms.kind, dc.nms.threshold, dc.nms.post_max))
+    };
+    let parts: Vec<Result<Vec<Detection>, DecodeError>> = cfg
+        .head
+        .tasks
+        .iter()
+        .zip(tasks)
+        .enumerate()
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(per_task)
+        .collect();
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend(p?);
     }
     Ok(all)
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 const SOURCE: &str = include_str!("kernels.cu");
 
-const KERNELS: [&str; 19] = [
+const KERNELS: &[&str] = &[
     "cast_f16",
     "dequant_u8",
     "dequant_u8_pf",
@@ -26,6 +26,7 @@ const KERNELS: [&str; 19] = [
     "im2col_f32",
     "im2col_f16",
     "im2col_s8",
+    "im2col_s8_tile",
     "rows_s8",
     "gemm_s8_tn",
     "epi_f32",
@@ -35,8 +36,28 @@ const KERNELS: [&str; 19] = [
     "pillar_max_u8",
     "scatter_f32",
     "scatter_u8",
-    "branch_conv_f32",
-    "branch_conv_s8",
+    "branch_conv_f32_1",
+    "branch_conv_f32_2",
+    "branch_conv_f32_3",
+    "branch_conv_f32_4",
+    "branch_conv_f32_5",
+    "branch_conv_f32_6",
+    "branch_conv_f32_7",
+    "branch_conv_f32_8",
+    "branch_conv_s8_1",
+    "branch_conv_s8_2",
+    "branch_conv_s8_3",
+    "branch_conv_s8_4",
+    "branch_conv_s8_5",
+    "branch_conv_s8_6",
+    "branch_conv_s8_7",
+    "branch_conv_s8_8",
+    "sparse_conv_s8",
+    "sparse_conv_f32",
+    "add_u8",
+    "add_f32",
+    "hcomp_f32",
+    "hcomp_u8",
 ];
 
 fn dev_err(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -118,7 +139,7 @@ impl Gpu {
             .load_module(ptx)
             .map_err(|e| dev_err("loading the kernels", e))?;
         let mut funcs = HashMap::new();
-        for k in KERNELS {
+        for &k in KERNELS {
             let f = module
                 .load_function(k)
                 .map_err(|e| dev_err(&format!("kernel {k}"), e))?;
@@ -196,6 +217,41 @@ impl Gpu {
         }
         // SAFETY: the argument lists match the kernels' signatures in kernels.cu, and
         // every pointer is a live buffer sized by the engine's plan.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| dev_err(&format!("kernel {name}"), e))
+    }
+
+    /// Launches `name` on `blocks` blocks of `threads` with `smem` bytes of dynamic shared
+    /// memory (tiled kernels).
+    pub(super) fn launch_tiled(
+        &self,
+        name: &str,
+        (blocks, threads, smem): (usize, u32, u32),
+        args: &[Arg],
+    ) -> Result<(), EngineError> {
+        if blocks == 0 {
+            return Ok(());
+        }
+        let blocks = u32::try_from(blocks)
+            .map_err(|_| EngineError::Internal(format!("kernel {name}: {blocks} blocks")))?;
+        let f = self.func(name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+                Arg::B(v) => b.arg(v),
+            };
+        }
+        // SAFETY: as `launch`; the kernel's shared-memory use is bounded by `smem`.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(|e| dev_err(&format!("kernel {name}"), e))

@@ -138,6 +138,44 @@ extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, i
     }
 }
 
+// The same im2col through a shared-memory tile of `tp` output pixels: gathered with
+// consecutive threads on consecutive pixels (coalesced reads of each input row, where the
+// one-word-per-thread kernel reads bytes of distant channel planes), then written out as
+// whole words. Tile rows are padded by one word so the byte stores spread over the banks.
+extern "C" __global__ void im2col_s8_tile(const u8* x, int c, int h, int w, int kk, int stride,
+                                          int pad, int ho, int wo, int kpad, int zx,
+                                          const int* zxc, int tp, s8* col) {
+    extern __shared__ unsigned tile_words[];
+    u8* tile = (u8*)tile_words;
+    int plane = ho * wo;
+    int p0 = blockIdx.x * tp;
+    if (p0 >= plane) return;
+    int np = min(tp, plane - p0);
+    int k2 = kk * kk, kreal = c * k2;
+    int row = kpad + 4;
+    for (int idx = threadIdx.x; idx < np * kpad; idx += blockDim.x) {
+        int k = idx / np, pl = idx - k * np;
+        int v = 0;
+        if (k < kreal) {
+            int ci = k / k2, r = k - ci * k2, ky = r / kk, kx = r - ky * kk;
+            int p = p0 + pl;
+            int oy = p / wo, ox = p - oy * wo;
+            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+            int code = zxc ? zxc[ci] : zx;
+            if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
+            v = code - 128;
+        }
+        tile[pl * row + k] = (u8)v;
+    }
+    __syncthreads();
+    int q4 = kpad >> 2, r4 = row >> 2;
+    unsigned* out = (unsigned*)(col + (long long)p0 * kpad);
+    for (int i = threadIdx.x; i < np * q4; i += blockDim.x) {
+        int pl = i / q4, wi = i - pl * q4;
+        out[i] = tile_words[pl * r4 + wi];
+    }
+}
+
 // Channels-last rows [r, cin] of codes -> [r, kpad] shifted by 128 (the int8 linear's B).
 extern "C" __global__ void rows_s8(const u8* x, long long r, int cin, int kpad, s8* y) {
     GRID_STRIDE(i, r * kpad) {
@@ -292,19 +330,21 @@ SCATTER(scatter_u8, u8)
 // The second conv of every head branch at once: few output channels each, so a direct
 // convolution beats im2col + GEMM. Branch j reads channels [j*cin, (j+1)*cin) of the
 // stacked input and writes acc[(j*cmax + c) * ldc + p]. Weights [n, cmax, cin*kk*kk].
-#define MAXC 8
-extern "C" __global__ void branch_conv_f32(const float* x, int n, int cin, int h, int w, int kk,
-                                           int stride, int pad, int ho, int wo, const float* wts,
-                                           int cmax, float* acc, int ldc) {
+// One instantiation per output-channel count (CM = cmax, 1..8): the sums stay in registers
+// and no lane computes a channel that does not exist.
+template <int CM>
+__device__ __forceinline__ void branch_conv_f32_t(const float* x, int n, int cin, int h, int w,
+                                                  int kk, int stride, int pad, int ho, int wo,
+                                                  const float* wts, float* acc, int ldc) {
     int plane = ho * wo;
     int K = cin * kk * kk;
     GRID_STRIDE(t, (long long)n * plane) {
         int j = t / plane, p = t % plane;
         int oy = p / wo, ox = p % wo;
-        float s[MAXC];
+        float s[CM];
 #pragma unroll
-        for (int c = 0; c < MAXC; ++c) s[c] = 0.0f;
-        const float* wj = wts + (long long)j * cmax * K;
+        for (int c = 0; c < CM; ++c) s[c] = 0.0f;
+        const float* wj = wts + (long long)j * CM * K;
         for (int ci = 0; ci < cin; ++ci) {
             const float* xc = x + (long long)(j * cin + ci) * h * w;
             for (int ky = 0; ky < kk; ++ky) {
@@ -316,49 +356,149 @@ extern "C" __global__ void branch_conv_f32(const float* x, int n, int cin, int h
                     float v = xc[iy * w + ix];
                     int k = (ci * kk + ky) * kk + kx;
 #pragma unroll
-                    for (int c = 0; c < MAXC; ++c)
-                        if (c < cmax) s[c] += v * wj[c * K + k];
+                    for (int c = 0; c < CM; ++c) s[c] += v * wj[c * K + k];
                 }
             }
         }
 #pragma unroll
-        for (int c = 0; c < MAXC; ++c)
-            if (c < cmax) acc[(long long)(j * cmax + c) * ldc + p] = s[c];
+        for (int c = 0; c < CM; ++c) acc[(long long)(j * CM + c) * ldc + p] = s[c];
     }
 }
 
 // Integer twin: sums (code - 128) * w, padding at the branch's zero point (zxc per stacked
 // channel), exactly what im2col_s8 and the s8 GEMM compute, so the same epilogue applies.
-extern "C" __global__ void branch_conv_s8(const u8* x, int n, int cin, int h, int w, int kk,
-                                          int stride, int pad, int ho, int wo, const s8* wts,
-                                          int cmax, const int* zxc, int* acc, int ldc) {
+template <int CM>
+__device__ __forceinline__ void branch_conv_s8_t(const u8* x, int n, int cin, int h, int w,
+                                                 int kk, int stride, int pad, int ho, int wo,
+                                                 const s8* wts, const int* zxc, int* acc,
+                                                 int ldc) {
     int plane = ho * wo;
     int K = cin * kk * kk;
     GRID_STRIDE(t, (long long)n * plane) {
         int j = t / plane, p = t % plane;
         int oy = p / wo, ox = p % wo;
-        int s[MAXC];
+        int s[CM];
 #pragma unroll
-        for (int c = 0; c < MAXC; ++c) s[c] = 0;
-        const s8* wj = wts + (long long)j * cmax * K;
+        for (int c = 0; c < CM; ++c) s[c] = 0;
+        const s8* wj = wts + (long long)j * CM * K;
         for (int ci = 0; ci < cin; ++ci) {
             const u8* xc = x + (long long)(j * cin + ci) * h * w;
             int zx = zxc[j * cin + ci];
             for (int ky = 0; ky < kk; ++ky) {
                 int iy = oy * stride - pad + ky;
+                bool row_in = iy >= 0 && iy < h;
                 for (int kx = 0; kx < kk; ++kx) {
                     int ix = ox * stride - pad + kx;
-                    int code = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? (int)xc[iy * w + ix] : zx;
+                    int code = (row_in && ix >= 0 && ix < w) ? (int)xc[iy * w + ix] : zx;
                     int v = code - 128;
                     int k = (ci * kk + ky) * kk + kx;
 #pragma unroll
-                    for (int c = 0; c < MAXC; ++c)
-                        if (c < cmax) s[c] += v * (int)wj[c * K + k];
+                    for (int c = 0; c < CM; ++c) s[c] += v * (int)wj[c * K + k];
                 }
             }
         }
 #pragma unroll
-        for (int c = 0; c < MAXC; ++c)
-            if (c < cmax) acc[(long long)(j * cmax + c) * ldc + p] = s[c];
+        for (int c = 0; c < CM; ++c) acc[(long long)(j * CM + c) * ldc + p] = s[c];
     }
 }
+
+#define BRANCH_CONV(CM)                                                                      \
+    extern "C" __global__ void branch_conv_f32_##CM(                                         \
+        const float* x, int n, int cin, int h, int w, int kk, int stride, int pad, int ho,   \
+        int wo, const float* wts, float* acc, int ldc) {                                     \
+        branch_conv_f32_t<CM>(x, n, cin, h, w, kk, stride, pad, ho, wo, wts, acc, ldc);      \
+    }                                                                                        \
+    extern "C" __global__ void branch_conv_s8_##CM(                                          \
+        const u8* x, int n, int cin, int h, int w, int kk, int stride, int pad, int ho,      \
+        int wo, const s8* wts, const int* zxc, int* acc, int ldc) {                          \
+        branch_conv_s8_t<CM>(x, n, cin, h, w, kk, stride, pad, ho, wo, wts, zxc, acc, ldc);  \
+    }
+BRANCH_CONV(1)
+BRANCH_CONV(2)
+BRANCH_CONV(3)
+BRANCH_CONV(4)
+BRANCH_CONV(5)
+BRANCH_CONV(6)
+BRANCH_CONV(7)
+BRANCH_CONV(8)
+
+// ---- the voxel model's sparse 3D backbone ---------------------------------------------
+
+// Sparse conv, output-stationary over a neighbour table nbr[o * taps + t] (the input row
+// under kernel offset t of output site o, -1 when that site is inactive). Weights
+// w[co * kpad + t * cin + ci] (spconv's [cout, kz, ky, kx, cin]). Integer: sums of
+// (code - zx) * w over the present neighbours only (absent sites are zero, not padding),
+// wrapping like the CPU; the epilogue follows as for a linear layer.
+extern "C" __global__ void sparse_conv_s8(const u8* x, const int* nbr, int n_out, int taps,
+                                          int cin, int cout, const s8* w, int kpad, int zx,
+                                          int* acc) {
+    GRID_STRIDE(i, (long long)n_out * cout) {
+        int o = i / cout, co = i - o * cout;
+        const s8* wr = w + (long long)co * kpad;
+        unsigned s = 0;
+        for (int t = 0; t < taps; ++t) {
+            int r = nbr[(long long)o * taps + t];
+            if (r < 0) continue;
+            const u8* xr = x + (long long)r * cin;
+            const s8* wt = wr + t * cin;
+            for (int ci = 0; ci < cin; ++ci)
+                s += (unsigned)((int)xr[ci] - zx) * (unsigned)(int)wt[ci];
+        }
+        acc[i] = (int)s;
+    }
+}
+
+// Float twin with the bias and ReLU fused: y[o * cout + co].
+extern "C" __global__ void sparse_conv_f32(const float* x, const int* nbr, int n_out, int taps,
+                                           int cin, int cout, const float* w, const float* bias,
+                                           int relu, float* y) {
+    GRID_STRIDE(i, (long long)n_out * cout) {
+        int o = i / cout, co = i - o * cout;
+        const float* wr = w + (long long)co * taps * cin;
+        float s = 0.0f;
+        for (int t = 0; t < taps; ++t) {
+            int r = nbr[(long long)o * taps + t];
+            if (r < 0) continue;
+            const float* xr = x + (long long)r * cin;
+            const float* wt = wr + t * cin;
+            for (int ci = 0; ci < cin; ++ci) s += xr[ci] * wt[ci];
+        }
+        float v = s + bias[co];
+        if (relu && v < 0.0f) v = 0.0f;
+        y[i] = v;
+    }
+}
+
+// The residual join on codes sharing parameters (zi): Requant::apply(a + b - 2 zi, 0).
+extern "C" __global__ void add_u8(const u8* a, const u8* b, long long n, int zi, float mult,
+                                  int zp, int lo, int hi, u8* y) {
+    GRID_STRIDE(i, n) {
+        int v = (int)a[i] + (int)b[i] - 2 * zi;
+        float f = rintf(__fmul_rn((float)v, mult));
+        f = fminf(fmaxf(f, (float)(lo - zp)), (float)(hi - zp));
+        y[i] = (u8)((int)f + zp);
+    }
+}
+
+extern "C" __global__ void add_f32(const float* a, const float* b, long long n, int relu,
+                                   float* y) {
+    GRID_STRIDE(i, n) {
+        float v = a[i] + b[i];
+        if (relu && v < 0.0f) v = 0.0f;
+        y[i] = v;
+    }
+}
+
+// Height compression: site i's features [c] at coords (z, y, x) into the BEV image
+// [c * d + z, h, w] (the image was filled with the empty value first).
+#define HCOMP(NAME, T)                                                                       \
+    extern "C" __global__ void NAME(const T* x, const unsigned* coords, int n, int c, int d,  \
+                                    int h, int w, T* y) {                                    \
+        GRID_STRIDE(i, (long long)n * c) {                                                   \
+            int si = i / c, ch = i - si * c;                                                 \
+            unsigned z = coords[3 * si], yy = coords[3 * si + 1], xx = coords[3 * si + 2];   \
+            y[(((long long)ch * d + z) * h + yy) * w + xx] = x[i];                           \
+        }                                                                                    \
+    }
+HCOMP(hcomp_f32, float)
+HCOMP(hcomp_u8, u8)

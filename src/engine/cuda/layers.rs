@@ -1,6 +1,7 @@
 //! Layer execution on the GPU: im2col, the GEMMs and the fused epilogues, for FP32,
 //! FP16 and INT8 layers, and for groups of sibling convolutions that read the same input
-//! (the head's sub-heads), which run as one GEMM.
+//! (the head's sub-heads), which run as one GEMM; the voxel model's sparse convs, on
+//! neighbour tables.
 
 use super::Shape;
 use super::device::Arg::{F, I, L, P};
@@ -9,9 +10,6 @@ use crate::engine::EngineError;
 use crate::engine::fp32::FoldedLayer;
 use crate::model::graph::LayerKind;
 use crate::quant::{QParams, Requant, quantize_bias};
-
-/// The GPU engine does not run the voxel model's sparse 3D backbone yet.
-pub(super) const SPARSE_ON_GPU: &str = "the CUDA engine does not run the voxel model's sparse 3D backbone yet (the FP32 CPU engine does)";
 
 pub(super) enum IntEpi {
     Requant {
@@ -48,11 +46,15 @@ pub(super) struct Scratch {
     pub(super) col: DBuf,
     /// GEMM output before the epilogue.
     pub(super) acc: DBuf,
-    /// A kept-float layer's dequantized input and its f32 output.
+    /// A kept-float layer's dequantized input and its f32 output (`fin2`: an add's second
+    /// dequantized input).
     pub(super) fin: DBuf,
+    pub(super) fin2: DBuf,
     pub(super) fout: DBuf,
     pub(super) counts: DBuf,
     pub(super) cells: DBuf,
+    /// The one-word-per-thread int8 im2col instead of the tiled one (tests compare them).
+    pub(super) plain_im2col: bool,
 }
 
 pub(super) fn int_err(v: usize) -> EngineError {
@@ -88,7 +90,7 @@ pub(super) fn float_exec(g: &Gpu, f: &FoldedLayer, half: bool) -> Result<Exec, E
 
 /// s8 weight rows in the GEMM's layout, `[cols, kpad]` with K padded to a multiple of 4:
 /// conv `[Cout, Cin*k*k]`; transposed conv taps `[(Cout, ky, kx), Cin]`; linear
-/// `[Cout, Cin]`.
+/// `[Cout, Cin]`; sparse conv `[Cout, taps*Cin]`.
 pub(super) fn int_weight_rows(
     kind: LayerKind,
     cin: usize,
@@ -96,9 +98,8 @@ pub(super) fn int_weight_rows(
     lw: &crate::quant::LayerWeights,
 ) -> Result<(Vec<i8>, usize), EngineError> {
     let (cols, k, taps) = match kind {
-        LayerKind::SparseConv3d { .. } => {
-            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
-        }
+        // codes [cout, taps, cin]: one row of taps * cin per output channel.
+        LayerKind::SparseConv3d { kernel, .. } => (cout, cin * kernel.iter().product::<usize>(), 1),
         LayerKind::Linear => (cout, cin, 1),
         LayerKind::Conv2d { kernel, .. } => (cout, cin * kernel * kernel, 1),
         LayerKind::ConvTranspose2d { kernel, .. } => (cout * kernel * kernel, cin, kernel * kernel),
@@ -195,6 +196,8 @@ pub(super) struct LayerCall<'a> {
     pub(super) os: Shape,
     /// Output pointer and its parameters.
     pub(super) y: (u64, Option<QParams>),
+    /// A sparse conv's neighbour table on the device (0 for other layers).
+    pub(super) nbr: u64,
 }
 
 /// The epilogue's index mapping (see `locate` in kernels.cu).
@@ -268,8 +271,27 @@ pub(super) fn run_float(
     };
     let cout = c.cout;
     let epi = match c.kind {
-        LayerKind::SparseConv3d { .. } => {
-            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
+        LayerKind::SparseConv3d { kernel, .. } => {
+            // Bias and ReLU fused; f32 weights in every float precision.
+            let (cin, n_out) = (xs.dims[1], c.os.dims[0]);
+            let taps: usize = kernel.iter().product();
+            g.launch(
+                "sparse_conv_f32",
+                n_out * cout,
+                &[
+                    P(xin),
+                    P(c.nbr),
+                    I(i32_of(n_out)?),
+                    I(i32_of(taps)?),
+                    I(i32_of(cin)?),
+                    I(i32_of(cout)?),
+                    P(w.ptr),
+                    P(bias.ptr),
+                    I(c.relu as i32),
+                    P(yout),
+                ],
+            )?;
+            None
         }
         LayerKind::Linear => {
             let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
@@ -284,7 +306,7 @@ pub(super) fn run_float(
                 (b, cin),
                 (yout, cout),
             )?;
-            EpiMap {
+            Some(EpiMap {
                 mode: 0,
                 n: i64_of(r * cout)?,
                 cout: i32_of(cout)?,
@@ -292,7 +314,7 @@ pub(super) fn run_float(
                 wo: 0,
                 s: 1,
                 ldc: i64_of(cout)?,
-            }
+            })
         }
         LayerKind::Conv2d {
             kernel,
@@ -326,7 +348,7 @@ pub(super) fn run_float(
                 (w.ptr, k),
                 (yout, plane),
             )?;
-            EpiMap {
+            Some(EpiMap {
                 mode: 1,
                 n: i64_of(cout * plane)?,
                 cout: i32_of(cout)?,
@@ -334,7 +356,7 @@ pub(super) fn run_float(
                 wo: i32_of(wo)?,
                 s: 1,
                 ldc: i64_of(plane)?,
-            }
+            })
         }
         LayerKind::ConvTranspose2d { kernel, stride } => {
             let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
@@ -357,7 +379,7 @@ pub(super) fn run_float(
                 (sc.acc.ptr, plane_in),
             )?;
             let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
-            EpiMap {
+            Some(EpiMap {
                 mode: 2,
                 n: i64_of(cout * ho * wo)?,
                 cout: i32_of(cout)?,
@@ -365,11 +387,13 @@ pub(super) fn run_float(
                 wo: i32_of(wo)?,
                 s: i32_of(stride)?,
                 ldc: i64_of(plane_in)?,
-            }
+            })
         }
     };
-    let acc = if epi.mode == 2 { sc.acc.ptr } else { yout };
-    epi_float(g, acc, bias, c.relu, &epi, yout)?;
+    if let Some(epi) = epi {
+        let acc = if epi.mode == 2 { sc.acc.ptr } else { yout };
+        epi_float(g, acc, bias, c.relu, &epi, yout)?;
+    }
     if let Some(q) = c.y.1 {
         let (src, dst, ni) = (yout, c.y.0, i64_of(out_len)?);
         let (scale, zp, qmin, qmax) = (q.scale, q.zero_point, q.grid.qmin, q.grid.qmax);
@@ -426,8 +450,38 @@ pub(super) fn run_int(
         |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx, 0);
     // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
     let map = match c.kind {
-        LayerKind::SparseConv3d { .. } => {
-            return Err(EngineError::Input(SPARSE_ON_GPU.into()));
+        LayerKind::SparseConv3d { kernel, .. } => {
+            // Sums of centred codes over the present neighbours: no zero-point term for
+            // the epilogue to add (its correction is 128 - zx, so zx = 128 below).
+            let (cin, n_out) = (xs.dims[1], c.os.dims[0]);
+            let taps: usize = kernel.iter().product();
+            g.ensure(&mut sc.acc, 4 * n_out * cout)?;
+            g.launch(
+                "sparse_conv_s8",
+                n_out * cout,
+                &[
+                    P(xin),
+                    P(c.nbr),
+                    I(i32_of(n_out)?),
+                    I(i32_of(taps)?),
+                    I(i32_of(cin)?),
+                    I(i32_of(cout)?),
+                    P(w.ptr),
+                    I(kp),
+                    I(zx),
+                    P(sc.acc.ptr),
+                ],
+            )?;
+            let map = EpiMap {
+                mode: 0,
+                n: i64_of(n_out * cout)?,
+                cout: i32_of(cout)?,
+                plane: 0,
+                wo: 0,
+                s: 1,
+                ldc: i64_of(cout)?,
+            };
+            return epi_int(g, sc.acc.ptr, (wsum, bias_q, 128), epi, c.relu, &map, c.y);
         }
         LayerKind::Linear => {
             let (r, cin) = (xs.dims[0] * xs.dims[1], xs.dims[2]);
@@ -560,9 +614,27 @@ pub(super) fn im2col_int(
     for v in [ci, h, wd, kernel, stride, padding, ho, wo, kpad] {
         list.push(I(i32_of(v)?));
     }
-    list.extend([I(zx), P(zxc), P(dst)]);
-    // One thread per 4-byte word.
-    g.launch("im2col_s8", n / 4, &list)?;
+    list.extend([I(zx), P(zxc)]);
+    // Tiles of up to 64 output pixels within 48 KiB of shared memory (padded rows).
+    let row = kpad + 4;
+    let tp = (48 * 1024 / row).min(64);
+    if tp >= 1 && !sc.plain_im2col {
+        list.extend([I(i32_of(tp)?), P(dst)]);
+        let blocks = (ho * wo).div_ceil(tp);
+        g.launch_tiled(
+            "im2col_s8_tile",
+            (
+                blocks,
+                256,
+                u32::try_from(tp * row).map_err(|_| int_err(tp * row))?,
+            ),
+            &list,
+        )?;
+    } else {
+        // One thread per 4-byte word.
+        list.push(P(dst));
+        g.launch("im2col_s8", n / 4, &list)?;
+    }
     Ok(dst)
 }
 

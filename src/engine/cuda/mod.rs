@@ -10,7 +10,10 @@
 //! u8 activation codes are shifted by 128 on the way into the GEMM and the epilogue adds
 //! `(128 - zx) * sum(w)` back, which reproduces the CPU's zero-point-corrected sum
 //! exactly. Buffers grow to the largest frame seen and are then reused: steady-state
-//! frames allocate nothing. Voxelisation and decoding stay on the CPU for now.
+//! frames allocate nothing. The voxel model's sparse 3D backbone runs on neighbour tables
+//! built from the frame's rulebooks on the CPU. The dense part (after the scatter or the
+//! height compression: fixed shapes, fixed buffers) is captured once as a CUDA graph and
+//! replayed on every later frame. Voxelisation and decoding stay on the CPU for now.
 
 mod device;
 mod layers;
@@ -18,11 +21,12 @@ mod layers;
 pub use device::{Gpu, compile_kernels, driver_present, nvrtc_present};
 
 use super::fp32::{FoldedLayer, fold_layers};
+use super::sparse::{FrameSites, frame_sites, no_sites};
 use super::{EngineError, HeadOutputs, NetInput, TaskMaps, check_cells, check_input};
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
 use crate::quant::{LayerPlan, QParams, QuantModel};
-use cudarc::driver::CudaEvent;
+use cudarc::driver::{CudaEvent, CudaGraph};
 use device::Arg::{B, F, I, L, P};
 use device::DBuf;
 use device::GemmKind;
@@ -92,6 +96,14 @@ enum Step {
     },
     Scatter,
     Concat,
+    /// The residual join of the voxel backbone.
+    Add {
+        relu: bool,
+    },
+    /// Sparse features on site set `sites` to the BEV image.
+    HeightCompress {
+        sites: usize,
+    },
 }
 
 /// Sibling convolutions reading the same input with the same geometry (the head's
@@ -140,6 +152,13 @@ struct Batch {
 /// The direct branch kernels keep this many output channels in registers.
 const DIRECT_MAX_OUT: usize = 8;
 
+/// A captured CUDA graph that moves with its engine between threads.
+struct DenseGraph(CudaGraph);
+
+// SAFETY: the graph is launched only through `&mut CudaEngine` (one thread at a time), and
+// `CudaGraph::launch` makes the engine's context current on the calling thread first.
+unsafe impl Send for DenseGraph {}
+
 /// The CUDA engine.
 pub struct CudaEngine {
     gpu: Gpu,
@@ -161,7 +180,6 @@ pub struct CudaEngine {
     scratch: Scratch,
     host_in: Vec<u8>,
     host_cells: Vec<u32>,
-    host_codes: Vec<u8>,
     cell_stamp: Vec<u32>,
     run_count: u32,
     /// Events around the dense part (after the scatter .. end) of the last run.
@@ -171,6 +189,26 @@ pub struct CudaEngine {
     profile: Option<Vec<f64>>,
     /// Whether branch batches with few outputs use the direct kernels.
     direct_on: bool,
+    /// The frame's rulebooks (voxel models) and each rulebook's neighbour table on the
+    /// device (`[n_out, taps]` input rows, -1 where a site is inactive).
+    sites: Option<FrameSites>,
+    nbr: Vec<DBuf>,
+    host_nbr: Vec<i32>,
+    /// First node of the dense part (after the scatter or height compression), if any.
+    dense_start: Option<usize>,
+    /// Scratch of the dense part, apart from the per-frame part's so that a larger frame
+    /// never moves a buffer the captured graph uses.
+    dense_sc: Scratch,
+    /// The dense part as a CUDA graph, captured on the second frame; `graph_on` false
+    /// after a failed capture, while profiling, or with `LIDAR_PTQ_CUDA_GRAPH=0`.
+    dense_graph: Option<DenseGraph>,
+    graph_on: bool,
+    eager_dense_runs: u32,
+    /// The head values gathered into one device buffer (filled by the dense part) and
+    /// fetched with one download: (value, byte offset, bytes) each.
+    head_stage: DBuf,
+    head_layout: Vec<(usize, usize, usize)>,
+    host_stage: Vec<u8>,
 }
 
 impl CudaEngine {
@@ -221,9 +259,8 @@ impl CudaEngine {
         let mut steps = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
             let step = match &node.op {
-                Op::Add { .. } | Op::HeightCompress { .. } => {
-                    return Err(EngineError::Input(layers::SPARSE_ON_GPU.into()));
-                }
+                Op::Add { relu } => Step::Add { relu: *relu },
+                Op::HeightCompress { sites, .. } => Step::HeightCompress { sites: *sites },
                 Op::Layer(l) => {
                     if let LayerKind::ConvTranspose2d { kernel, stride } = l.kind
                         && kernel != stride
@@ -257,7 +294,9 @@ impl CudaEngine {
                             let f = folded[i].take().ok_or_else(|| {
                                 EngineError::Internal(format!("{} not folded", node.name))
                             })?;
-                            float_exec(&gpu, &f, half)?
+                            // Sparse convs compute in f32 in every float precision.
+                            let sparse = matches!(l.kind, LayerKind::SparseConv3d { .. });
+                            float_exec(&gpu, &f, half && !sparse)?
                         }
                     };
                     Step::Layer {
@@ -289,6 +328,11 @@ impl CudaEngine {
             _ => None,
         };
         let (ny, nx) = graph.bev;
+        let dense_start = steps
+            .iter()
+            .position(|s| matches!(s, Step::Scatter | Step::HeightCompress { .. }))
+            .map(|i| i + 1);
+        let graph_on = std::env::var("LIDAR_PTQ_CUDA_GRAPH").map_or(true, |v| v != "0");
         Ok(Self {
             gpu,
             graph: graph.clone(),
@@ -305,13 +349,23 @@ impl CudaEngine {
             scratch: Scratch::default(),
             host_in: Vec::new(),
             host_cells: Vec::new(),
-            host_codes: Vec::new(),
             cell_stamp: vec![0; ny * nx],
             run_count: 0,
             events,
             last_dense_ms: None,
             profile: None,
             direct_on: true,
+            sites: None,
+            nbr: Vec::new(),
+            host_nbr: Vec::new(),
+            dense_start,
+            dense_sc: Scratch::default(),
+            dense_graph: None,
+            graph_on,
+            eager_dense_runs: 0,
+            head_stage: DBuf::default(),
+            head_layout: Vec::new(),
+            host_stage: Vec::new(),
         })
     }
 
@@ -329,6 +383,30 @@ impl CudaEngine {
     /// always im2col and the batched GEMM (both compute the same; tests compare them).
     pub fn set_direct_branches(&mut self, on: bool) {
         self.direct_on = on;
+        // The captured dense part used the other kernels.
+        self.dense_graph = None;
+        self.eager_dense_runs = 0;
+    }
+
+    /// Whether the int8 im2col uses the shared-memory tiled kernel (default) or the
+    /// one-word-per-thread kernel (both write the same bytes; tests compare them).
+    pub fn set_tiled_im2col(&mut self, on: bool) {
+        self.scratch.plain_im2col = !on;
+        self.dense_sc.plain_im2col = !on;
+        self.dense_graph = None;
+        self.eager_dense_runs = 0;
+    }
+
+    /// Whether the dense part now replays as a CUDA graph.
+    pub fn graph_active(&self) -> bool {
+        self.dense_graph.is_some()
+    }
+
+    /// Turns CUDA graph capture of the dense part on (default) or off.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graph_on = on;
+        self.dense_graph = None;
+        self.eager_dense_runs = 0;
     }
 
     /// "fp32", "fp16" or "int8".
@@ -363,7 +441,8 @@ impl CudaEngine {
         input: &NetInput<'_>,
         out: &mut HeadOutputs,
     ) -> Result<(), EngineError> {
-        check_input(input, true)?;
+        let voxel = self.graph.sparse.is_some();
+        check_input(input, !voxel)?;
         self.gpu.bind()?;
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let (ny, nx) = self.graph.bev;
@@ -372,16 +451,26 @@ impl CudaEngine {
             self.cell_stamp.fill(0);
             self.run_count = 1;
         }
-        check_cells(input.coords, (ny, nx), &mut self.cell_stamp, self.run_count)?;
-        self.host_cells.clear();
-        self.host_cells
-            .extend(input.coords.iter().map(|c| c[1] * nx as u32 + c[2]));
+        if voxel {
+            // A voxel model: the frame's rulebooks (which check the voxel sites), their
+            // neighbour tables on the device, one feature row per voxel.
+            self.sites = frame_sites(&self.graph, input.coords)?;
+            self.upload_neighbours()?;
+            self.shapes[0] = Shape::new(&[p, n * f]);
+        } else {
+            check_cells(input.coords, (ny, nx), &mut self.cell_stamp, self.run_count)?;
+            self.host_cells.clear();
+            self.host_cells
+                .extend(input.coords.iter().map(|c| c[1] * nx as u32 + c[2]));
+            self.shapes[0] = Shape::new(&[p, n, f]);
+        }
         let g = &self.gpu;
-        g.ensure(&mut self.scratch.cells, 4 * p)?;
-        g.upload(&self.scratch.cells, &self.host_cells)?;
+        if !voxel {
+            g.ensure(&mut self.scratch.cells, 4 * p)?;
+            g.upload(&self.scratch.cells, &self.host_cells)?;
+        }
         g.ensure(&mut self.scratch.counts, 4 * p)?;
         g.upload(&self.scratch.counts, input.counts)?;
-        self.shapes[0] = Shape::new(&[p, n, f]);
         match self.acts[0] {
             Some(q) => {
                 // One scale, or one per feature (as the CPU INT8 engine).
@@ -418,8 +507,21 @@ impl CudaEngine {
         let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let profile = self.profile.is_some();
         let mut marks = Vec::new();
-        for i in 0..self.graph.nodes.len() {
+        let nodes = self.graph.nodes.len();
+        let split = self.dense_start.unwrap_or(nodes);
+        let mut i = 0;
+        while i < nodes {
+            if i == split && !profile && self.graph_on {
+                // The dense part as one graph launch (captured on the second frame, once
+                // the first has sized every buffer).
+                self.dense_part(split, p)?;
+                i = nodes;
+                break;
+            }
             self.node(i, p)?;
+            if i + 1 == nodes {
+                self.stage_heads()?;
+            }
             if profile {
                 let e = self
                     .gpu
@@ -429,13 +531,18 @@ impl CudaEngine {
                     .map_err(|e| EngineError::Device(format!("event: {e}")))?;
                 marks.push(e);
             }
-            if matches!(self.steps[i], Step::Scatter)
+            if i + 1 == split
                 && let Some((a, _)) = &self.events
             {
                 a.record(&self.gpu.stream)
                     .map_err(|e| EngineError::Device(format!("event: {e}")))?;
                 dense_started = true;
             }
+            i += 1;
+        }
+        debug_assert_eq!(i, nodes);
+        if split < nodes && !profile && self.graph_on {
+            dense_started = self.events.is_some();
         }
         if let Some((a, b)) = &self.events {
             b.record(&self.gpu.stream)
@@ -455,6 +562,101 @@ impl CudaEngine {
             acc[0] += 1.0;
         }
         self.collect(out)
+    }
+
+    /// The dense part, nodes `split..`, with the head staging: eagerly on the first frame,
+    /// captured as a CUDA graph and launched on the second, replayed after that. A failed
+    /// capture (a driver or cuBLAS that refuses it) turns graphs off and runs eagerly.
+    fn dense_part(&mut self, split: usize, p: usize) -> Result<(), EngineError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if let Some((a, _)) = &self.events {
+            a.record(&self.gpu.stream)
+                .map_err(|e| EngineError::Device(format!("event: {e}")))?;
+        }
+        if let Some(DenseGraph(graph)) = &self.dense_graph {
+            return graph
+                .launch()
+                .map_err(|e| EngineError::Device(format!("CUDA graph launch: {e}")));
+        }
+        let nodes = self.graph.nodes.len();
+        let eager = |e: &mut Self| -> Result<(), EngineError> {
+            for i in split..nodes {
+                e.node(i, p)?;
+            }
+            e.stage_heads()
+        };
+        if self.eager_dense_runs == 0 {
+            self.eager_dense_runs += 1;
+            return eager(self);
+        }
+        self.gpu
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| EngineError::Device(format!("CUDA graph capture: {e}")))?;
+        let recorded = eager(self);
+        let captured = self.gpu.stream.end_capture(CUgraphInstantiate_flags(0));
+        match (recorded, captured) {
+            (Ok(()), Ok(Some(graph))) => {
+                graph
+                    .launch()
+                    .map_err(|e| EngineError::Device(format!("CUDA graph launch: {e}")))?;
+                log::debug!("CUDA graph of the dense part captured");
+                self.dense_graph = Some(DenseGraph(graph));
+                Ok(())
+            }
+            (recorded, captured) => {
+                let why = match (recorded, captured) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => e.to_string(),
+                    _ => "empty graph".to_string(),
+                };
+                log::warn!("CUDA graph capture failed ({why}); the dense part runs eagerly");
+                self.graph_on = false;
+                eager(self)
+            }
+        }
+    }
+
+    /// Copies the head values into the staging buffer (one download in `collect`).
+    fn stage_heads(&mut self) -> Result<(), EngineError> {
+        let mut layout = Vec::new();
+        let mut off = 0;
+        for t in &self.graph.tasks {
+            for v in std::iter::once(t.heatmap).chain(t.regression.iter().copied()) {
+                let bytes = self.elem(v) * self.shapes[v].len();
+                layout.push((v, off, bytes));
+                off += bytes.next_multiple_of(4);
+            }
+        }
+        self.gpu.ensure(&mut self.head_stage, off)?;
+        for &(v, at, bytes) in &layout {
+            self.gpu
+                .copy(self.head_stage.ptr + at as u64, self.vals[v].ptr, bytes)?;
+        }
+        self.head_layout = layout;
+        Ok(())
+    }
+
+    /// Uploads each rulebook's neighbour table: `[n_out, taps]` input rows, -1 where the
+    /// site under an offset is inactive.
+    fn upload_neighbours(&mut self) -> Result<(), EngineError> {
+        let Some(fs) = &self.sites else {
+            return Ok(());
+        };
+        self.nbr.resize_with(fs.rulebooks.len(), DBuf::default);
+        for (rb, buf) in fs.rulebooks.iter().zip(&mut self.nbr) {
+            let taps = rb.kernel_volume();
+            self.host_nbr.clear();
+            self.host_nbr.resize(rb.n_out() * taps, -1);
+            for (t, pairs) in rb.pairs().iter().enumerate() {
+                for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
+                    self.host_nbr[o as usize * taps + t] = i32_of(i as usize)?;
+                }
+            }
+            self.gpu.ensure(buf, 4 * self.host_nbr.len())?;
+            self.gpu.upload(buf, &self.host_nbr)?;
+        }
+        Ok(())
     }
 
     /// Starts accumulating GPU time per node (CUDA events after every node; slows runs).
@@ -524,21 +726,53 @@ impl CudaEngine {
                 group: None,
                 batch: None,
             } => {
-                let os = out_shape(*kind, &xs, *cout)
-                    .ok_or_else(|| EngineError::Input(format!("{}: input shape", node.name)))?;
-                if (xs.rank == 3 && xs.dims[2] != *cin) || (xs.rank == 4 && xs.dims[1] != *cin) {
+                // A sparse conv's output sites come from its rulebook.
+                let (os, nbr) = match kind {
+                    LayerKind::SparseConv3d { rulebook, .. } => {
+                        let fs = self.sites.as_ref().ok_or_else(|| no_sites(&node.name))?;
+                        let rb = fs.rulebooks.get(*rulebook).ok_or_else(|| {
+                            EngineError::Internal(format!("{}: no rulebook {rulebook}", node.name))
+                        })?;
+                        if xs.rank != 2 || xs.dims[0] != rb.n_in() {
+                            return Err(EngineError::Internal(format!(
+                                "{}: input {:?} for a rulebook of {} sites",
+                                node.name,
+                                &xs.dims[..xs.rank],
+                                rb.n_in()
+                            )));
+                        }
+                        (Shape::new(&[rb.n_out(), *cout]), self.nbr[*rulebook].ptr)
+                    }
+                    _ => (
+                        out_shape(*kind, &xs, *cout).ok_or_else(|| {
+                            EngineError::Input(format!("{}: input shape", node.name))
+                        })?,
+                        0,
+                    ),
+                };
+                let have = match xs.rank {
+                    2 => xs.dims[1],
+                    3 => xs.dims[2],
+                    _ => xs.dims[1],
+                };
+                if have != *cin {
                     return Err(EngineError::Internal(format!(
-                        "{}: {} input channels, the layer takes {cin}",
-                        node.name,
-                        if xs.rank == 3 { xs.dims[2] } else { xs.dims[1] }
+                        "{}: {have} input channels, the layer takes {cin}",
+                        node.name
                     )));
                 }
                 let elem_out = if out_q.is_some() { 1 } else { 4 };
                 let mut yv = std::mem::take(&mut self.vals[v]);
                 g.ensure(&mut yv, elem_out * os.len())?;
+                let dense = self.dense_start.is_some_and(|d| i >= d);
+                let sc = if dense {
+                    &mut self.dense_sc
+                } else {
+                    &mut self.scratch
+                };
                 let r = run_layer(
                     g,
-                    &mut self.scratch,
+                    sc,
                     LayerCall {
                         kind: *kind,
                         relu: *relu,
@@ -552,6 +786,7 @@ impl CudaEngine {
                         },
                         os,
                         y: (yv.ptr, out_q),
+                        nbr,
                     },
                 );
                 self.vals[v] = yv;
@@ -647,6 +882,81 @@ impl CudaEngine {
                 r?;
                 os
             }
+            Step::Add { relu } => {
+                let b = node.inputs[1];
+                let bs = self.shapes[b];
+                if bs.rank != xs.rank || bs.dims != xs.dims {
+                    return Err(EngineError::Internal(format!(
+                        "{}: adding shapes {:?} and {:?}",
+                        node.name,
+                        &xs.dims[..xs.rank],
+                        &bs.dims[..bs.rank]
+                    )));
+                }
+                let len = xs.len();
+                let relu = *relu;
+                let mut yv = std::mem::take(&mut self.vals[v]);
+                let r = g.ensure(&mut yv, self.elem(v) * len).and_then(|_| {
+                    add_values(
+                        g,
+                        &mut self.scratch,
+                        (self.vals[x].ptr, self.vals[b].ptr, self.acts[x]),
+                        len,
+                        relu,
+                        (yv.ptr, out_q),
+                    )
+                });
+                self.vals[v] = yv;
+                r?;
+                xs
+            }
+            Step::HeightCompress { sites: set } => {
+                let fs = self.sites.as_ref().ok_or_else(|| no_sites(&node.name))?;
+                let coords = fs.sites(*set);
+                let [d, h, w] = fs.grid(*set);
+                let c = xs.dims[1];
+                if xs.rank != 2 || xs.dims[0] != coords.len() {
+                    return Err(EngineError::Internal(format!(
+                        "{}: {:?} features for {} sites",
+                        node.name,
+                        &xs.dims[..xs.rank],
+                        coords.len()
+                    )));
+                }
+                let os = Shape::new(&[1, c * d, h, w]);
+                let elem = self.elem(v);
+                let mut yv = std::mem::take(&mut self.vals[v]);
+                let sc = &mut self.scratch;
+                let (n_sites, ci) = (i32_of(coords.len())?, i32_of(c)?);
+                let (di, hi, wi) = (i32_of(d)?, i32_of(h)?, i32_of(w)?);
+                let r = g
+                    .ensure(&mut yv, elem * os.len())
+                    .and_then(|_| g.ensure(&mut sc.cells, 12 * coords.len()))
+                    .and_then(|_| g.upload(&sc.cells, coords))
+                    .and_then(|_| {
+                        let args = [
+                            P(self.vals[x].ptr),
+                            P(sc.cells.ptr),
+                            I(n_sites),
+                            I(ci),
+                            I(di),
+                            I(hi),
+                            I(wi),
+                            P(yv.ptr),
+                        ];
+                        match out_q {
+                            Some(q) => g
+                                .memset(yv.ptr, q.zero_point as u8, os.len())
+                                .and_then(|_| g.launch("hcomp_u8", coords.len() * c, &args)),
+                            None => g
+                                .memset(yv.ptr, 0, 4 * os.len())
+                                .and_then(|_| g.launch("hcomp_f32", coords.len() * c, &args)),
+                        }
+                    });
+                self.vals[v] = yv;
+                r?;
+                os
+            }
             Step::Concat => {
                 let c: usize = node.inputs.iter().map(|&u| self.shapes[u].dims[1]).sum();
                 let os = Shape::new(&[1, c, xs.dims[2], xs.dims[3]]);
@@ -680,7 +990,7 @@ impl CudaEngine {
             groups,
             group_out,
             vals,
-            scratch: sc,
+            dense_sc: sc,
             ..
         } = self;
         let grp = &groups[gid];
@@ -794,7 +1104,7 @@ impl CudaEngine {
             batches,
             vals,
             shapes,
-            scratch: sc,
+            dense_sc: sc,
             direct_on,
             ..
         } = self;
@@ -827,17 +1137,18 @@ impl CudaEngine {
                 list.push(I(i32_of(v)?));
             }
             let w = if b.half && !b.int { &b.w32 } else { &b.w };
-            list.extend([P(w.ptr), I(i32_of(cmax)?)]);
+            list.push(P(w.ptr));
             if b.int {
                 list.push(P(b.zxc.ptr));
             }
             list.extend([P(sc.acc.ptr), I(i32_of(plane)?)]);
+            // One kernel per output-channel count (1..=DIRECT_MAX_OUT).
             let name = if b.int {
-                "branch_conv_s8"
+                format!("branch_conv_s8_{cmax}")
             } else {
-                "branch_conv_f32"
+                format!("branch_conv_f32_{cmax}")
             };
-            g.launch(name, n * plane, &list)?;
+            g.launch(&name, n * plane, &list)?;
             plane
         } else if b.int {
             let col = im2col_int(
@@ -935,61 +1246,114 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Downloads the head values into `out` (codes dequantized on the host, as the CPU
-    /// INT8 engine does).
+    /// Downloads the staged head values into `out` with one copy (codes dequantized on
+    /// the host, as the CPU INT8 engine does).
     fn collect(&mut self, out: &mut HeadOutputs) -> Result<(), EngineError> {
+        let total = self.head_layout.last().map_or(0, |&(_, at, b)| at + b);
+        self.host_stage.resize(total, 0);
+        self.gpu.download(
+            &mut self.host_stage,
+            self.head_stage.ptr,
+            self.head_stage.bytes,
+        )?;
         out.tasks.resize_with(self.graph.tasks.len(), || TaskMaps {
             heatmap: Vec::new(),
             regression: Vec::new(),
         });
+        let mut staged = self.head_layout.iter();
+        let mut next = |dst: &mut Vec<f32>| -> Result<(), EngineError> {
+            let &(v, at, bytes) = staged
+                .next()
+                .ok_or_else(|| EngineError::Internal("head staging layout".into()))?;
+            let raw = &self.host_stage[at..at + bytes];
+            match self.acts[v] {
+                Some(q) => dst.extend(raw.iter().map(|&c| q.dequantize(c as i32))),
+                None => dst.extend(
+                    raw.chunks_exact(4)
+                        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+            }
+            Ok(())
+        };
         for (ti, maps) in out.tasks.iter_mut().enumerate() {
             let t = &self.graph.tasks[ti];
             let hm = self.shapes[t.heatmap];
             (out.h, out.w) = (hm.dims[2], hm.dims[3]);
             maps.heatmap.clear();
-            append(
-                &self.gpu,
-                &self.vals[t.heatmap],
-                self.shapes[t.heatmap].len(),
-                self.acts[t.heatmap],
-                &mut self.host_codes,
-                &mut maps.heatmap,
-            )?;
+            next(&mut maps.heatmap)?;
             maps.regression.clear();
-            for &v in &t.regression {
-                append(
-                    &self.gpu,
-                    &self.vals[v],
-                    self.shapes[v].len(),
-                    self.acts[v],
-                    &mut self.host_codes,
-                    &mut maps.regression,
-                )?;
+            for _ in &t.regression {
+                next(&mut maps.regression)?;
             }
         }
         Ok(())
     }
 }
 
-fn append(
+/// The residual join `a + b` (ReLU when asked) of two values of `len` elements: on shared
+/// codes exactly as the CPU INT8 engine (the sum of centred codes requantized), else in
+/// reals (dequantized codes, or floats), quantized when the output has parameters.
+fn add_values(
     g: &Gpu,
-    buf: &DBuf,
+    sc: &mut Scratch,
+    (a, b, qi): (u64, u64, Option<QParams>),
     len: usize,
-    q: Option<QParams>,
-    codes: &mut Vec<u8>,
-    dst: &mut Vec<f32>,
+    relu: bool,
+    (y, qo): (u64, Option<QParams>),
 ) -> Result<(), EngineError> {
-    match q {
+    let nl = i64_of(len)?;
+    if let (Some(qi), Some(qo)) = (qi, qo) {
+        let r = crate::quant::scheme::add_requant(qi.scale, &qo, relu);
+        return g.launch(
+            "add_u8",
+            len,
+            &[
+                P(a),
+                P(b),
+                L(nl),
+                I(qi.zero_point),
+                F(r.multiplier),
+                I(r.zero_point),
+                I(r.lo),
+                I(r.hi),
+                P(y),
+            ],
+        );
+    }
+    let (ra, rb) = match qi {
         Some(q) => {
-            codes.resize(len, 0);
-            g.download(codes, buf.ptr, buf.bytes)?;
-            dst.extend(codes.iter().map(|&c| q.dequantize(c as i32)));
+            g.ensure(&mut sc.fin, 4 * len)?;
+            g.ensure(&mut sc.fin2, 4 * len)?;
+            for (src, dst) in [(a, sc.fin.ptr), (b, sc.fin2.ptr)] {
+                g.launch(
+                    "dequant_u8",
+                    len,
+                    &[P(src), L(nl), F(q.scale), I(q.zero_point), P(dst)],
+                )?;
+            }
+            (sc.fin.ptr, sc.fin2.ptr)
         }
-        None => {
-            let at = dst.len();
-            dst.resize(at + len, 0.0);
-            g.download(&mut dst[at..], buf.ptr, buf.bytes)?;
+        None => (a, b),
+    };
+    let sum = match qo {
+        Some(_) => {
+            g.ensure(&mut sc.fout, 4 * len)?;
+            sc.fout.ptr
         }
+        None => y,
+    };
+    g.launch(
+        "add_f32",
+        len,
+        &[P(ra), P(rb), L(nl), I(relu as i32), P(sum)],
+    )?;
+    if let Some(q) = qo {
+        let (scale, zp, qmin, qmax) = (q.scale, q.zero_point, q.grid.qmin, q.grid.qmax);
+        g.launch(
+            "quant_f32",
+            len,
+            &[P(sum), L(nl), F(scale), I(zp), I(qmin), I(qmax), P(y)],
+        )?;
     }
     Ok(())
 }
