@@ -98,6 +98,7 @@ pub fn run(
             w: 0,
         };
         let mut samples: Vec<[f64; 5]> = Vec::new();
+        let mut phases: Vec<[f64; 4]> = Vec::new();
         let mut detections = 0;
         for it in 0..runs_per {
             let t0 = Instant::now();
@@ -111,6 +112,7 @@ pub fn run(
             let t3 = Instant::now();
             detections = boxes.len();
             if it >= opts.warmup {
+                phases.push(engine.last_phases_ms());
                 samples.push([
                     ms(t3 - t0),
                     ms(t1 - t0),
@@ -122,6 +124,16 @@ pub fn run(
             progress.inc(1);
         }
         let cuda_graph = engine.graph_active();
+        let ph = |k: usize| median(phases.iter().map(|s| s[k]).collect());
+        log::info!(
+            "{} network on the host (medians, ms): input {:.3}, launches {:.3}, GPU wait {:.3}, \
+             collect {:.3}",
+            p.name(),
+            ph(0),
+            ph(1),
+            ph(2),
+            ph(3)
+        );
         if std::env::var_os("LIDAR_PTQ_CUDA_PROFILE").is_some() {
             // A few more runs with an event after every node: where the time goes.
             engine.enable_profile();
@@ -140,6 +152,13 @@ pub fn run(
             );
             for (name, t) in prof.iter().take(25) {
                 eprintln!("  {t:8.4}  {name}");
+            }
+            eprintln!(
+                "{} per-kernel GPU ms per run (launches per run), largest first:",
+                p.name()
+            );
+            for (name, t, count) in engine.kernel_profile()?.iter().take(25) {
+                eprintln!("  {:8.4}  {:4}  {name}", t / 5.0, count / 5);
             }
         }
         let col = |k: usize| median(samples.iter().map(|s| s[k]).collect());

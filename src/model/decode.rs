@@ -41,44 +41,63 @@ fn peaks(
         f32::NEG_INFINITY
     };
     let mut out = Vec::new();
+    // The 3x3 neighbourhood maximum, separably: a row pass, then a column pass. A cell is
+    // a peak when no neighbour exceeds it, i.e. when this maximum does not (f32::max skips
+    // NaN, as the comparisons `neighbour > v` never suppress on a NaN).
+    let (mut rowmax, mut nbmax) = (vec![0f32; h * w], vec![0f32; h * w]);
     for c in 0..classes {
         let plane = &heat[c * h * w..(c + 1) * h * w];
-        for y in 0..h {
-            for x in 0..w {
-                let v = plane[y * w + x];
-                if v < logit_cut {
-                    continue;
-                }
-                // A peak is the max of its 3x3 neighbourhood (ties keep every equal cell,
-                // as max-pool equality does in the reference). Without the filter every
-                // cell is a candidate.
-                let mut is_peak = true;
-                let rows = if local_max {
-                    y.saturating_sub(1)..(y + 2).min(h)
-                } else {
-                    0..0
-                };
-                'n: for ny in rows {
-                    for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                        if plane[ny * w + nx] > v {
-                            is_peak = false;
-                            break 'n;
-                        }
+        if local_max {
+            for y in 0..h {
+                let r = &plane[y * w..(y + 1) * w];
+                let o = &mut rowmax[y * w..(y + 1) * w];
+                for x in 0..w {
+                    let mut m = r[x];
+                    if x > 0 {
+                        m = m.max(r[x - 1]);
                     }
+                    if x + 1 < w {
+                        m = m.max(r[x + 1]);
+                    }
+                    o[x] = m;
                 }
-                if !is_peak {
-                    continue;
-                }
-                let s = sigmoid(v);
-                if s > thr {
-                    out.push((s, c, y * w + x));
+            }
+            for y in 0..h {
+                let (lo, hi) = (y.saturating_sub(1), (y + 2).min(h));
+                let o = &mut nbmax[y * w..(y + 1) * w];
+                o.copy_from_slice(&rowmax[lo * w..(lo + 1) * w]);
+                for ny in lo + 1..hi {
+                    for (m, &v) in o.iter_mut().zip(&rowmax[ny * w..(ny + 1) * w]) {
+                        *m = m.max(v);
+                    }
                 }
             }
         }
+        for (i, &v) in plane.iter().enumerate() {
+            // Ties keep every equal cell, as max-pool equality does in the reference.
+            // Without the filter every cell is a candidate.
+            if v < logit_cut || (local_max && nbmax[i] > v) {
+                continue;
+            }
+            let s = sigmoid(v);
+            if s > thr {
+                out.push((s, c, i));
+            }
+        }
     }
-    // Descending score; ties by class then cell, so the order is deterministic.
-    out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    out.truncate(k);
+    // Descending score; ties by class then cell, so the order is deterministic. A total
+    // order, so selecting the top k first and sorting only them gives the same list.
+    let order = |a: &(f32, usize, usize), b: &(f32, usize, usize)| {
+        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+    };
+    if k == 0 {
+        return Vec::new();
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, order);
+        out.truncate(k);
+    }
+    out.sort_by(order);
     out
 }
 
@@ -225,6 +244,70 @@ mod tests {
     fn cfg() -> ModelConfig {
         ModelConfig::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/default.yaml"))
             .unwrap()
+    }
+
+    /// The peak rule written out directly: every cell against its 3x3 neighbours, the
+    /// sigmoid of all, a full sort.
+    fn naive_peaks(
+        heat: &[f32],
+        classes: usize,
+        (h, w): (usize, usize),
+        k: usize,
+        thr: f32,
+        local_max: bool,
+    ) -> Vec<(f32, usize, usize)> {
+        let mut out = Vec::new();
+        for c in 0..classes {
+            let plane = &heat[c * h * w..(c + 1) * h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    let v = plane[y * w + x];
+                    let mut peak = true;
+                    if local_max {
+                        for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                            for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                                peak &= !(plane[ny * w + nx] > v);
+                            }
+                        }
+                    }
+                    let s = sigmoid(v);
+                    if peak && s > thr {
+                        out.push((s, c, y * w + x));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        out.truncate(k);
+        out
+    }
+
+    #[test]
+    fn peaks_match_the_naive_rule() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for (h, w, classes) in [(1, 1, 1), (1, 7, 2), (9, 1, 1), (17, 23, 3)] {
+            for trial in 0..20 {
+                // Coarse values make plateaus (ties); a few NaNs and infinities.
+                let heat: Vec<f32> = (0..h * w * classes)
+                    .map(|_| match rng.random_range(0..40) {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        2 => -0.0,
+                        _ => (rng.random_range(-12..8) as f32) * 0.5,
+                    })
+                    .collect();
+                for local_max in [true, false] {
+                    for (k, thr) in [(5, 0.1), (1000, 0.1), (0, 0.1), (50, 0.9999)] {
+                        assert_eq!(
+                            peaks(&heat, classes, h, w, k, thr, local_max),
+                            naive_peaks(&heat, classes, (h, w), k, thr, local_max),
+                            "{h}x{w}x{classes} trial {trial} k {k} thr {thr} local_max {local_max}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn object(class: &str, center: [f32; 3], yaw: f32) -> Object {

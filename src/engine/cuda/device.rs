@@ -5,11 +5,12 @@
 use super::super::EngineError;
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg, result as drv,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PushKernelArg, result as drv,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -22,16 +23,22 @@ const KERNELS: &[&str] = &[
     "dequant_u8",
     "dequant_u8_pf",
     "quant_f32",
+    "quant_f32_pf",
     "fill_f32",
     "im2col_f32",
     "im2col_f16",
     "im2col_s8",
     "im2col_s8_tile",
+    "nchw_to_nhwc_u8",
+    "im2col_nhwc_s8",
     "rows_s8",
     "gemm_s8_tn",
     "epi_f32",
     "epi_requant",
     "epi_dequant",
+    "epi_requant4",
+    "epi_dequant4",
+    "epi_f32_4",
     "pillar_max_f32",
     "pillar_max_u8",
     "scatter_f32",
@@ -79,6 +86,8 @@ pub struct Gpu {
     funcs: HashMap<&'static str, CudaFunction>,
     name: String,
     arch: (i32, i32),
+    /// Per-kernel timing (profiling only): events around every launch and GEMM.
+    kernel_events: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 impl Gpu {
@@ -158,6 +167,7 @@ impl Gpu {
             funcs,
             name,
             arch,
+            kernel_events: RefCell::new(None),
         })
     }
 
@@ -186,6 +196,56 @@ impl Gpu {
             .map_err(|e| dev_err("GPU execution", e))
     }
 
+    /// Starts (or stops) timing every kernel launch and GEMM with CUDA events.
+    pub(super) fn set_kernel_timing(&self, on: bool) {
+        *self.kernel_events.borrow_mut() = on.then(Vec::new);
+    }
+
+    /// Records an event pair around `f` under `name` when kernel timing is on.
+    fn timed<R>(
+        &self,
+        name: &dyn Fn() -> String,
+        f: impl FnOnce() -> Result<R, EngineError>,
+    ) -> Result<R, EngineError> {
+        if self.kernel_events.borrow().is_none() {
+            return f();
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = || {
+            self.ctx
+                .new_event(flags)
+                .and_then(|e| e.record(&self.stream).map(|_| e))
+                .map_err(|e| dev_err("event", e))
+        };
+        let a = ev()?;
+        let r = f()?;
+        let b = ev()?;
+        if let Some(v) = self.kernel_events.borrow_mut().as_mut() {
+            v.push((name(), a, b));
+        }
+        Ok(r)
+    }
+
+    /// GPU milliseconds per kernel name since the last call (synchronizes), summed, with
+    /// launch counts.
+    pub(super) fn take_kernel_times(&self) -> Result<Vec<(String, f64, usize)>, EngineError> {
+        self.sync()?;
+        let mut out: Vec<(String, f64, usize)> = Vec::new();
+        if let Some(v) = self.kernel_events.borrow_mut().as_mut() {
+            for (name, a, b) in v.drain(..) {
+                let ms = a.elapsed_ms(&b).unwrap_or(0.0) as f64;
+                match out.iter_mut().find(|o| o.0 == name) {
+                    Some(o) => {
+                        o.1 += ms;
+                        o.2 += 1;
+                    }
+                    None => out.push((name, ms, 1)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Launches `name` over `n` elements (grid-stride kernels).
     pub(super) fn launch(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), EngineError> {
         if n == 0 {
@@ -197,6 +257,10 @@ impl Gpu {
                 "kernel {name}: {n} elements exceed the 32-bit indexing"
             )));
         }
+        self.timed(&|| name.to_string(), || self.launch_now(name, n, args))
+    }
+
+    fn launch_now(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), EngineError> {
         let f = self.func(name)?;
         let threads = 256u32;
         let blocks = n.div_ceil(threads as usize).min(1 << 20) as u32;
@@ -222,22 +286,49 @@ impl Gpu {
             .map_err(|e| dev_err(&format!("kernel {name}"), e))
     }
 
-    /// Launches `name` on `blocks` blocks of `threads` with `smem` bytes of dynamic shared
-    /// memory (tiled kernels).
-    pub(super) fn launch_tiled(
+    /// Launches `name` on a `grid` of blocks of `threads` with `smem` bytes of dynamic
+    /// shared memory (tiled and 3D-gridded kernels).
+    pub(super) fn launch_grid(
         &self,
         name: &str,
-        (blocks, threads, smem): (usize, u32, u32),
+        grid: (usize, usize, usize),
+        threads: u32,
+        smem: u32,
         args: &[Arg],
     ) -> Result<(), EngineError> {
-        if blocks == 0 {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let blocks = u32::try_from(blocks)
-            .map_err(|_| EngineError::Internal(format!("kernel {name}: {blocks} blocks")))?;
+        // CUDA's limits: 2^31 - 1 blocks in x, 65535 in y and z.
+        let dim = |v: usize, max: usize| {
+            if v <= max {
+                Ok(v as u32)
+            } else {
+                Err(EngineError::Internal(format!(
+                    "kernel {name}: grid {grid:?} beyond CUDA's limits"
+                )))
+            }
+        };
+        let grid = (
+            dim(grid.0, i32::MAX as usize)?,
+            dim(grid.1, 65535)?,
+            dim(grid.2, 65535)?,
+        );
+        self.timed(&|| name.to_string(), || {
+            self.launch_grid_now(name, grid, (threads, smem), args)
+        })
+    }
+
+    fn launch_grid_now(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        (threads, smem): (u32, u32),
+        args: &[Arg],
+    ) -> Result<(), EngineError> {
         let f = self.func(name)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim: grid,
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
@@ -320,6 +411,30 @@ impl Gpu {
     /// `batch` GEMMs whose operands are `stride` elements apart (strided batched).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_batched(
+        &self,
+        kind: GemmKind,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda, sa): (u64, usize, usize),
+        (b, ldb, sb): (u64, usize, usize),
+        (c, ldc, scc): (u64, usize, usize),
+        batch: usize,
+    ) -> Result<bool, EngineError> {
+        self.timed(&|| format!("GEMM {kind:?} x{batch} ({m}x{n}x{k})"), || {
+            self.gemm_now(
+                kind,
+                (ta, tb),
+                (m, n, k),
+                (a, lda, sa),
+                (b, ldb, sb),
+                (c, ldc, scc),
+                batch,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_now(
         &self,
         kind: GemmKind,
         (ta, tb): (bool, bool),

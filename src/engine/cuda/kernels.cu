@@ -59,43 +59,61 @@ extern "C" __global__ void quant_f32(const float* x, long long n, float scale, i
     }
 }
 
+// The network input with per-feature scales (QuantModel::input_scales): entry i is feature
+// i % width, each quantized as quant_f32.
+extern "C" __global__ void quant_f32_pf(const float* x, long long n, const float* scales,
+                                        int width, int zp, int qmin, int qmax, u8* y) {
+    GRID_STRIDE(i, n) {
+        float q = rintf(__fdiv_rn(x[i], scales[i % width]));
+        if (q != q) q = 0.0f;
+        q = fminf(fmaxf(q, (float)(qmin - zp)), (float)(qmax - zp));
+        y[i] = (u8)((int)q + zp);
+    }
+}
+
 extern "C" __global__ void fill_f32(float* y, long long n, float v) {
     GRID_STRIDE(i, n) { y[i] = v; }
 }
 
 // ---- im2col ---------------------------------------------------------------------------
 
-// Float, k-major: col[k * ldp + p], k = (ci * kk + ky) * kk + kx, p = oy * wo + ox.
+// Float, k-major: col[k * plane + p], k = (ci * kk + ky) * kk + kx, p = oy * wo + ox. Grid
+// (x: runs of 4 * blockDim output columns, y: oy, z: k), so no thread divides per element:
+// k's tap and the row come from the block, and each thread writes four columns.
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ f16raw from_f32<f16raw>(float v) { return to_half(v); }
+
+template <typename T>
+__device__ __forceinline__ void im2col_float_t(const float* x, int c, int h, int w, int kk,
+                                               int stride, int pad, int ho, int wo, T* col) {
+    int oy = blockIdx.y, k = blockIdx.z;
+    int ci = k / (kk * kk), r = k - ci * kk * kk, ky = r / kk, kx = r - ky * kk;
+    int iy = oy * stride - pad + ky;
+    bool row_in = iy >= 0 && iy < h;
+    const float* xr = x + ((long long)ci * h + iy) * w;
+    T* out = col + (long long)k * ho * wo + (long long)oy * wo;
+    int ox = blockIdx.x * 4 * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int q = 0; q < 4; ++q, ox += blockDim.x) {
+        if (ox >= wo) break;
+        int ix = ox * stride - pad + kx;
+        float v = (row_in && ix >= 0 && ix < w) ? xr[ix] : 0.0f;
+        out[ox] = from_f32<T>(v);
+    }
+}
+
 extern "C" __global__ void im2col_f32(const float* x, int c, int h, int w, int kk, int stride,
                                       int pad, int ho, int wo, float* col) {
-    int plane = ho * wo;
-    int n = c * kk * kk * plane;
-    GRID_STRIDE(i, n) {
-        int p = i % plane;
-        int k = i / plane;
-        int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-        int oy = p / wo, ox = p % wo;
-        int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-        float v = 0.0f;
-        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
-        col[i] = v;
-    }
+    im2col_float_t<float>(x, c, h, w, kk, stride, pad, ho, wo, col);
 }
 
 extern "C" __global__ void im2col_f16(const float* x, int c, int h, int w, int kk, int stride,
                                       int pad, int ho, int wo, f16raw* col) {
-    int plane = ho * wo;
-    int n = c * kk * kk * plane;
-    GRID_STRIDE(i, n) {
-        int p = i % plane;
-        int k = i / plane;
-        int ci = k / (kk * kk), r = k % (kk * kk), ky = r / kk, kx = r % kk;
-        int oy = p / wo, ox = p % wo;
-        int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-        float v = 0.0f;
-        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = x[((long long)ci * h + iy) * w + ix];
-        col[i] = to_half(v);
-    }
+    im2col_float_t<f16raw>(x, c, h, w, kk, stride, pad, ho, wo, col);
 }
 
 // Int8, pixel-major: col[p * kpad + k] = code - 128 (padding: the zero point, also - 128;
@@ -138,41 +156,102 @@ extern "C" __global__ void im2col_s8(const u8* x, int c, int h, int w, int kk, i
     }
 }
 
-// The same im2col through a shared-memory tile of `tp` output pixels: gathered with
-// consecutive threads on consecutive pixels (coalesced reads of each input row, where the
-// one-word-per-thread kernel reads bytes of distant channel planes), then written out as
-// whole words. Tile rows are padded by one word so the byte stores spread over the banks.
+// The same im2col through a shared-memory tile of `tp` output pixels. A per-block table
+// gives each k its input offset, tap and padding code, so the gather has no division;
+// consecutive threads take consecutive pixels of one k (coalesced reads along each input
+// row, where the one-word-per-thread kernel reads bytes of distant channel planes); the
+// tile is then written out as whole words. Shared memory: koff[kpad], kinfo[kpad], then
+// the tile, its rows padded by one word so the byte stores spread over the banks.
 extern "C" __global__ void im2col_s8_tile(const u8* x, int c, int h, int w, int kk, int stride,
                                           int pad, int ho, int wo, int kpad, int zx,
                                           const int* zxc, int tp, s8* col) {
-    extern __shared__ unsigned tile_words[];
-    u8* tile = (u8*)tile_words;
+    extern __shared__ int smem_i[];
+    int* koff = smem_i;
+    int* kinfo = smem_i + kpad;
+    u8* tile = (u8*)(smem_i + 2 * kpad);
+    unsigned* tile_words = (unsigned*)tile;
     int plane = ho * wo;
     int p0 = blockIdx.x * tp;
     if (p0 >= plane) return;
     int np = min(tp, plane - p0);
     int k2 = kk * kk, kreal = c * k2;
-    int row = kpad + 4;
-    for (int idx = threadIdx.x; idx < np * kpad; idx += blockDim.x) {
-        int k = idx / np, pl = idx - k * np;
-        int v = 0;
+    for (int k = threadIdx.x; k < kpad; k += blockDim.x) {
         if (k < kreal) {
             int ci = k / k2, r = k - ci * k2, ky = r / kk, kx = r - ky * kk;
-            int p = p0 + pl;
-            int oy = p / wo, ox = p - oy * wo;
-            int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-            int code = zxc ? zxc[ci] : zx;
-            if (iy >= 0 && iy < h && ix >= 0 && ix < w) code = x[((long long)ci * h + iy) * w + ix];
-            v = code - 128;
+            int zc = zxc ? zxc[ci] : zx;
+            koff[k] = (ci * h + ky) * w + kx;
+            kinfo[k] = ky | (kx << 8) | ((zc & 0xff) << 16);
+        } else {
+            koff[k] = 0;
+            kinfo[k] = -1;
         }
-        tile[pl * row + k] = (u8)v;
+    }
+    __syncthreads();
+    int row = kpad + 4;
+    int groups = blockDim.x / np;
+    int pl = threadIdx.x % np, g = threadIdx.x / np;
+    if (g < groups) {
+        int p = p0 + pl;
+        int oy = p / wo, ox = p - oy * wo;
+        int iy0 = oy * stride - pad, ix0 = ox * stride - pad;
+        int base = iy0 * w + ix0;
+        u8* trow = tile + pl * row;
+        for (int k = g; k < kpad; k += groups) {
+            int info = kinfo[k];
+            int v = 0;
+            if (info >= 0) {
+                int iy = iy0 + (info & 0xff), ix = ix0 + ((info >> 8) & 0xff);
+                int code = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? (int)x[base + koff[k]]
+                                                                     : (info >> 16) & 0xff;
+                v = code - 128;
+            }
+            trow[k] = (u8)v;
+        }
     }
     __syncthreads();
     int q4 = kpad >> 2, r4 = row >> 2;
     unsigned* out = (unsigned*)(col + (long long)p0 * kpad);
-    for (int i = threadIdx.x; i < np * q4; i += blockDim.x) {
-        int pl = i / q4, wi = i - pl * q4;
-        out[i] = tile_words[pl * r4 + wi];
+    int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    for (int q = threadIdx.x >> 5; q < np; q += warps)
+        for (int wi = lane; wi < q4; wi += 32) out[q * q4 + wi] = tile_words[q * r4 + wi];
+}
+
+// NCHW codes [c, hw] -> channels-last [hw, c], each byte XORed with `mask` (0x80 gives the
+// code - 128 of the s8 GEMM), through a 32 x 32 shared-memory tile (block: 256 threads).
+extern "C" __global__ void nchw_to_nhwc_u8(const u8* x, int c, int hw, int mask, u8* y) {
+    __shared__ u8 t[32][33];
+    int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    for (int r = ty; r < 32; r += 8) {
+        int ci = c0 + r, p = p0 + tx;
+        if (ci < c && p < hw) t[r][tx] = x[(long long)ci * hw + p];
+    }
+    __syncthreads();
+    for (int r = ty; r < 32; r += 8) {
+        int p = p0 + r, ci = c0 + tx;
+        if (ci < c && p < hw) y[(long long)p * c + ci] = (u8)(t[tx][r] ^ mask);
+    }
+}
+
+// Int8 im2col from channels-last codes (c a multiple of 4, cw = c / 4 words per pixel),
+// tap-major: col word [p * kq + tap * cw + w] (kq = kk * kk * cw), shifted by 128; padding
+// taps get `padw` (the zero point - 128 in every byte). One block per output pixel: whole
+// words, read and written contiguously. Weights are laid out to match (tap, ci).
+extern "C" __global__ void im2col_nhwc_s8(const unsigned* x, int cw, int h, int w, int kk,
+                                          int stride, int pad, int ho, int wo, unsigned padw,
+                                          unsigned* col) {
+    int p = blockIdx.x;
+    int oy = p / wo, ox = p - oy * wo;
+    int kq = kk * kk * cw;
+    unsigned* out = col + (long long)p * kq;
+    for (int j = threadIdx.x; j < kq; j += blockDim.x) {
+        int tap = j / cw, wd = j - tap * cw;
+        int ky = tap / kk, kx = tap - ky * kk;
+        int iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+        unsigned v = padw;
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+            v = x[((long long)iy * w + ix) * cw + wd] ^ 0x80808080u;
+        out[j] = v;
     }
 }
 
@@ -282,6 +361,65 @@ extern "C" __global__ void epi_dequant(const int* acc, const int* wsum, int corr
     }
 }
 
+// Mode 1 (convolution, NCHW) four pixels per thread: 16-byte accumulator loads, one store
+// per four outputs, the channel's parameters read once. Grid (x: runs of 4 * blockDim
+// pixels, y: channel); needs plane and ldc multiples of 4 (checked on the host).
+extern "C" __global__ void epi_requant4(const int* acc, const int* wsum, int corr,
+                                        const int* bias_q, const float* mult, int zp, int lo,
+                                        int hi, int plane, long long ldc, u8* y) {
+    int ch = blockIdx.y;
+    int p = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (p >= plane) return;
+    int4 a = *(const int4*)(acc + (long long)ch * ldc + p);
+    unsigned add = (unsigned)corr * (unsigned)wsum[ch] + (unsigned)bias_q[ch];
+    float m = mult[ch], flo = (float)(lo - zp), fhi = (float)(hi - zp);
+    int v[4] = {a.x, a.y, a.z, a.w};
+    unsigned out = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        int s = (int)((unsigned)v[q] + add);
+        float f = rintf(__fmul_rn((float)s, m));
+        f = fminf(fmaxf(f, flo), fhi);
+        out |= ((unsigned)((int)f + zp) & 0xffu) << (8 * q);
+    }
+    *(unsigned*)(y + (long long)ch * plane + p) = out;
+}
+
+extern "C" __global__ void epi_dequant4(const int* acc, const int* wsum, int corr,
+                                        const int* bias_q, const float* scale, int relu,
+                                        int plane, long long ldc, float* y) {
+    int ch = blockIdx.y;
+    int p = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (p >= plane) return;
+    int4 a = *(const int4*)(acc + (long long)ch * ldc + p);
+    unsigned add = (unsigned)corr * (unsigned)wsum[ch] + (unsigned)bias_q[ch];
+    float sc = scale[ch];
+    int v[4] = {a.x, a.y, a.z, a.w};
+    float r[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        float f = __fmul_rn((float)(int)((unsigned)v[q] + add), sc);
+        if (relu) f = fmaxf(f, 0.0f);
+        r[q] = f;
+    }
+    *(float4*)(y + (long long)ch * plane + p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
+extern "C" __global__ void epi_f32_4(const float* acc, const float* bias, int relu, int plane,
+                                     long long ldc, float* y) {
+    int ch = blockIdx.y;
+    int p = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (p >= plane) return;
+    float4 a = *(const float4*)(acc + (long long)ch * ldc + p);
+    float b = bias[ch];
+    float r[4] = {a.x + b, a.y + b, a.z + b, a.w + b};
+    if (relu) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) r[q] = fmaxf(r[q], 0.0f);
+    }
+    *(float4*)(y + (long long)ch * plane + p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
 // ---- glue ops -------------------------------------------------------------------------
 
 // Max over each pillar's first counts[p] points (all n when counts is null); an empty
@@ -367,19 +505,24 @@ __device__ __forceinline__ void branch_conv_f32_t(const float* x, int n, int cin
 
 // Integer twin: sums (code - 128) * w, padding at the branch's zero point (zxc per stacked
 // channel), exactly what im2col_s8 and the s8 GEMM compute, so the same epilogue applies.
+// Each thread takes four neighbouring pixels of one row, so every weight it loads serves
+// four outputs.
 template <int CM>
 __device__ __forceinline__ void branch_conv_s8_t(const u8* x, int n, int cin, int h, int w,
                                                  int kk, int stride, int pad, int ho, int wo,
                                                  const s8* wts, const int* zxc, int* acc,
                                                  int ldc) {
-    int plane = ho * wo;
     int K = cin * kk * kk;
-    GRID_STRIDE(t, (long long)n * plane) {
-        int j = t / plane, p = t % plane;
-        int oy = p / wo, ox = p % wo;
-        int s[CM];
+    int wq = (wo + 3) >> 2;
+    int per_branch = ho * wq;
+    GRID_STRIDE(t, (long long)n * per_branch) {
+        int j = t / per_branch, r = t - j * per_branch;
+        int oy = r / wq, ox0 = (r - oy * wq) << 2;
+        int s[CM][4];
 #pragma unroll
-        for (int c = 0; c < CM; ++c) s[c] = 0;
+        for (int c = 0; c < CM; ++c)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) s[c][q] = 0;
         const s8* wj = wts + (long long)j * CM * K;
         for (int ci = 0; ci < cin; ++ci) {
             const u8* xc = x + (long long)(j * cin + ci) * h * w;
@@ -387,18 +530,29 @@ __device__ __forceinline__ void branch_conv_s8_t(const u8* x, int n, int cin, in
             for (int ky = 0; ky < kk; ++ky) {
                 int iy = oy * stride - pad + ky;
                 bool row_in = iy >= 0 && iy < h;
+                const u8* xr = xc + (long long)iy * w;
                 for (int kx = 0; kx < kk; ++kx) {
-                    int ix = ox * stride - pad + kx;
-                    int code = (row_in && ix >= 0 && ix < w) ? (int)xc[iy * w + ix] : zx;
-                    int v = code - 128;
                     int k = (ci * kk + ky) * kk + kx;
+                    int wv[CM];
 #pragma unroll
-                    for (int c = 0; c < CM; ++c) s[c] += v * (int)wj[c * K + k];
+                    for (int c = 0; c < CM; ++c) wv[c] = (int)wj[c * K + k];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        int ix = (ox0 + q) * stride - pad + kx;
+                        int code = (row_in && ix >= 0 && ix < w) ? (int)xr[ix] : zx;
+                        int v = code - 128;
+#pragma unroll
+                        for (int c = 0; c < CM; ++c) s[c][q] += v * wv[c];
+                    }
                 }
             }
         }
+        int p = oy * wo + ox0;
 #pragma unroll
-        for (int c = 0; c < CM; ++c) acc[(long long)(j * CM + c) * ldc + p] = s[c];
+        for (int c = 0; c < CM; ++c)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                if (ox0 + q < wo) acc[(long long)(j * CM + c) * ldc + p + q] = s[c][q];
     }
 }
 
@@ -426,42 +580,40 @@ BRANCH_CONV(8)
 
 // Sparse conv, output-stationary over a neighbour table nbr[o * taps + t] (the input row
 // under kernel offset t of output site o, -1 when that site is inactive). Weights
-// w[co * kpad + t * cin + ci] (spconv's [cout, kz, ky, kx, cin]). Integer: sums of
-// (code - zx) * w over the present neighbours only (absent sites are zero, not padding),
-// wrapping like the CPU; the epilogue follows as for a linear layer.
+// transposed to w[(t * cin + ci) * cout + co], so the lanes of a warp (consecutive output
+// channels of one site) read consecutive weights while sharing each input value. Integer:
+// sums of (code - zx) * w over the present neighbours only (absent sites are zero, not
+// padding), wrapping like the CPU; the epilogue follows as for a linear layer.
 extern "C" __global__ void sparse_conv_s8(const u8* x, const int* nbr, int n_out, int taps,
-                                          int cin, int cout, const s8* w, int kpad, int zx,
-                                          int* acc) {
+                                          int cin, int cout, const s8* w, int zx, int* acc) {
     GRID_STRIDE(i, (long long)n_out * cout) {
         int o = i / cout, co = i - o * cout;
-        const s8* wr = w + (long long)co * kpad;
         unsigned s = 0;
         for (int t = 0; t < taps; ++t) {
             int r = nbr[(long long)o * taps + t];
             if (r < 0) continue;
             const u8* xr = x + (long long)r * cin;
-            const s8* wt = wr + t * cin;
+            const s8* wt = w + (long long)t * cin * cout + co;
             for (int ci = 0; ci < cin; ++ci)
-                s += (unsigned)((int)xr[ci] - zx) * (unsigned)(int)wt[ci];
+                s += (unsigned)((int)xr[ci] - zx) * (unsigned)(int)wt[(long long)ci * cout];
         }
         acc[i] = (int)s;
     }
 }
 
-// Float twin with the bias and ReLU fused: y[o * cout + co].
+// Float twin (same transposed weights) with the bias and ReLU fused: y[o * cout + co].
 extern "C" __global__ void sparse_conv_f32(const float* x, const int* nbr, int n_out, int taps,
                                            int cin, int cout, const float* w, const float* bias,
                                            int relu, float* y) {
     GRID_STRIDE(i, (long long)n_out * cout) {
         int o = i / cout, co = i - o * cout;
-        const float* wr = w + (long long)co * taps * cin;
         float s = 0.0f;
         for (int t = 0; t < taps; ++t) {
             int r = nbr[(long long)o * taps + t];
             if (r < 0) continue;
             const float* xr = x + (long long)r * cin;
-            const float* wt = wr + t * cin;
-            for (int ci = 0; ci < cin; ++ci) s += xr[ci] * wt[ci];
+            const float* wt = w + (long long)t * cin * cout + co;
+            for (int ci = 0; ci < cin; ++ci) s += xr[ci] * wt[(long long)ci * cout];
         }
         float v = s + bias[co];
         if (relu && v < 0.0f) v = 0.0f;

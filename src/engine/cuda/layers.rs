@@ -55,6 +55,8 @@ pub(super) struct Scratch {
     pub(super) cells: DBuf,
     /// The one-word-per-thread int8 im2col instead of the tiled one (tests compare them).
     pub(super) plain_im2col: bool,
+    /// A channels-last copy of an int8 conv's input.
+    pub(super) nhwc: DBuf,
 }
 
 pub(super) fn int_err(v: usize) -> EngineError {
@@ -67,6 +69,32 @@ pub(super) fn i32_of(v: usize) -> Result<i32, EngineError> {
 
 pub(super) fn i64_of(v: usize) -> Result<i64, EngineError> {
     i64::try_from(v).map_err(|_| int_err(v))
+}
+
+/// Rows `[rows, stride]` (the first `k` of each used) -> columns `[k, rows]`.
+fn transpose_rows<T: Copy + Default>(w: &[T], rows: usize, stride: usize, k: usize) -> Vec<T> {
+    let mut t = vec![T::default(); k * rows];
+    for r in 0..rows {
+        for q in 0..k {
+            t[q * rows + r] = w[r * stride + q];
+        }
+    }
+    t
+}
+
+/// A float sparse conv: f32 weights (every float precision) transposed to
+/// `[taps * Cin, Cout]` for the sparse kernel, and the bias.
+pub(super) fn sparse_float_exec(
+    g: &Gpu,
+    f: &FoldedLayer,
+    cout: usize,
+) -> Result<Exec, EngineError> {
+    let k = f.weight.data.len() / cout.max(1);
+    Ok(Exec::Float {
+        w: g.alloc_from(&transpose_rows(&f.weight.data, cout, k, k))?,
+        bias: g.alloc_from(&f.bias)?,
+        half: false,
+    })
 }
 
 pub(super) fn float_exec(g: &Gpu, f: &FoldedLayer, half: bool) -> Result<Exec, EngineError> {
@@ -88,14 +116,21 @@ pub(super) fn float_exec(g: &Gpu, f: &FoldedLayer, half: bool) -> Result<Exec, E
     })
 }
 
+/// Whether an int8 convolution runs on a channels-last im2col (input channels a multiple
+/// of 4: whole words per tap), with its weight rows tap-major (`[Cout, k*k, Cin]`).
+pub(super) fn tap_major(kind: LayerKind, cin: usize) -> bool {
+    matches!(kind, LayerKind::Conv2d { .. }) && cin.is_multiple_of(4)
+}
+
 /// s8 weight rows in the GEMM's layout, `[cols, kpad]` with K padded to a multiple of 4:
-/// conv `[Cout, Cin*k*k]`; transposed conv taps `[(Cout, ky, kx), Cin]`; linear
+/// conv `[Cout, Cin*k*k]` (or `[Cout, k*k*Cin]` with `taps_first`, see [`tap_major`]); transposed conv taps `[(Cout, ky, kx), Cin]`; linear
 /// `[Cout, Cin]`; sparse conv `[Cout, taps*Cin]`.
 pub(super) fn int_weight_rows(
     kind: LayerKind,
     cin: usize,
     cout: usize,
     lw: &crate::quant::LayerWeights,
+    taps_first: bool,
 ) -> Result<(Vec<i8>, usize), EngineError> {
     let (cols, k, taps) = match kind {
         // codes [cout, taps, cin]: one row of taps * cin per output channel.
@@ -112,15 +147,25 @@ pub(super) fn int_weight_rows(
     }
     let kpad = k.next_multiple_of(4);
     let mut w = vec![0i8; cols * kpad];
+    // Conv taps per input channel (for the tap-major order).
+    let ktaps = k / cin.max(1);
     for j in 0..cols {
         for q in 0..k {
+            let at = match kind {
+                // q = tap * Cin + ci reads the code of (ci, tap).
+                LayerKind::Conv2d { .. } if taps_first => {
+                    let (t, ci) = (q / cin, q % cin);
+                    ci * ktaps + t
+                }
+                _ => q,
+            };
             w[j * kpad + q] = match kind {
                 LayerKind::ConvTranspose2d { .. } => {
                     // codes [Cin, Cout, k, k]; column j = co * taps + t.
                     let (co, t) = (j / taps, j % taps);
                     lw.codes[(q * cout + co) * taps + t]
                 }
-                _ => lw.codes[j * k + q],
+                _ => lw.codes[j * k + at],
             };
         }
     }
@@ -138,8 +183,13 @@ pub(super) fn int_exec(
     out: Option<&QParams>,
     relu: bool,
 ) -> Result<Exec, EngineError> {
-    let (w, kpad) = int_weight_rows(kind, cin, cout, lw)?;
+    let (w, kpad) = int_weight_rows(kind, cin, cout, lw, tap_major(kind, cin))?;
     let cols = w.len() / kpad;
+    // The sparse kernel reads its weights transposed, `[taps * Cin, Cout]`.
+    let w_dev = match kind {
+        LayerKind::SparseConv3d { .. } => transpose_rows(&w, cols, kpad, lw.codes.len() / cols),
+        _ => w.clone(),
+    };
     let wsum: Vec<i32> = (0..cols)
         .map(|j| w[j * kpad..(j + 1) * kpad].iter().map(|&c| c as i32).sum())
         .collect();
@@ -173,7 +223,7 @@ pub(super) fn int_exec(
         }
     };
     Ok(Exec::Int {
-        w: g.alloc_from(&w)?,
+        w: g.alloc_from(&w_dev)?,
         kpad,
         wsum: g.alloc_from(&wsum)?,
         bias_q: g.alloc_from(&bias_q)?,
@@ -446,8 +496,9 @@ pub(super) fn run_int(
     let cout = c.cout;
     let kp = i32_of(kpad)?;
     // im2col into pixel-major s8 rows [rows, kpad].
-    let im2col =
-        |sc: &mut Scratch, chw, ksp, howo| im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx, 0);
+    let im2col = |sc: &mut Scratch, chw: (usize, usize, usize), ksp, howo, nhwc| {
+        im2col_int(g, sc, xin, chw, ksp, howo, kpad, zx, 0, nhwc)
+    };
     // (m, n) of the TN GEMM: C col-major [m, n], ldc padded to 4 for the int8 GEMM.
     let map = match c.kind {
         LayerKind::SparseConv3d { kernel, .. } => {
@@ -467,7 +518,6 @@ pub(super) fn run_int(
                     I(i32_of(cin)?),
                     I(i32_of(cout)?),
                     P(w.ptr),
-                    I(kp),
                     I(zx),
                     P(sc.acc.ptr),
                 ],
@@ -515,7 +565,13 @@ pub(super) fn run_int(
             let (ci, h, wd) = (xs.dims[1], xs.dims[2], xs.dims[3]);
             let (ho, wo) = (c.os.dims[2], c.os.dims[3]);
             let plane = ho * wo;
-            let col = im2col(sc, (ci, h, wd), (kernel, stride, padding), (ho, wo))?;
+            let col = im2col(
+                sc,
+                (ci, h, wd),
+                (kernel, stride, padding),
+                (ho, wo),
+                tap_major(c.kind, ci),
+            )?;
             let ldc = plane.next_multiple_of(4);
             g.ensure(&mut sc.acc, 4 * ldc * cout)?;
             gemm_i8(
@@ -540,7 +596,8 @@ pub(super) fn run_int(
             let plane_in = h * wd;
             let taps = cout * kernel * kernel;
             // Pixel-major rows of the input itself (a 1x1 im2col).
-            let col = im2col(sc, (ci, h, wd), (1, 1, 0), (h, wd))?;
+            // A 1x1 im2col is ci-major and tap-major at once: the transpose alone.
+            let col = im2col(sc, (ci, h, wd), (1, 1, 0), (h, wd), ci.is_multiple_of(4))?;
             let ldc = plane_in.next_multiple_of(4);
             g.ensure(&mut sc.acc, 4 * ldc * taps)?;
             gemm_i8(
@@ -584,7 +641,15 @@ pub(super) fn im2col_float(
         list.push(I(i32_of(v)?));
     }
     list.push(P(dst));
-    g.launch(if half { "im2col_f16" } else { "im2col_f32" }, n, &list)?;
+    // Blocks of 64 threads, four output columns each; one block row per (oy, k).
+    let grid = (wo.div_ceil(256), ho, ci * kernel * kernel);
+    g.launch_grid(
+        if half { "im2col_f16" } else { "im2col_f32" },
+        grid,
+        64,
+        0,
+        &list,
+    )?;
     Ok(dst)
 }
 
@@ -601,6 +666,7 @@ pub(super) fn im2col_int(
     kpad: usize,
     zx: i32,
     zxc: u64,
+    nhwc: bool,
 ) -> Result<u64, EngineError> {
     if !kpad.is_multiple_of(4) {
         return Err(EngineError::Internal(format!(
@@ -610,32 +676,69 @@ pub(super) fn im2col_int(
     let n = ho * wo * kpad;
     g.ensure(&mut sc.col, n)?;
     let dst = sc.col.ptr;
+    if nhwc {
+        // Tap-major from a channels-last copy of the input (weights laid out to match).
+        if zxc != 0 || !ci.is_multiple_of(4) || kpad != ci * kernel * kernel {
+            return Err(EngineError::Internal(format!(
+                "channels-last im2col of {ci} channels, K {kpad}"
+            )));
+        }
+        let hw = h * wd;
+        let (ci32, hw32) = (i32_of(ci)?, i32_of(hw)?);
+        let grid = (hw.div_ceil(32), ci.div_ceil(32), 1);
+        if kernel == 1 && stride == 1 && padding == 0 {
+            // The transpose with the 128 shift is the whole im2col.
+            let args = [P(x), I(ci32), I(hw32), I(0x80), P(dst)];
+            g.launch_grid("nchw_to_nhwc_u8", grid, 256, 0, &args)?;
+            return Ok(dst);
+        }
+        g.ensure(&mut sc.nhwc, hw * ci)?;
+        let args = [P(x), I(ci32), I(hw32), I(0), P(sc.nhwc.ptr)];
+        g.launch_grid("nchw_to_nhwc_u8", grid, 256, 0, &args)?;
+        let pad_byte = ((zx - 128) as u8) as u32;
+        let padw = pad_byte * 0x0101_0101;
+        let mut list = vec![P(sc.nhwc.ptr)];
+        for v in [ci / 4, h, wd, kernel, stride, padding, ho, wo] {
+            list.push(I(i32_of(v)?));
+        }
+        list.extend([I(padw as i32), P(dst)]);
+        g.launch_grid("im2col_nhwc_s8", (ho * wo, 1, 1), 128, 0, &list)?;
+        return Ok(dst);
+    }
     let mut list = vec![P(x)];
     for v in [ci, h, wd, kernel, stride, padding, ho, wo, kpad] {
         list.push(I(i32_of(v)?));
     }
     list.extend([I(zx), P(zxc)]);
-    // Tiles of up to 64 output pixels within 48 KiB of shared memory (padded rows).
+    // Tiles of up to 64 output pixels within 48 KiB of shared memory (the k table, then
+    // padded rows).
     let row = kpad + 4;
-    let tp = (48 * 1024 / row).min(64);
+    let tp = ((48 * 1024usize).saturating_sub(8 * kpad) / row).min(64);
     if tp >= 1 && !sc.plain_im2col {
         list.extend([I(i32_of(tp)?), P(dst)]);
         let blocks = (ho * wo).div_ceil(tp);
-        g.launch_tiled(
-            "im2col_s8_tile",
-            (
-                blocks,
-                256,
-                u32::try_from(tp * row).map_err(|_| int_err(tp * row))?,
-            ),
-            &list,
-        )?;
+        let smem = 8 * kpad + tp * row;
+        let smem = u32::try_from(smem).map_err(|_| int_err(smem))?;
+        g.launch_grid("im2col_s8_tile", (blocks, 1, 1), 256, smem, &list)?;
     } else {
         // One thread per 4-byte word.
         list.push(P(dst));
         g.launch("im2col_s8", n / 4, &list)?;
     }
     Ok(dst)
+}
+
+/// The grid of the four-pixels-per-thread epilogues (blocks of 256 threads), when `m` is a
+/// convolution's (mode 1) with the plane and the accumulator stride multiples of 4 (their
+/// 16-byte loads and 4-pixel stores stay aligned) and its channels fit a grid column.
+fn vec4_grid(m: &EpiMap) -> Option<(usize, usize, usize)> {
+    let (plane, ldc, cout) = (m.plane as usize, m.ldc as usize, m.cout as usize);
+    (m.mode == 1
+        && plane.is_multiple_of(4)
+        && ldc.is_multiple_of(4)
+        && plane <= i32::MAX as usize
+        && (1..=65535).contains(&cout))
+    .then(|| ((plane / 4).div_ceil(256), cout, 1))
 }
 
 /// The float epilogue: `y = acc + bias`, ReLU, through the index mapping `m`.
@@ -647,6 +750,17 @@ pub(super) fn epi_float(
     m: &EpiMap,
     y: u64,
 ) -> Result<(), EngineError> {
+    if let Some(grid) = vec4_grid(m) {
+        let args = [
+            P(acc),
+            P(bias.ptr),
+            I(relu as i32),
+            I(m.plane as i32),
+            L(m.ldc),
+            P(y),
+        ];
+        return g.launch_grid("epi_f32_4", grid, 256, 0, &args);
+    }
     g.launch(
         "epi_f32",
         m.n as usize,
@@ -679,6 +793,44 @@ pub(super) fn epi_int(
 ) -> Result<(), EngineError> {
     let corr = 128 - zx;
     let (ws, bq) = (wsum.ptr, bias_q.ptr);
+    if let Some(grid) = vec4_grid(map) {
+        let (plane, ldc) = (I(map.plane as i32), L(map.ldc));
+        return match (epi, y.1) {
+            (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => {
+                let args = [
+                    P(acc),
+                    P(ws),
+                    I(corr),
+                    P(bq),
+                    P(mult.ptr),
+                    I(*zp),
+                    I(*lo),
+                    I(*hi),
+                    plane,
+                    ldc,
+                    P(y.0),
+                ];
+                g.launch_grid("epi_requant4", grid, 256, 0, &args)
+            }
+            (IntEpi::Dequant { scale }, None) => {
+                let args = [
+                    P(acc),
+                    P(ws),
+                    I(corr),
+                    P(bq),
+                    P(scale.ptr),
+                    I(relu as i32),
+                    plane,
+                    ldc,
+                    P(y.0),
+                ];
+                g.launch_grid("epi_dequant4", grid, 256, 0, &args)
+            }
+            _ => Err(EngineError::Internal(
+                "integer epilogue does not match the output's parameters".into(),
+            )),
+        };
+    }
     match (epi, y.1) {
         (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => g.launch(
             "epi_requant",

@@ -26,13 +26,13 @@ use super::{EngineError, HeadOutputs, NetInput, TaskMaps, check_cells, check_inp
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
 use crate::quant::{LayerPlan, QParams, QuantModel};
-use cudarc::driver::{CudaEvent, CudaGraph};
+use cudarc::driver::{CudaEvent, CudaGraph, PinnedHostSlice};
 use device::Arg::{B, F, I, L, P};
 use device::DBuf;
 use device::GemmKind;
 use layers::{
     EpiMap, Exec, LayerCall, Scratch, epi_float, epi_int, float_exec, gemm_checked, gemm_i8,
-    i32_of, i64_of, im2col_float, im2col_int, int_exec, int_weight_rows, run_layer,
+    i32_of, i64_of, im2col_float, im2col_int, int_exec, int_weight_rows, run_layer, tap_major,
 };
 use rayon::prelude::*;
 
@@ -178,7 +178,10 @@ pub struct CudaEngine {
     vals: Vec<DBuf>,
     shapes: Vec<Shape>,
     scratch: Scratch,
+    /// The input's upload staging: page-locked host memory (fast asynchronous copies), or
+    /// `host_in` where the driver refuses to pin.
     host_in: Vec<u8>,
+    pinned: Option<PinnedHostSlice<u8>>,
     host_cells: Vec<u32>,
     cell_stamp: Vec<u32>,
     run_count: u32,
@@ -209,6 +212,9 @@ pub struct CudaEngine {
     head_stage: DBuf,
     head_layout: Vec<(usize, usize, usize)>,
     host_stage: Vec<u8>,
+    pinned_out: Option<PinnedHostSlice<u8>>,
+    unpinned: bool,
+    last_phases: [f64; 4],
 }
 
 impl CudaEngine {
@@ -295,8 +301,11 @@ impl CudaEngine {
                                 EngineError::Internal(format!("{} not folded", node.name))
                             })?;
                             // Sparse convs compute in f32 in every float precision.
-                            let sparse = matches!(l.kind, LayerKind::SparseConv3d { .. });
-                            float_exec(&gpu, &f, half && !sparse)?
+                            if matches!(l.kind, LayerKind::SparseConv3d { .. }) {
+                                layers::sparse_float_exec(&gpu, &f, l.out_channels)?
+                            } else {
+                                float_exec(&gpu, &f, half)?
+                            }
                         }
                     };
                     Step::Layer {
@@ -348,13 +357,15 @@ impl CudaEngine {
             shapes: vec![Shape::default(); nv],
             scratch: Scratch::default(),
             host_in: Vec::new(),
+            pinned: None,
             host_cells: Vec::new(),
             cell_stamp: vec![0; ny * nx],
             run_count: 0,
             events,
             last_dense_ms: None,
             profile: None,
-            direct_on: true,
+            // LIDAR_PTQ_CUDA_DIRECT=0: im2col and the batched GEMM for the branches (timing).
+            direct_on: std::env::var("LIDAR_PTQ_CUDA_DIRECT").map_or(true, |v| v != "0"),
             sites: None,
             nbr: Vec::new(),
             host_nbr: Vec::new(),
@@ -366,6 +377,9 @@ impl CudaEngine {
             head_stage: DBuf::default(),
             head_layout: Vec::new(),
             host_stage: Vec::new(),
+            pinned_out: None,
+            unpinned: false,
+            last_phases: [0.0; 4],
         })
     }
 
@@ -441,6 +455,7 @@ impl CudaEngine {
         input: &NetInput<'_>,
         out: &mut HeadOutputs,
     ) -> Result<(), EngineError> {
+        let t0 = std::time::Instant::now();
         let voxel = self.graph.sparse.is_some();
         check_input(input, !voxel)?;
         self.gpu.bind()?;
@@ -484,25 +499,55 @@ impl CudaEngine {
                     Some(s) => s.iter().map(|&scale| QParams { scale, ..q }).collect(),
                     None => vec![q],
                 };
-                let width = per_feature.len();
-                let chunk = 4096 * width;
-                self.host_in.resize(p * n * f, 0);
-                self.host_in
-                    .par_chunks_mut(chunk)
-                    .zip(input.decorated.par_chunks(chunk))
-                    .for_each(|(d, s)| {
-                        for (k, (d, &x)) in d.iter_mut().zip(s).enumerate() {
-                            *d = per_feature[k % width].quantize(x) as u8;
-                        }
-                    });
-                g.ensure(&mut self.vals[0], p * n * f)?;
-                g.upload(&self.vals[0], &self.host_in)?;
+                // The floats go up as in FP32 and are quantized on the GPU (the same
+                // division, rounding and clamp as QParams::quantize).
+                let len = p * n * f;
+                let host = staging(g, &mut self.pinned, &mut self.host_in, 4 * len)?;
+                copy_floats(host, input.decorated);
+                g.ensure(&mut self.scratch.fin, 4 * len)?;
+                g.upload(&self.scratch.fin, host)?;
+                g.ensure(&mut self.vals[0], len)?;
+                let (src, dst, nl) = (self.scratch.fin.ptr, self.vals[0].ptr, i64_of(len)?);
+                let (zp, qmin, qmax) = (q.zero_point, q.grid.qmin, q.grid.qmax);
+                match per_feature.len() {
+                    1 => g.launch(
+                        "quant_f32",
+                        len,
+                        &[
+                            P(src),
+                            L(nl),
+                            F(per_feature[0].scale),
+                            I(zp),
+                            I(qmin),
+                            I(qmax),
+                            P(dst),
+                        ],
+                    )?,
+                    width => g.launch(
+                        "quant_f32_pf",
+                        len,
+                        &[
+                            P(src),
+                            L(nl),
+                            P(self.input_scales_dev.ptr),
+                            I(i32_of(width)?),
+                            I(zp),
+                            I(qmin),
+                            I(qmax),
+                            P(dst),
+                        ],
+                    )?,
+                }
             }
             None => {
-                g.ensure(&mut self.vals[0], 4 * p * n * f)?;
-                g.upload(&self.vals[0], input.decorated)?;
+                let len = 4 * p * n * f;
+                let host = staging(g, &mut self.pinned, &mut self.host_in, len)?;
+                copy_floats(host, input.decorated);
+                g.ensure(&mut self.vals[0], len)?;
+                g.upload(&self.vals[0], host)?;
             }
         }
+        let t1 = std::time::Instant::now();
         let mut dense_started = false;
         let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let profile = self.profile.is_some();
@@ -544,6 +589,7 @@ impl CudaEngine {
         if split < nodes && !profile && self.graph_on {
             dense_started = self.events.is_some();
         }
+        let t2 = std::time::Instant::now();
         if let Some((a, b)) = &self.events {
             b.record(&self.gpu.stream)
                 .map_err(|e| EngineError::Device(format!("event: {e}")))?;
@@ -561,7 +607,24 @@ impl CudaEngine {
             }
             acc[0] += 1.0;
         }
-        self.collect(out)
+        self.gpu.sync()?;
+        let t3 = std::time::Instant::now();
+        self.collect(out)?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        self.last_phases = [
+            ms(t0, t1),
+            ms(t1, t2),
+            ms(t2, t3),
+            ms(t3, std::time::Instant::now()),
+        ];
+        Ok(())
+    }
+
+    /// Host-side milliseconds of the last run: input (checks, rulebooks, quantization and
+    /// upload), launching the layers, waiting for the GPU, and collecting the head values
+    /// (download and dequantization).
+    pub fn last_phases_ms(&self) -> [f64; 4] {
+        self.last_phases
     }
 
     /// The dense part, nodes `split..`, with the head staging: eagerly on the first frame,
@@ -662,6 +725,15 @@ impl CudaEngine {
     /// Starts accumulating GPU time per node (CUDA events after every node; slows runs).
     pub fn enable_profile(&mut self) {
         self.profile = Some(vec![0.0; self.graph.nodes.len() + 1]);
+        self.gpu.set_kernel_timing(true);
+    }
+
+    /// Summed GPU milliseconds and launch counts per kernel (and per GEMM shape) since
+    /// [`enable_profile`](Self::enable_profile) or the last call, largest first.
+    pub fn kernel_profile(&self) -> Result<Vec<(String, f64, usize)>, EngineError> {
+        let mut v = self.gpu.take_kernel_times()?;
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
     }
 
     /// Mean GPU milliseconds per node since [`enable_profile`](Self::enable_profile),
@@ -1021,7 +1093,19 @@ impl CudaEngine {
             let zx = acts[x]
                 .ok_or_else(|| EngineError::Internal("integer group on floats".into()))?
                 .zero_point;
-            let col = im2col_int(g, sc, vals[x].ptr, (ci, h, wd), ksp, (ho, wo), grp.k, zx, 0)?;
+            let nhwc = tap_major(l.kind, ci);
+            let col = im2col_int(
+                g,
+                sc,
+                vals[x].ptr,
+                (ci, h, wd),
+                ksp,
+                (ho, wo),
+                grp.k,
+                zx,
+                0,
+                nhwc,
+            )?;
             let ldc = plane.next_multiple_of(4);
             g.ensure(&mut sc.acc, 4 * ldc * grp.cout_total)?;
             gemm_i8(
@@ -1148,7 +1232,13 @@ impl CudaEngine {
             } else {
                 format!("branch_conv_f32_{cmax}")
             };
-            g.launch(&name, n * plane, &list)?;
+            // The integer kernel takes four pixels of a row per thread.
+            let threads = if b.int {
+                n * ho * wo.div_ceil(4)
+            } else {
+                n * plane
+            };
+            g.launch(&name, threads, &list)?;
             plane
         } else if b.int {
             let col = im2col_int(
@@ -1161,6 +1251,7 @@ impl CudaEngine {
                 n * k,
                 0,
                 b.zxc.ptr,
+                false,
             )?;
             let ldc = plane.next_multiple_of(4);
             g.ensure(&mut sc.acc, 4 * n * cmax * ldc)?;
@@ -1250,12 +1341,30 @@ impl CudaEngine {
     /// the host, as the CPU INT8 engine does).
     fn collect(&mut self, out: &mut HeadOutputs) -> Result<(), EngineError> {
         let total = self.head_layout.last().map_or(0, |&(_, at, b)| at + b);
-        self.host_stage.resize(total, 0);
-        self.gpu.download(
-            &mut self.host_stage,
-            self.head_stage.ptr,
-            self.head_stage.bytes,
-        )?;
+        // Page-locked (cached, not write-combined: the host reads it) where the driver
+        // allows, so the copy runs at the bus's speed.
+        if self.pinned_out.as_ref().is_none_or(|b| b.len() < total) && !self.unpinned {
+            // SAFETY: u8 is valid for any bytes; downloads fill what is read.
+            match unsafe { self.gpu.ctx.alloc_pinned_with_flags::<u8>(total.max(1), 0) } {
+                Ok(b) => self.pinned_out = Some(b),
+                Err(e) => {
+                    log::warn!("pinned host memory refused ({e}): pageable downloads");
+                    self.unpinned = true;
+                }
+            }
+        }
+        let host: &mut [u8] = match &mut self.pinned_out {
+            Some(b) if b.len() >= total => &mut b
+                .as_mut_slice()
+                .map_err(|e| EngineError::Device(format!("pinned staging: {e}")))?[..total],
+            _ => {
+                self.host_stage.resize(total, 0);
+                &mut self.host_stage[..total]
+            }
+        };
+        self.gpu
+            .download(host, self.head_stage.ptr, self.head_stage.bytes)?;
+        let host: &[u8] = host;
         out.tasks.resize_with(self.graph.tasks.len(), || TaskMaps {
             heatmap: Vec::new(),
             regression: Vec::new(),
@@ -1265,7 +1374,7 @@ impl CudaEngine {
             let &(v, at, bytes) = staged
                 .next()
                 .ok_or_else(|| EngineError::Internal("head staging layout".into()))?;
-            let raw = &self.host_stage[at..at + bytes];
+            let raw = &host[at..at + bytes];
             match self.acts[v] {
                 Some(q) => dst.extend(raw.iter().map(|&c| q.dequantize(c as i32))),
                 None => dst.extend(
@@ -1287,6 +1396,52 @@ impl CudaEngine {
             }
         }
         Ok(())
+    }
+}
+
+/// The floats' bytes into `dst` (as long), in parallel.
+fn copy_floats(dst: &mut [u8], src: &[f32]) {
+    dst.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| {
+            for (d, x) in d.chunks_exact_mut(4).zip(s) {
+                d.copy_from_slice(&x.to_ne_bytes());
+            }
+        });
+}
+
+/// `len` bytes of upload staging: pinned host memory, grown with headroom to the largest
+/// frame, or the pageable `fallback` where pinning fails. The caller writes every byte it
+/// uploads; the previous frame's upload has finished (each run ends synchronized).
+fn staging<'a>(
+    g: &Gpu,
+    pinned: &'a mut Option<PinnedHostSlice<u8>>,
+    fallback: &'a mut Vec<u8>,
+    len: usize,
+) -> Result<&'a mut [u8], EngineError> {
+    if pinned.as_ref().is_none_or(|b| b.len() < len) && fallback.is_empty() {
+        let want = len + len / 4;
+        // SAFETY: u8 is valid for any bytes; the buffer is only written, then uploaded.
+        match unsafe { g.ctx.alloc_pinned::<u8>(want.max(1)) } {
+            Ok(b) => *pinned = Some(b),
+            Err(e) => {
+                log::warn!("pinned host memory refused ({e}): uploads from pageable memory");
+                *pinned = None;
+                fallback.push(0);
+            }
+        }
+    }
+    match pinned {
+        Some(b) if b.len() >= len => {
+            let s = b
+                .as_mut_slice()
+                .map_err(|e| EngineError::Device(format!("pinned staging: {e}")))?;
+            Ok(&mut s[..len])
+        }
+        _ => {
+            fallback.resize(len, 0);
+            Ok(&mut fallback[..len])
+        }
     }
 }
 
@@ -1453,7 +1608,7 @@ fn plan_groups(
                 let Some(LayerPlan::Int(lw)) = plans[m] else {
                     return Err(EngineError::Internal("integer group member".into()));
                 };
-                let (r, kp) = int_weight_rows(kind, cin, cout, lw)?;
+                let (r, kp) = int_weight_rows(kind, cin, cout, lw, tap_major(kind, cin))?;
                 rows.extend_from_slice(&r);
                 kpad = kp;
             }
@@ -1583,7 +1738,8 @@ fn plan_batches(
                 let Some(LayerPlan::Int(lw)) = plans[c] else {
                     continue 'groups;
                 };
-                let (rows, kpad) = int_weight_rows(first.kind, first.in_channels, cout, lw)?;
+                // ci-major: the direct kernel and the stacked im2col index (ci, tap).
+                let (rows, kpad) = int_weight_rows(first.kind, first.in_channels, cout, lw, false)?;
                 debug_assert_eq!(kpad, k);
                 w[j * cmax * k..j * cmax * k + rows.len()].copy_from_slice(&rows);
                 let zx = acts[graph.nodes[c].inputs[0]].map_or(0, |q| q.zero_point);
