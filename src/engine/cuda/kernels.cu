@@ -217,19 +217,25 @@ extern "C" __global__ void im2col_s8_tile(const u8* x, int c, int h, int w, int 
 }
 
 // NCHW codes [c, hw] -> channels-last [hw, c], each byte XORed with `mask` (0x80 gives the
-// code - 128 of the s8 GEMM), through a 32 x 32 shared-memory tile (block: 256 threads).
+// code - 128 of the s8 GEMM), through 32 x 32 shared-memory tiles: a block (256 threads)
+// moves four tiles along the pixels (grid x: runs of 128 pixels, y: runs of 32 channels).
 extern "C" __global__ void nchw_to_nhwc_u8(const u8* x, int c, int hw, int mask, u8* y) {
     __shared__ u8 t[32][33];
     int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
-    int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
-    for (int r = ty; r < 32; r += 8) {
-        int ci = c0 + r, p = p0 + tx;
-        if (ci < c && p < hw) t[r][tx] = x[(long long)ci * hw + p];
-    }
-    __syncthreads();
-    for (int r = ty; r < 32; r += 8) {
-        int p = p0 + r, ci = c0 + tx;
-        if (ci < c && p < hw) y[(long long)p * c + ci] = (u8)(t[tx][r] ^ mask);
+    int c0 = blockIdx.y * 32;
+    for (int sub = 0; sub < 4; ++sub) {
+        int p0 = blockIdx.x * 128 + sub * 32;
+        if (p0 >= hw) break;
+        for (int r = ty; r < 32; r += 8) {
+            int ci = c0 + r, p = p0 + tx;
+            if (ci < c && p < hw) t[r][tx] = x[(long long)ci * hw + p];
+        }
+        __syncthreads();
+        for (int r = ty; r < 32; r += 8) {
+            int p = p0 + r, ci = c0 + tx;
+            if (ci < c && p < hw) y[(long long)p * c + ci] = (u8)(t[tx][r] ^ mask);
+        }
+        __syncthreads();
     }
 }
 
@@ -418,6 +424,49 @@ extern "C" __global__ void epi_f32_4(const float* acc, const float* bias, int re
         for (int q = 0; q < 4; ++q) r[q] = fmaxf(r[q], 0.0f);
     }
     *(float4*)(y + (long long)ch * plane + p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
+// One launch for the epilogues of many layers (the head's sibling convs): accumulator row
+// r (an output channel of one of them) has its own entry: output pointer (0: a padding
+// row), that layer's parameter arrays and channel, and the kind of output. Four pixels per
+// thread as epi_requant4 / epi_dequant4, with the same arithmetic. Grid (x: runs of
+// 4 * blockDim pixels, y: rows).
+struct RowEpi {
+    unsigned long long y, wsum, bias, mult;
+    int ch, corr, zp, lo, hi, flags;  // flags: 1 = dequantize to f32, 2 = ReLU (dequant)
+};
+
+extern "C" __global__ void epi_rows4(const int* acc, const RowEpi* rows, int plane,
+                                     long long ldc) {
+    RowEpi e = rows[blockIdx.y];
+    int p = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (e.y == 0 || p >= plane) return;
+    int4 a = *(const int4*)(acc + (long long)blockIdx.y * ldc + p);
+    unsigned add = (unsigned)e.corr * (unsigned)((const int*)e.wsum)[e.ch] +
+                   (unsigned)((const int*)e.bias)[e.ch];
+    float m = ((const float*)e.mult)[e.ch];
+    int v[4] = {a.x, a.y, a.z, a.w};
+    if (e.flags & 1) {
+        float r[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float f = __fmul_rn((float)(int)((unsigned)v[q] + add), m);
+            if (e.flags & 2) f = fmaxf(f, 0.0f);
+            r[q] = f;
+        }
+        *(float4*)((float*)e.y + p) = make_float4(r[0], r[1], r[2], r[3]);
+    } else {
+        float flo = (float)(e.lo - e.zp), fhi = (float)(e.hi - e.zp);
+        unsigned out = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            int sv = (int)((unsigned)v[q] + add);
+            float f = rintf(__fmul_rn((float)sv, m));
+            f = fminf(fmaxf(f, flo), fhi);
+            out |= ((unsigned)((int)f + e.zp) & 0xffu) << (8 * q);
+        }
+        *(unsigned*)((u8*)e.y + p) = out;
+    }
 }
 
 // ---- glue ops -------------------------------------------------------------------------

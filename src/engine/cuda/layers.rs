@@ -685,7 +685,7 @@ pub(super) fn im2col_int(
         }
         let hw = h * wd;
         let (ci32, hw32) = (i32_of(ci)?, i32_of(hw)?);
-        let grid = (hw.div_ceil(32), ci.div_ceil(32), 1);
+        let grid = (hw.div_ceil(128), ci.div_ceil(32), 1);
         if kernel == 1 && stride == 1 && padding == 0 {
             // The transpose with the 128 shift is the whole im2col.
             let args = [P(x), I(ci32), I(hw32), I(0x80), P(dst)];

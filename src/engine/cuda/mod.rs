@@ -31,8 +31,9 @@ use device::Arg::{B, F, I, L, P};
 use device::DBuf;
 use device::GemmKind;
 use layers::{
-    EpiMap, Exec, LayerCall, Scratch, epi_float, epi_int, float_exec, gemm_checked, gemm_i8,
-    i32_of, i64_of, im2col_float, im2col_int, int_exec, int_weight_rows, run_layer, tap_major,
+    EpiMap, Exec, IntEpi, LayerCall, Scratch, epi_float, epi_int, float_exec, gemm_checked,
+    gemm_i8, i32_of, i64_of, im2col_float, im2col_int, int_exec, int_weight_rows, run_layer,
+    tap_major,
 };
 use rayon::prelude::*;
 
@@ -215,7 +216,21 @@ pub struct CudaEngine {
     pinned_out: Option<PinnedHostSlice<u8>>,
     unpinned: bool,
     last_phases: [f64; 4],
+    /// `epi_rows4` tables of the integer groups and batches (one launch for all members'
+    /// epilogues), built on the first run and re-uploaded only if a pointer changes.
+    group_rows: Vec<RowTable>,
+    batch_rows: Vec<RowTable>,
 }
+
+/// An `epi_rows4` entry table: its bytes on the host (to notice changes) and the device.
+#[derive(Default)]
+struct RowTable {
+    host: Vec<u8>,
+    dev: DBuf,
+}
+
+/// Bytes of one `RowEpi` (kernels.cu): four pointers, six 32-bit fields.
+const ROW_EPI_BYTES: usize = 56;
 
 impl CudaEngine {
     /// Plans `graph` on GPU `ordinal` in `precision`; `weights` are the FP32 weights
@@ -380,6 +395,8 @@ impl CudaEngine {
             pinned_out: None,
             unpinned: false,
             last_phases: [0.0; 4],
+            group_rows: Vec::new(),
+            batch_rows: Vec::new(),
         })
     }
 
@@ -1063,6 +1080,7 @@ impl CudaEngine {
             group_out,
             vals,
             dense_sc: sc,
+            group_rows,
             ..
         } = self;
         let grp = &groups[gid];
@@ -1135,6 +1153,27 @@ impl CudaEngine {
             )?;
             plane
         };
+        if grp.int && plane.is_multiple_of(4) && ldc.is_multiple_of(4) && grp.cout_total <= 65535 {
+            // Every member's epilogue in one launch.
+            let mut bytes = Vec::with_capacity(grp.cout_total * ROW_EPI_BYTES);
+            for &m in &grp.members {
+                let Step::Layer {
+                    cout, relu, exec, ..
+                } = &steps[m]
+                else {
+                    return Err(EngineError::Internal("group member is not a layer".into()));
+                };
+                let elem = if acts[m + 1].is_some() { 1 } else { 4 };
+                for c in 0..*cout {
+                    let y = vals[m + 1].ptr + (c * plane * elem) as u64;
+                    row_entry(&mut bytes, exec, *relu, acts[m + 1], y, c)?;
+                }
+            }
+            if group_rows.len() <= gid {
+                group_rows.resize_with(gid + 1, RowTable::default);
+            }
+            return run_rows(g, &mut group_rows[gid], bytes, sc.acc.ptr, plane, ldc);
+        }
         for (&m, &off) in grp.members.iter().zip(&grp.offsets) {
             let Step::Layer {
                 cout, relu, exec, ..
@@ -1190,6 +1229,7 @@ impl CudaEngine {
             shapes,
             dense_sc: sc,
             direct_on,
+            batch_rows,
             ..
         } = self;
         let b = &batches[bid];
@@ -1296,6 +1336,32 @@ impl CudaEngine {
             }
             plane
         };
+        if b.int && plane.is_multiple_of(4) && ldc.is_multiple_of(4) && n * cmax <= 65535 {
+            // Every member's epilogue in one launch; rows past a member's channels pad.
+            let mut bytes = Vec::with_capacity(n * cmax * ROW_EPI_BYTES);
+            for &m in &b.members {
+                let Step::Layer {
+                    cout, relu, exec, ..
+                } = &steps[m]
+                else {
+                    return Err(EngineError::Internal("batch member is not a layer".into()));
+                };
+                let elem = if acts[m + 1].is_some() { 1 } else { 4 };
+                g.ensure(&mut vals[m + 1], elem * cout * plane)?;
+                for c in 0..cmax {
+                    if c < *cout {
+                        let y = vals[m + 1].ptr + (c * plane * elem) as u64;
+                        row_entry(&mut bytes, exec, *relu, acts[m + 1], y, c)?;
+                    } else {
+                        bytes.extend_from_slice(&[0u8; ROW_EPI_BYTES]);
+                    }
+                }
+            }
+            if batch_rows.len() <= bid {
+                batch_rows.resize_with(bid + 1, RowTable::default);
+            }
+            return run_rows(g, &mut batch_rows[bid], bytes, sc.acc.ptr, plane, ldc);
+        }
         for (j, &m) in b.members.iter().enumerate() {
             let Step::Layer {
                 cout, relu, exec, ..
@@ -1397,6 +1463,71 @@ impl CudaEngine {
         }
         Ok(())
     }
+}
+
+/// Appends the `epi_rows4` entry of output channel `ch` of integer layer `exec` writing
+/// to `y` (its output's parameters `out_q`: codes, or reals when `None`).
+fn row_entry(
+    bytes: &mut Vec<u8>,
+    exec: &Exec,
+    relu: bool,
+    out_q: Option<QParams>,
+    y: u64,
+    ch: usize,
+) -> Result<(), EngineError> {
+    let Exec::Int {
+        wsum,
+        bias_q,
+        zx,
+        epi,
+        ..
+    } = exec
+    else {
+        return Err(EngineError::Internal(
+            "row epilogue of a float layer".into(),
+        ));
+    };
+    let (mult, zp, lo, hi, flags) = match (epi, out_q) {
+        (IntEpi::Requant { mult, zp, lo, hi }, Some(_)) => (mult.ptr, *zp, *lo, *hi, 0),
+        (IntEpi::Dequant { scale }, None) => (scale.ptr, 0, 0, 0, 1 | if relu { 2 } else { 0 }),
+        _ => {
+            return Err(EngineError::Internal(
+                "integer epilogue does not match the output's parameters".into(),
+            ));
+        }
+    };
+    for v in [y, wsum.ptr, bias_q.ptr, mult] {
+        bytes.extend_from_slice(&v.to_ne_bytes());
+    }
+    for v in [i32_of(ch)?, 128 - zx, zp, lo, hi, flags] {
+        bytes.extend_from_slice(&v.to_ne_bytes());
+    }
+    Ok(())
+}
+
+/// Launches `epi_rows4` over the rows of `bytes` (uploaded when they changed: on the first
+/// run, never inside a graph capture once the buffers are stable).
+fn run_rows(
+    g: &Gpu,
+    table: &mut RowTable,
+    bytes: Vec<u8>,
+    acc: u64,
+    plane: usize,
+    ldc: usize,
+) -> Result<(), EngineError> {
+    if table.host != bytes {
+        g.ensure(&mut table.dev, bytes.len())?;
+        g.upload(&table.dev, &bytes)?;
+        table.host = bytes;
+    }
+    let rows = table.host.len() / ROW_EPI_BYTES;
+    g.launch_grid(
+        "epi_rows4",
+        ((plane / 4).div_ceil(256), rows, 1),
+        256,
+        0,
+        &[P(acc), P(table.dev.ptr), I(i32_of(plane)?), L(i64_of(ldc)?)],
+    )
 }
 
 /// The floats' bytes into `dst` (as long), in parallel.
