@@ -266,7 +266,9 @@ mod tests {
                     if local_max {
                         for ny in y.saturating_sub(1)..(y + 2).min(h) {
                             for nx in x.saturating_sub(1)..(x + 2).min(w) {
-                                peak &= !(plane[ny * w + nx] > v);
+                                // `>` is false against NaN: a NaN never suppresses.
+                                peak &= plane[ny * w + nx].partial_cmp(&v)
+                                    != Some(std::cmp::Ordering::Greater);
                             }
                         }
                     }
