@@ -43,6 +43,7 @@ status=0
 LIDAR_PTQ_CUDA_PROFILE=1 "$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 \
     --warmup 5 --json > "$OUT/bench_nuscenes_pillar.json" 2> "$OUT/bench.log" || status=1
 cat "$OUT/bench_nuscenes_pillar.json"
+grep -h "network on the host" "$OUT/bench.log"
 LIDAR_PTQ_CUDA_GRAPH=0 "$BIN/lidar_ptq" bench --device cuda --preset nuscenes-pillar --iters 30 \
     --warmup 5 --json > "$OUT/bench_nuscenes_pillar_nograph.json" 2>> "$OUT/bench.log" || status=1
 cat "$OUT/bench_nuscenes_pillar_nograph.json"
