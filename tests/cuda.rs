@@ -476,3 +476,40 @@ fn graph_replay_equals_eager_execution() {
         assert!(!eager.graph_active());
     }
 }
+
+/// A frame with no points (a blinded sensor) runs on the GPU like on the CPU, between
+/// ordinary frames (the captured graph and the grown buffers stay valid).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn empty_frames_match_the_cpu() {
+    for (cfg, graph, w, scan) in [
+        {
+            let (c, g, w) = tiny();
+            (c, g, w, random_scan(90))
+        },
+        {
+            let (c, g, w) = tiny_voxel();
+            (c, g, w, voxel_scan(91))
+        },
+    ] {
+        let scans = vec![scan.clone(), Points::default(), scan, Points::default()];
+        let qm = calibrate(&cfg, &w, &scans[..1], &CalibOptions::new(Method::MinMax)).unwrap();
+        let cpu32 = Fp32Engine::new(&graph, &w).unwrap();
+        let mut cpu8 = Int8Engine::new(&graph, &w, &qm).unwrap();
+        let mut gpu32 = CudaEngine::new(&graph, &w, CudaPrecision::Fp32, 0).unwrap();
+        let mut gpu8 = CudaEngine::new(&graph, &w, CudaPrecision::Int8(&qm), 0).unwrap();
+        for f in inputs(&cfg, &scans) {
+            let e = max_rel(
+                &gpu32.run(&f.net_input()).unwrap(),
+                &cpu32.run(&f.net_input()).unwrap(),
+            );
+            assert!(e <= 1e-4, "{}: {e}", cfg.name);
+            assert_eq!(
+                gpu8.run(&f.net_input()).unwrap(),
+                cpu8.run(&f.net_input()).unwrap(),
+                "{}",
+                cfg.name
+            );
+        }
+    }
+}
