@@ -176,6 +176,25 @@ impl Detector {
 
     /// Detects objects in one scan.
     pub fn detect(&mut self, points: &Points) -> Result<Vec<Detection>, DetectorError> {
+        // On the GPU the peak candidates are found there and only they come back; they
+        // decode to the same detections as the full maps.
+        #[cfg(feature = "cuda")]
+        if let Backend::Cuda(e) = &mut self.engine
+            && e.gpu_candidates()
+        {
+            self.input
+                .prepare(points)
+                .map_err(|e| EngineError::op("voxelise", e))?;
+            let dc = &self.cfg.decode;
+            let mut cands = Vec::new();
+            e.run_candidates(
+                &self.input.input(),
+                dc.score_threshold,
+                dc.local_max,
+                &mut cands,
+            )?;
+            return Ok(crate::model::decode::decode_candidates(&self.cfg, &cands)?);
+        }
         let heads = self.head_outputs(points)?;
         Ok(decode(&self.cfg, &heads.views())?)
     }

@@ -513,3 +513,66 @@ fn empty_frames_match_the_cpu() {
         }
     }
 }
+
+/// Peak candidates found on the GPU decode to exactly the detections of the full head maps
+/// (the GPU's own in FP32 and FP16, the CPU INT8 engine's in INT8), for the default pillar
+/// and voxel models and the nuScenes preset with random weights (thousands of candidates).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_candidates_decode_like_the_maps() {
+    use lidar_ptq::model::decode::decode_candidates;
+    let nuscenes = {
+        let cfg = ModelConfig::load(&root().join("config/models/nuscenes_pillar.yaml")).unwrap();
+        let graph = Graph::build(&cfg).unwrap();
+        let w = Weights::init(&graph, 7);
+        (cfg, graph, w)
+    };
+    for (cfg, graph, w) in [default_model(), default_voxel(), nuscenes] {
+        let sim = Simulator::new(SimConfig::new(LidarModel::Hdl64));
+        let calib: Vec<Points> = (0..2).map(|k| sim.sample(2_000_000 + k).0).collect();
+        let qm = calibrate(&cfg, &w, &calib, &CalibOptions::new(Method::MinMax)).unwrap();
+        let mut cpu8 = Int8Engine::new(&graph, &w, &qm).unwrap();
+        let dc = &cfg.decode;
+        for p in [
+            CudaPrecision::Fp32,
+            CudaPrecision::Fp16,
+            CudaPrecision::Int8(&qm),
+        ] {
+            let mut gpu = CudaEngine::new(&graph, &w, p, 0).unwrap();
+            assert!(gpu.gpu_candidates(), "{} {}", cfg.name, p.name());
+            let mut total = 0;
+            for f in inputs(&cfg, &sim_scans(3)) {
+                let maps = gpu.run(&f.net_input()).unwrap();
+                let want = decode(&cfg, &maps.views()).unwrap();
+                if p.name() == "int8" {
+                    let cpu = cpu8.run(&f.net_input()).unwrap();
+                    assert_eq!(want, decode(&cfg, &cpu.views()).unwrap(), "{}", cfg.name);
+                }
+                let mut cands = Vec::new();
+                gpu.run_candidates(&f.net_input(), dc.score_threshold, dc.local_max, &mut cands)
+                    .unwrap();
+                let n: usize = cands.iter().map(|c| c.logits.len()).sum();
+                assert_eq!(
+                    decode_candidates(&cfg, &cands).unwrap(),
+                    want,
+                    "{} {}",
+                    cfg.name,
+                    p.name()
+                );
+                total += want.len();
+                eprintln!(
+                    "{} {}: {n} candidates, {} detections",
+                    cfg.name,
+                    p.name(),
+                    want.len()
+                );
+            }
+            assert!(
+                total > 0,
+                "{} {}: no detections to compare",
+                cfg.name,
+                p.name()
+            );
+        }
+    }
+}

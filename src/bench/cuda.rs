@@ -1,6 +1,7 @@
 //! `lidar_ptq bench --device cuda`: FP32, FP16 and INT8 on one GPU, in the same run, on
 //! the same simulated scan. End to end is points -> boxes: voxelisation and decoding on
-//! the CPU, the network on the GPU with its upload and download. The dense part
+//! the CPU, the network on the GPU with its upload and download (of the peak candidates
+//! found on the GPU, or of the full head maps when they are codes). The dense part
 //! (backbone, neck, head) is timed on the GPU with CUDA events.
 
 use super::{
@@ -9,7 +10,7 @@ use super::{
 };
 use crate::engine::cuda::{CudaEngine, CudaPrecision, Gpu};
 use crate::engine::{EngineError, HeadOutputs};
-use crate::model::decode::decode;
+use crate::model::decode::{TaskCandidates, decode, decode_candidates};
 use crate::sim::{SimConfig, Simulator};
 use serde::Serialize;
 use std::time::Instant;
@@ -97,6 +98,7 @@ pub fn run(
             h: 0,
             w: 0,
         };
+        let mut cands: Vec<TaskCandidates> = Vec::new();
         let mut samples: Vec<[f64; 5]> = Vec::new();
         let mut phases: Vec<[f64; 4]> = Vec::new();
         let mut detections = 0;
@@ -106,9 +108,23 @@ pub fn run(
                 .prepare(&pts)
                 .map_err(|e| EngineError::op("voxelise", e))?;
             let t1 = Instant::now();
-            engine.run_into(&frame.input(), &mut heads)?;
-            let t2 = Instant::now();
-            let boxes = decode(&cfg, &heads.views())?;
+            let t2;
+            // Peak candidates found on the GPU (only they come back), else the full maps.
+            let boxes = if engine.gpu_candidates() {
+                let dc = &cfg.decode;
+                engine.run_candidates(
+                    &frame.input(),
+                    dc.score_threshold,
+                    dc.local_max,
+                    &mut cands,
+                )?;
+                t2 = Instant::now();
+                decode_candidates(&cfg, &cands)?
+            } else {
+                engine.run_into(&frame.input(), &mut heads)?;
+                t2 = Instant::now();
+                decode(&cfg, &heads.views())?
+            };
             let t3 = Instant::now();
             detections = boxes.len();
             if it >= opts.warmup {

@@ -19,7 +19,41 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Candidate peaks of one task: (score, class index within the task, cell index).
+/// Most cells score far below the threshold: they are skipped on the logit, before the
+/// neighbourhood test and the exp. The cut is the logit of a score 1e-6 under the
+/// threshold (far more than f32 sigmoid's rounding), so every cell that could pass
+/// reaches the exact test (`sigmoid(v) > threshold`). Cells with `v < cut` are skipped; the
+/// GPU engine's candidate search uses the same cut.
+pub fn peak_logit_cut(thr: f32) -> f32 {
+    let lo = thr as f64 - 1e-6;
+    let cut = (lo / (1.0 - lo)).ln();
+    if cut.is_finite() {
+        (cut - 1e-6 * cut.abs().max(1.0)) as f32
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// A peak: (score, class index within the task, cell index, key of its regression values).
+type Peak = (f32, usize, usize, usize);
+
+/// The top `k` peaks in descending score, ties by class then cell, so the order is
+/// deterministic. A total order, so selecting the top k first and sorting only them gives
+/// the same list as a full sort.
+fn rank(mut out: Vec<Peak>, k: usize) -> Vec<Peak> {
+    let order = |a: &Peak, b: &Peak| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2));
+    if k == 0 {
+        return Vec::new();
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, order);
+        out.truncate(k);
+    }
+    out.sort_by(order);
+    out
+}
+
+/// Candidate peaks of one task (the key is the cell).
 fn peaks(
     heat: &[f32],
     classes: usize,
@@ -28,18 +62,8 @@ fn peaks(
     k: usize,
     thr: f32,
     local_max: bool,
-) -> Vec<(f32, usize, usize)> {
-    // Most cells score far below the threshold: skip them on the logit, before the
-    // neighbourhood test and the exp. The cut is the logit of a score 1e-6 under the
-    // threshold (far more than f32 sigmoid's rounding), so every cell that could pass
-    // reaches the exact test below.
-    let lo = thr as f64 - 1e-6;
-    let cut = (lo / (1.0 - lo)).ln();
-    let logit_cut = if cut.is_finite() {
-        (cut - 1e-6 * cut.abs().max(1.0)) as f32
-    } else {
-        f32::NEG_INFINITY
-    };
+) -> Vec<Peak> {
+    let logit_cut = peak_logit_cut(thr);
     let mut out = Vec::new();
     // The 3x3 neighbourhood maximum, separably: a row pass, then a column pass. A cell is
     // a peak when no neighbour exceeds it, i.e. when this maximum does not (f32::max skips
@@ -81,24 +105,11 @@ fn peaks(
             }
             let s = sigmoid(v);
             if s > thr {
-                out.push((s, c, i));
+                out.push((s, c, i, i));
             }
         }
     }
-    // Descending score; ties by class then cell, so the order is deterministic. A total
-    // order, so selecting the top k first and sorting only them gives the same list.
-    let order = |a: &(f32, usize, usize), b: &(f32, usize, usize)| {
-        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
-    };
-    if k == 0 {
-        return Vec::new();
-    }
-    if out.len() > k {
-        out.select_nth_unstable_by(k - 1, order);
-        out.truncate(k);
-    }
-    out.sort_by(order);
-    out
+    rank(out, k)
 }
 
 /// Greedy non-maximum suppression over detections sorted by descending score.
@@ -135,25 +146,10 @@ pub struct DecodeError {
 
 /// Decodes the outputs of every task (in config order) into detections.
 pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detection>, DecodeError> {
-    let [nx, ny, _] = cfg.grid_size();
-    let stride = cfg.head_stride();
-    let (w, h) = ((nx as f32 / stride) as usize, (ny as f32 / stride) as usize);
+    let (h, w) = head_size(cfg);
     let plane = h * w;
-    let r = &cfg.input.point_range;
-    let cell = &cfg.voxelization.cell_size;
     let dc = &cfg.decode;
-    let lim = &dc.post_center_range;
-    let has_vel = cfg.has_velocity();
-    if tasks.len() != cfg.head.tasks.len() {
-        return Err(DecodeError {
-            task: tasks.len(),
-            what: "list of tasks",
-            got: tasks.len(),
-            expected: cfg.head.tasks.len(),
-        });
-    }
-    // Tasks are independent (their own peaks and NMS): decoded in parallel, concatenated in
-    // config order, so the result is the same as one after the other.
+    check_tasks(cfg, tasks.len())?;
     let per_task = |(t, (classes, out)): (usize, (&Vec<String>, &TaskOutputs<'_>))| {
         let check = |what, got: usize, expected: usize| {
             if got == expected {
@@ -173,8 +169,7 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
             out.regression.len(),
             cfg.regression_channels() * plane,
         )?;
-        let reg = |ch: usize, i: usize| out.regression[ch * plane + i];
-        let mut dets: Vec<Detection> = peaks(
+        let found = peaks(
             out.heatmap,
             classes.len(),
             h,
@@ -182,15 +177,143 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
             dc.top_k,
             dc.score_threshold,
             dc.local_max,
-        )
+        );
+        Ok(task_boxes(cfg, classes, found, |ch, i| {
+            out.regression[ch * plane + i]
+        }))
+    };
+    run_tasks(cfg, tasks, per_task)
+}
+
+/// One task's peak candidates as the GPU engine finds them: the cells whose heatmap logit
+/// passes [`peak_logit_cut`] and (with `decode.local_max`) is not exceeded by a 3x3
+/// neighbour, in any order, with their regression values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskCandidates {
+    pub logits: Vec<f32>,
+    /// Class index within the task.
+    pub classes: Vec<u32>,
+    /// Cell index `y * W + x` in the head map.
+    pub cells: Vec<u32>,
+    /// `[n, regression channels]`, in sub-head order.
+    pub regression: Vec<f32>,
+}
+
+/// Decodes candidates (see [`TaskCandidates`]) into the detections [`decode`] gives for
+/// the maps they were found in: the same scores, ranking, boxes and NMS.
+pub fn decode_candidates(
+    cfg: &ModelConfig,
+    tasks: &[TaskCandidates],
+) -> Result<Vec<Detection>, DecodeError> {
+    let (h, w) = head_size(cfg);
+    let dc = &cfg.decode;
+    let nreg = cfg.regression_channels();
+    check_tasks(cfg, tasks.len())?;
+    let per_task = |(t, (classes, c)): (usize, (&Vec<String>, &TaskCandidates))| {
+        let n = c.logits.len();
+        let bad = |what, got, expected| DecodeError {
+            task: t,
+            what,
+            got,
+            expected,
+        };
+        if c.classes.len() != n || c.cells.len() != n {
+            return Err(bad("candidate list", c.classes.len().min(c.cells.len()), n));
+        }
+        if c.regression.len() != n * nreg {
+            return Err(bad("candidate regression", c.regression.len(), n * nreg));
+        }
+        let mut found = Vec::with_capacity(n);
+        for k in 0..n {
+            let (cls, cell) = (c.classes[k] as usize, c.cells[k] as usize);
+            if cls >= classes.len() {
+                return Err(bad("candidate class", cls, classes.len()));
+            }
+            if cell >= h * w {
+                return Err(bad("candidate cell", cell, h * w));
+            }
+            let s = sigmoid(c.logits[k]);
+            if s > dc.score_threshold {
+                found.push((s, cls, cell, k));
+            }
+        }
+        let found = rank(found, dc.top_k);
+        Ok(task_boxes(cfg, classes, found, |ch, k| {
+            c.regression[k * nreg + ch]
+        }))
+    };
+    run_tasks(cfg, tasks, per_task)
+}
+
+/// The head maps' (H, W).
+fn head_size(cfg: &ModelConfig) -> (usize, usize) {
+    let [nx, ny, _] = cfg.grid_size();
+    let stride = cfg.head_stride();
+    ((ny as f32 / stride) as usize, (nx as f32 / stride) as usize)
+}
+
+fn check_tasks(cfg: &ModelConfig, n: usize) -> Result<(), DecodeError> {
+    if n != cfg.head.tasks.len() {
+        return Err(DecodeError {
+            task: n,
+            what: "list of tasks",
+            got: n,
+            expected: cfg.head.tasks.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Tasks are independent (their own peaks and NMS): decoded in parallel, concatenated in
+/// config order, so the result is the same as one after the other.
+fn run_tasks<'a, T: Sync>(
+    cfg: &'a ModelConfig,
+    tasks: &'a [T],
+    per_task: impl Fn((usize, (&'a Vec<String>, &'a T))) -> Result<Vec<Detection>, DecodeError>
+    + Sync
+    + Send,
+) -> Result<Vec<Detection>, DecodeError> {
+    let parts: Vec<Result<Vec<Detection>, DecodeError>> = cfg
+        .head
+        .tasks
+        .iter()
+        .zip(tasks)
+        .enumerate()
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(per_task)
+        .collect();
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend(p?);
+    }
+    Ok(all)
+}
+
+/// Boxes of one task's ranked peaks (`reg(channel, key)` gives a peak's regression
+/// values): decoded, range- and finiteness-filtered, capped at `pre_max`, then NMS.
+fn task_boxes(
+    cfg: &ModelConfig,
+    classes: &[String],
+    found: Vec<Peak>,
+    reg: impl Fn(usize, usize) -> f32,
+) -> Vec<Detection> {
+    let (_, w) = head_size(cfg);
+    let stride = cfg.head_stride();
+    let r = &cfg.input.point_range;
+    let cell = &cfg.voxelization.cell_size;
+    let dc = &cfg.decode;
+    let lim = &dc.post_center_range;
+    let has_vel = cfg.has_velocity();
+    let mut dets: Vec<Detection> = found
         .into_iter()
-        .filter_map(|(score, c, i)| {
+        .filter_map(|(score, c, i, key)| {
             let (ix, iy) = ((i % w) as f32, (i / w) as f32);
-            let x = (ix + reg(0, i)) * stride * cell[0] + r[0];
-            let y = (iy + reg(1, i)) * stride * cell[1] + r[1];
-            let z = reg(2, i);
-            let size = [reg(3, i).exp(), reg(4, i).exp(), reg(5, i).exp()];
-            let yaw = reg(7, i).atan2(reg(6, i));
+            let x = (ix + reg(0, key)) * stride * cell[0] + r[0];
+            let y = (iy + reg(1, key)) * stride * cell[1] + r[1];
+            let z = reg(2, key);
+            let size = [reg(3, key).exp(), reg(4, key).exp(), reg(5, key).exp()];
+            let yaw = reg(7, key).atan2(reg(6, key));
             let inside = x >= lim[0]
                 && y >= lim[1]
                 && z >= lim[2]
@@ -210,28 +333,12 @@ pub fn decode(cfg: &ModelConfig, tasks: &[TaskOutputs<'_>]) -> Result<Vec<Detect
                 },
                 class: classes[c].clone(),
                 score,
-                velocity: has_vel.then(|| [reg(8, i), reg(9, i)]),
+                velocity: has_vel.then(|| [reg(8, key), reg(9, key)]),
             })
         })
         .collect();
-        dets.truncate(dc.nms.pre_max);
-        Ok(nms(dets, dc.nms.kind, dc.nms.threshold, dc.nms.post_max))
-    };
-    let parts: Vec<Result<Vec<Detection>, DecodeError>> = cfg
-        .head
-        .tasks
-        .iter()
-        .zip(tasks)
-        .enumerate()
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(per_task)
-        .collect();
-    let mut all = Vec::new();
-    for p in parts {
-        all.extend(p?);
-    }
-    Ok(all)
+    dets.truncate(dc.nms.pre_max);
+    nms(dets, dc.nms.kind, dc.nms.threshold, dc.nms.post_max)
 }
 
 #[cfg(test)]
@@ -284,6 +391,88 @@ mod tests {
         out
     }
 
+    /// Candidates found the GPU's way (every cell passing the logit cut and the 3x3 test),
+    /// shuffled, decode to exactly the detections of the maps.
+    #[test]
+    fn candidates_decode_like_the_maps() {
+        use rand::seq::SliceRandom;
+        use rand::{RngExt, SeedableRng};
+        let cfg = cfg();
+        let (h, w) = head_size(&cfg);
+        let plane = h * w;
+        let nreg = cfg.regression_channels();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for trial in 0..4 {
+            let maps: Vec<(Vec<f32>, Vec<f32>)> = cfg
+                .head
+                .tasks
+                .iter()
+                .map(|classes| {
+                    let heat = (0..classes.len() * plane)
+                        .map(|_| (rng.random_range(-40..10) as f32) * 0.25)
+                        .collect();
+                    let reg = (0..nreg * plane)
+                        .map(|_| rng.random_range(-1.0f32..1.0))
+                        .collect();
+                    (heat, reg)
+                })
+                .collect();
+            let views: Vec<TaskOutputs<'_>> = maps
+                .iter()
+                .map(|(heat, reg)| TaskOutputs {
+                    heatmap: heat,
+                    regression: reg,
+                })
+                .collect();
+            let want = decode(&cfg, &views).unwrap();
+            let cut = peak_logit_cut(cfg.decode.score_threshold);
+            let cands: Vec<TaskCandidates> = maps
+                .iter()
+                .map(|(heat, reg)| {
+                    let mut found = Vec::new();
+                    for (t, &v) in heat.iter().enumerate() {
+                        let (c, i) = (t / plane, t % plane);
+                        let (y, x) = (i / w, i % w);
+                        let beaten = (y.saturating_sub(1)..(y + 2).min(h)).any(|ny| {
+                            (x.saturating_sub(1)..(x + 2).min(w))
+                                .any(|nx| heat[c * plane + ny * w + nx] > v)
+                        });
+                        if v < cut || (cfg.decode.local_max && beaten) {
+                            continue;
+                        }
+                        found.push((v, c as u32, i as u32));
+                    }
+                    found.shuffle(&mut rng);
+                    let mut tc = TaskCandidates::default();
+                    for (v, c, i) in found {
+                        tc.logits.push(v);
+                        tc.classes.push(c);
+                        tc.cells.push(i);
+                        tc.regression
+                            .extend((0..nreg).map(|ch| reg[ch * plane + i as usize]));
+                    }
+                    tc
+                })
+                .collect();
+            assert_eq!(
+                decode_candidates(&cfg, &cands).unwrap(),
+                want,
+                "trial {trial}"
+            );
+            assert!(!want.is_empty());
+        }
+        // Malformed candidate lists are errors naming what is wrong.
+        let mut bad = vec![TaskCandidates::default(); cfg.head.tasks.len()];
+        bad[0].logits.push(0.0);
+        let e = decode_candidates(&cfg, &bad).unwrap_err();
+        assert_eq!(e.what, "candidate list");
+        bad[0].classes.push(99);
+        bad[0].cells.push(0);
+        bad[0].regression = vec![0.0; nreg];
+        let e = decode_candidates(&cfg, &bad).unwrap_err();
+        assert_eq!(e.what, "candidate class");
+    }
+
     #[test]
     fn peaks_match_the_naive_rule() {
         use rand::{RngExt, SeedableRng};
@@ -301,8 +490,13 @@ mod tests {
                     .collect();
                 for local_max in [true, false] {
                     for (k, thr) in [(5, 0.1), (1000, 0.1), (0, 0.1), (50, 0.9999)] {
+                        let got: Vec<(f32, usize, usize)> =
+                            peaks(&heat, classes, h, w, k, thr, local_max)
+                                .into_iter()
+                                .map(|(s, c, i, _)| (s, c, i))
+                                .collect();
                         assert_eq!(
-                            peaks(&heat, classes, h, w, k, thr, local_max),
+                            got,
                             naive_peaks(&heat, classes, (h, w), k, thr, local_max),
                             "{h}x{w}x{classes} trial {trial} k {k} thr {thr} local_max {local_max}"
                         );
@@ -450,7 +644,11 @@ mod tests {
                 .map(|_| centre + rng.random_range(-1e-3f32..1e-3) * rng.random_range(0.0f32..1.0))
                 .chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, centre])
                 .collect();
-            let got = peaks(&heat, 1, 1, heat.len(), usize::MAX, thr, false);
+            let got: Vec<(f32, usize, usize)> =
+                peaks(&heat, 1, 1, heat.len(), usize::MAX, thr, false)
+                    .into_iter()
+                    .map(|(s, c, i, _)| (s, c, i))
+                    .collect();
             assert_eq!(got, naive(&heat, thr), "threshold {thr}");
         }
     }

@@ -40,6 +40,7 @@ const KERNELS: &[&str] = &[
     "epi_dequant4",
     "epi_f32_4",
     "epi_rows4",
+    "head_candidates",
     "pillar_max_f32",
     "pillar_max_u8",
     "scatter_f32",

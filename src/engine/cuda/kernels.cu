@@ -512,6 +512,40 @@ PILLAR_MAX(pillar_max_u8, u8)
 SCATTER(scatter_f32, float)
 SCATTER(scatter_u8, u8)
 
+// ---- decoding: peak candidates ------------------------------------------------------
+
+// One task's peak candidates (model::decode's rule): cells whose heatmap logit is not under
+// `cut` and (with local_max) not exceeded by a 3x3 neighbour (NaN never exceeds). Each is
+// appended, in any order, as a record of 3 + nreg words: the logit's bits, the class, the
+// cell, then its regression values gathered through `regs` (one pointer per channel).
+extern "C" __global__ void head_candidates(const float* hm, int classes, int h, int w,
+                                           float cut, int local_max,
+                                           const unsigned long long* regs, int nreg, int cap,
+                                           unsigned* count, unsigned* out) {
+    int plane = h * w;
+    GRID_STRIDE(t, (long long)classes * plane) {
+        float v = hm[t];
+        if (v < cut) continue;
+        int c = t / plane, i = t - c * plane;
+        if (local_max) {
+            int y = i / w, x = i - y * w;
+            const float* pl = hm + (long long)c * plane;
+            bool peak = true;
+            for (int ny = max(y - 1, 0); ny < min(y + 2, h); ++ny)
+                for (int nx = max(x - 1, 0); nx < min(x + 2, w); ++nx)
+                    if (pl[ny * w + nx] > v) peak = false;
+            if (!peak) continue;
+        }
+        unsigned k = atomicAdd(count, 1u);
+        if (k >= (unsigned)cap) continue;
+        unsigned* r = out + (long long)k * (3 + nreg);
+        r[0] = __float_as_uint(v);
+        r[1] = (unsigned)c;
+        r[2] = (unsigned)i;
+        for (int j = 0; j < nreg; ++j) r[3 + j] = __float_as_uint(((const float*)regs[j])[i]);
+    }
+}
+
 // ---- direct convolution of the head branches ------------------------------------------
 
 // The second conv of every head branch at once: few output channels each, so a direct

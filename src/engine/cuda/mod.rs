@@ -23,6 +23,7 @@ pub use device::{Gpu, compile_kernels, driver_present, nvrtc_present};
 use super::fp32::{FoldedLayer, fold_layers};
 use super::sparse::{FrameSites, frame_sites, no_sites};
 use super::{EngineError, HeadOutputs, NetInput, TaskMaps, check_cells, check_input};
+use crate::model::decode::{TaskCandidates, peak_logit_cut};
 use crate::model::graph::{Graph, LayerKind, Op};
 use crate::model::weights::Weights;
 use crate::quant::{LayerPlan, QParams, QuantModel};
@@ -220,6 +221,29 @@ pub struct CudaEngine {
     /// epilogues), built on the first run and re-uploaded only if a pointer changes.
     group_rows: Vec<RowTable>,
     batch_rows: Vec<RowTable>,
+    /// Peak candidates: per-task buffers, the counts, the host records.
+    cand: Vec<CandTask>,
+    cand_count: DBuf,
+    host_cand: Vec<u32>,
+    pinned_cand: Option<PinnedHostSlice<u32>>,
+}
+
+/// Where a run's results go: the full head maps, or the peak candidates (with the logit
+/// cut and the local-maximum switch).
+enum Sink<'a> {
+    Maps(&'a mut HeadOutputs),
+    Candidates(&'a mut Vec<TaskCandidates>, f32, bool),
+}
+
+/// One task's candidate search on the device: its regression channels' pointers (host copy
+/// and device table) and the record buffer.
+#[derive(Default)]
+struct CandTask {
+    regs: Vec<u64>,
+    regs_dev: DBuf,
+    records: DBuf,
+    cap: usize,
+    stride: usize,
 }
 
 /// An `epi_rows4` entry table: its bytes on the host (to notice changes) and the device.
@@ -397,6 +421,10 @@ impl CudaEngine {
             last_phases: [0.0; 4],
             group_rows: Vec::new(),
             batch_rows: Vec::new(),
+            cand: Vec::new(),
+            cand_count: DBuf::default(),
+            host_cand: Vec::new(),
+            pinned_cand: None,
         })
     }
 
@@ -472,6 +500,40 @@ impl CudaEngine {
         input: &NetInput<'_>,
         out: &mut HeadOutputs,
     ) -> Result<(), EngineError> {
+        self.run_sink(input, Sink::Maps(out))
+    }
+
+    /// Whether [`run_candidates`](Self::run_candidates) applies: every head value is f32
+    /// on the device (not codes).
+    pub fn gpu_candidates(&self) -> bool {
+        self.graph.tasks.iter().all(|t| {
+            std::iter::once(t.heatmap)
+                .chain(t.regression.iter().copied())
+                .all(|v| self.acts[v].is_none())
+        })
+    }
+
+    /// Runs the network and finds each task's peak candidates on the GPU (the rule of
+    /// `model::decode` for `score_threshold` and `local_max`), downloading only those with
+    /// their regression values: `model::decode::decode_candidates` turns them into the
+    /// detections that decoding the full maps gives.
+    pub fn run_candidates(
+        &mut self,
+        input: &NetInput<'_>,
+        score_threshold: f32,
+        local_max: bool,
+        out: &mut Vec<TaskCandidates>,
+    ) -> Result<(), EngineError> {
+        if !self.gpu_candidates() {
+            return Err(EngineError::Internal(
+                "GPU candidates need float head values".into(),
+            ));
+        }
+        let cut = peak_logit_cut(score_threshold);
+        self.run_sink(input, Sink::Candidates(out, cut, local_max))
+    }
+
+    fn run_sink(&mut self, input: &NetInput<'_>, sink: Sink<'_>) -> Result<(), EngineError> {
         let t0 = std::time::Instant::now();
         let voxel = self.graph.sparse.is_some();
         check_input(input, !voxel)?;
@@ -607,9 +669,14 @@ impl CudaEngine {
             dense_started = self.events.is_some();
         }
         let t2 = std::time::Instant::now();
-        if let Some((a, b)) = &self.events {
+        if let Some((_, b)) = &self.events {
             b.record(&self.gpu.stream)
                 .map_err(|e| EngineError::Device(format!("event: {e}")))?;
+        }
+        if let Sink::Candidates(_, cut, local_max) = &sink {
+            self.enqueue_candidates(*cut, *local_max)?;
+        }
+        if let Some((a, b)) = &self.events {
             self.gpu.sync()?;
             self.last_dense_ms = if dense_started {
                 a.elapsed_ms(b).ok().map(|m| m as f64)
@@ -626,7 +693,10 @@ impl CudaEngine {
         }
         self.gpu.sync()?;
         let t3 = std::time::Instant::now();
-        self.collect(out)?;
+        match sink {
+            Sink::Maps(out) => self.collect(out)?,
+            Sink::Candidates(out, ..) => self.collect_candidates(out)?,
+        }
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
         self.last_phases = [
             ms(t0, t1),
@@ -634,6 +704,112 @@ impl CudaEngine {
             ms(t2, t3),
             ms(t3, std::time::Instant::now()),
         ];
+        Ok(())
+    }
+
+    /// Launches the candidate search of every task after the network (see
+    /// [`run_candidates`](Self::run_candidates)).
+    fn enqueue_candidates(&mut self, cut: f32, local_max: bool) -> Result<(), EngineError> {
+        let nt = self.graph.tasks.len();
+        let g = &self.gpu;
+        g.ensure(&mut self.cand_count, 4 * nt)?;
+        g.memset(self.cand_count.ptr, 0, 4 * nt)?;
+        self.cand.resize_with(nt, CandTask::default);
+        for (ti, t) in self.graph.tasks.iter().enumerate() {
+            let hm = self.shapes[t.heatmap];
+            let (classes, h, w) = (hm.dims[1], hm.dims[2], hm.dims[3]);
+            let plane = h * w;
+            let mut regs: Vec<u64> = Vec::new();
+            for &v in &t.regression {
+                let s = self.shapes[v];
+                if s.rank != 4 || s.dims[2] != h || s.dims[3] != w {
+                    return Err(EngineError::Internal(format!(
+                        "task {ti}: regression shape {:?}",
+                        &s.dims[..s.rank]
+                    )));
+                }
+                regs.extend((0..s.dims[1]).map(|c| self.vals[v].ptr + (4 * c * plane) as u64));
+            }
+            let ct = &mut self.cand[ti];
+            if ct.regs != regs {
+                g.ensure(&mut ct.regs_dev, 8 * regs.len())?;
+                g.upload(&ct.regs_dev, &regs)?;
+                ct.regs = regs;
+            }
+            let (cap, stride) = (classes * plane, 3 + ct.regs.len());
+            g.ensure(&mut ct.records, 4 * cap * stride)?;
+            (ct.cap, ct.stride) = (cap, stride);
+            g.launch(
+                "head_candidates",
+                cap,
+                &[
+                    P(self.vals[t.heatmap].ptr),
+                    I(i32_of(classes)?),
+                    I(i32_of(h)?),
+                    I(i32_of(w)?),
+                    F(cut),
+                    I(local_max as i32),
+                    P(ct.regs_dev.ptr),
+                    I(i32_of(ct.regs.len())?),
+                    I(i32_of(cap)?),
+                    P(self.cand_count.ptr + 4 * ti as u64),
+                    P(ct.records.ptr),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Downloads the candidates: the counts, then each task's records.
+    fn collect_candidates(&mut self, out: &mut Vec<TaskCandidates>) -> Result<(), EngineError> {
+        let nt = self.graph.tasks.len();
+        let mut counts = vec![0u32; nt];
+        self.gpu
+            .download(&mut counts, self.cand_count.ptr, self.cand_count.bytes)?;
+        out.resize_with(nt, TaskCandidates::default);
+        for ((tc, ct), &n) in out.iter_mut().zip(&self.cand).zip(&counts) {
+            let n = (n as usize).min(ct.cap);
+            let words = n * ct.stride;
+            // Page-locked staging as for the head maps (thousands of candidates come back
+            // from a model with random weights).
+            if self.pinned_cand.as_ref().is_none_or(|b| b.len() < words) && !self.unpinned {
+                // SAFETY: u32 is valid for any bits; downloads fill what is read.
+                match unsafe {
+                    self.gpu
+                        .ctx
+                        .alloc_pinned_with_flags::<u32>(words + words / 4 + 1, 0)
+                } {
+                    Ok(b) => self.pinned_cand = Some(b),
+                    Err(e) => {
+                        log::warn!("pinned host memory refused ({e}): pageable downloads");
+                        self.unpinned = true;
+                    }
+                }
+            }
+            let host: &mut [u32] = match &mut self.pinned_cand {
+                Some(b) if b.len() >= words => &mut b
+                    .as_mut_slice()
+                    .map_err(|e| EngineError::Device(format!("pinned staging: {e}")))?[..words],
+                _ => {
+                    self.host_cand.resize(words, 0);
+                    &mut self.host_cand[..words]
+                }
+            };
+            if n > 0 {
+                self.gpu.download(host, ct.records.ptr, ct.records.bytes)?;
+            }
+            tc.logits.clear();
+            tc.classes.clear();
+            tc.cells.clear();
+            tc.regression.clear();
+            for r in host.chunks_exact(ct.stride) {
+                tc.logits.push(f32::from_bits(r[0]));
+                tc.classes.push(r[1]);
+                tc.cells.push(r[2]);
+                tc.regression
+                    .extend(r[3..].iter().map(|&b| f32::from_bits(b)));
+            }
+        }
         Ok(())
     }
 
