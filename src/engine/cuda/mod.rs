@@ -13,7 +13,8 @@
 //! frames allocate nothing. The voxel model's sparse 3D backbone runs on neighbour tables
 //! built from the frame's rulebooks on the CPU. The dense part (after the scatter or the
 //! height compression: fixed shapes, fixed buffers) is captured once as a CUDA graph and
-//! replayed on every later frame. Voxelisation and decoding stay on the CPU for now.
+//! replayed on every later frame. Decoding's peak candidates can be found on the GPU
+//! ([`CudaEngine::run_candidates`]); voxelisation and the rest of decoding stay on the CPU.
 
 mod device;
 mod layers;
