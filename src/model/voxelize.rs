@@ -8,6 +8,7 @@
 
 use super::config::{ModelConfig, PointFeature};
 use crate::cloud::Points;
+use rayon::prelude::*;
 
 /// Whether training or deployment caps apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,8 @@ pub struct Voxelizer {
     /// Pillar index per grid cell (-1 empty); reset through `touched`.
     index: Vec<i32>,
     touched: Vec<usize>,
+    /// Each point's cell in the last scan (u32::MAX: outside).
+    cells: Vec<u32>,
 }
 
 impl Voxelizer {
@@ -77,6 +80,7 @@ impl Voxelizer {
             intensity_scale: cfg.input.intensity_scale,
             index: vec![-1; grid[0] * grid[1] * grid[2]],
             touched: Vec::new(),
+            cells: Vec::new(),
         }
     }
 
@@ -105,23 +109,44 @@ impl Voxelizer {
         out.capped_points = 0;
         let [nx, ny, nz] = self.grid;
         let r = self.range;
+        let c = self.cell;
+        // Each point's cell, in parallel (pure arithmetic); the order-dependent pillar
+        // assignment below stays sequential. Cell numbers fit u32: the grid index holds an
+        // i32 per cell.
+        self.cells.clear();
+        self.cells.resize(points.len(), u32::MAX);
+        self.cells
+            .par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(chunk, cells)| {
+                for (j, out_cell) in cells.iter_mut().enumerate() {
+                    let i = chunk * 4096 + j;
+                    let (x, y, z) = (points.x[i], points.y[i], points.z[i]);
+                    // The reference masks x and y (inclusive) first; z only through the
+                    // grid test.
+                    if !(x >= r[0] && x <= r[3] && y >= r[1] && y <= r[4]) {
+                        continue;
+                    }
+                    let cx = ((x - r[0]) / c[0]).floor();
+                    let cy = ((y - r[1]) / c[1]).floor();
+                    let cz = ((z - r[2]) / c[2]).floor();
+                    if !(cx >= 0.0 && cy >= 0.0 && cz >= 0.0) {
+                        continue;
+                    }
+                    let (cx, cy, cz) = (cx as usize, cy as usize, cz as usize);
+                    if cx >= nx || cy >= ny || cz >= nz {
+                        continue;
+                    }
+                    *out_cell = ((cz * ny + cy) * nx + cx) as u32;
+                }
+            });
         for i in 0..points.len() {
+            let cell = self.cells[i];
+            if cell == u32::MAX {
+                continue;
+            }
+            let cell = cell as usize;
             let (x, y, z) = (points.x[i], points.y[i], points.z[i]);
-            // The reference masks x and y (inclusive) first; z only through the grid test.
-            if !(x >= r[0] && x <= r[3] && y >= r[1] && y <= r[4]) {
-                continue;
-            }
-            let cx = ((x - r[0]) / self.cell[0]).floor();
-            let cy = ((y - r[1]) / self.cell[1]).floor();
-            let cz = ((z - r[2]) / self.cell[2]).floor();
-            if !(cx >= 0.0 && cy >= 0.0 && cz >= 0.0) {
-                continue;
-            }
-            let (cx, cy, cz) = (cx as usize, cy as usize, cz as usize);
-            if cx >= nx || cy >= ny || cz >= nz {
-                continue;
-            }
-            let cell = (cz * ny + cy) * nx + cx;
             let mut p = self.index[cell];
             if p < 0 {
                 if out.counts.len() == self.max_pillars {
@@ -133,6 +158,7 @@ impl Voxelizer {
                 self.index[cell] = p;
                 self.touched.push(cell);
                 out.counts.push(0);
+                let (cx, cy, cz) = (cell % nx, (cell / nx) % ny, cell / (nx * ny));
                 out.coords.push([cz as u32, cy as u32, cx as u32]);
                 out.features.resize(out.features.len() + n * nf, 0.0);
             }
@@ -173,47 +199,54 @@ pub fn decorate(cfg: &ModelConfig, pillars: &Pillars, out: &mut Vec<f32>) -> usi
     let cell = &cfg.voxelization.cell_size;
     // Centre offset constants in f32, computed as the reference does: mul then add.
     let off = [0, 1, 2].map(|a| cell[a] / 2.0 + r[a]);
-    out.clear();
+    // Every element of `out` is written below (data or zero), so stale contents from the
+    // previous scan never survive, and the pillars fill their rows in parallel.
     out.resize(pillars.len() * n * width, 0.0);
     let skip = if pf.absolute_xyz { 0 } else { 3 };
-    for (p, (&count, coord)) in pillars.counts.iter().zip(&pillars.coords).enumerate() {
-        let pts = &pillars.features[p * n * nf..(p + 1) * n * nf];
-        let mut mean = [0.0f32; 3];
-        for s in 0..n {
-            for a in 0..3 {
-                mean[a] += pts[s * nf + a];
-            }
-        }
-        let c = count.max(1) as f32;
-        mean = mean.map(|m| m / c);
-        let center = [
-            coord[2] as f32 * cell[0] + off[0],
-            coord[1] as f32 * cell[1] + off[1],
-            coord[0] as f32 * cell[2] + off[2],
-        ];
-        for s in 0..(count as usize).min(n) {
-            let src = &pts[s * nf..(s + 1) * nf];
-            let dst = &mut out[(p * n + s) * width..(p * n + s + 1) * width];
-            let mut k = 0;
-            for &v in &src[skip..] {
-                dst[k] = v;
-                k += 1;
-            }
-            if pf.cluster_offset {
+    let rows = out.par_chunks_mut((n * width).max(1));
+    rows.zip(pillars.counts.par_iter().zip(&pillars.coords))
+        .enumerate()
+        .for_each(|(p, (dst_all, (&count, coord)))| {
+            let pts = &pillars.features[p * n * nf..(p + 1) * n * nf];
+            let mut mean = [0.0f32; 3];
+            for s in 0..n {
                 for a in 0..3 {
-                    dst[k] = src[a] - mean[a];
-                    k += 1;
+                    mean[a] += pts[s * nf + a];
                 }
             }
-            for a in 0..pf.center_offset_axes {
-                dst[k] = src[a] - center[a];
-                k += 1;
+            let c = count.max(1) as f32;
+            mean = mean.map(|m| m / c);
+            let center = [
+                coord[2] as f32 * cell[0] + off[0],
+                coord[1] as f32 * cell[1] + off[1],
+                coord[0] as f32 * cell[2] + off[2],
+            ];
+            let used = (count as usize).min(n);
+            dst_all[used * width..].fill(0.0);
+            for s in 0..used {
+                let src = &pts[s * nf..(s + 1) * nf];
+                let dst = &mut dst_all[s * width..(s + 1) * width];
+                dst.fill(0.0);
+                let mut k = 0;
+                for &v in &src[skip..] {
+                    dst[k] = v;
+                    k += 1;
+                }
+                if pf.cluster_offset {
+                    for a in 0..3 {
+                        dst[k] = src[a] - mean[a];
+                        k += 1;
+                    }
+                }
+                for a in 0..pf.center_offset_axes {
+                    dst[k] = src[a] - center[a];
+                    k += 1;
+                }
+                if pf.distance {
+                    dst[k] = (src[0] * src[0] + src[1] * src[1] + src[2] * src[2]).sqrt();
+                }
             }
-            if pf.distance {
-                dst[k] = (src[0] * src[0] + src[1] * src[1] + src[2] * src[2]).sqrt();
-            }
-        }
-    }
+        });
     width
 }
 
