@@ -263,29 +263,9 @@ impl Gpu {
     }
 
     fn launch_now(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), EngineError> {
-        let f = self.func(name)?;
         let threads = 256u32;
         let blocks = n.div_ceil(threads as usize).min(1 << 20) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::P(v) => b.arg(v),
-                Arg::I(v) => b.arg(v),
-                Arg::L(v) => b.arg(v),
-                Arg::F(v) => b.arg(v),
-                Arg::B(v) => b.arg(v),
-            };
-        }
-        // SAFETY: the argument lists match the kernels' signatures in kernels.cu, and
-        // every pointer is a live buffer sized by the engine's plan.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| dev_err(&format!("kernel {name}"), e))
+        self.launch_grid_now(name, (blocks, 1, 1), (threads, 0), args)
     }
 
     /// Launches `name` on a `grid` of blocks of `threads` with `smem` bytes of dynamic
@@ -344,7 +324,9 @@ impl Gpu {
                 Arg::B(v) => b.arg(v),
             };
         }
-        // SAFETY: as `launch`; the kernel's shared-memory use is bounded by `smem`.
+        // SAFETY: the argument lists match the kernels' signatures in kernels.cu, every
+        // pointer is a live buffer sized by the engine's plan, and a kernel's dynamic
+        // shared memory use is bounded by `smem`.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(|e| dev_err(&format!("kernel {name}"), e))

@@ -367,6 +367,35 @@ extern "C" __global__ void epi_dequant(const int* acc, const int* wsum, int corr
     }
 }
 
+// Four accumulators plus `add` (the zero-point correction and bias, wrapping), requantized
+// (Requant::apply) into four packed codes, or dequantized (with ReLU) into four reals.
+__device__ __forceinline__ unsigned requant4(int4 a, unsigned add, float m, int zp, int lo,
+                                             int hi) {
+    float flo = (float)(lo - zp), fhi = (float)(hi - zp);
+    int v[4] = {a.x, a.y, a.z, a.w};
+    unsigned out = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        int s = (int)((unsigned)v[q] + add);
+        float f = rintf(__fmul_rn((float)s, m));
+        f = fminf(fmaxf(f, flo), fhi);
+        out |= ((unsigned)((int)f + zp) & 0xffu) << (8 * q);
+    }
+    return out;
+}
+
+__device__ __forceinline__ float4 dequant4(int4 a, unsigned add, float scale, int relu) {
+    int v[4] = {a.x, a.y, a.z, a.w};
+    float r[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        float f = __fmul_rn((float)(int)((unsigned)v[q] + add), scale);
+        if (relu) f = fmaxf(f, 0.0f);
+        r[q] = f;
+    }
+    return make_float4(r[0], r[1], r[2], r[3]);
+}
+
 // Mode 1 (convolution, NCHW) four pixels per thread: 16-byte accumulator loads, one store
 // per four outputs, the channel's parameters read once. Grid (x: runs of 4 * blockDim
 // pixels, y: channel); needs plane and ldc multiples of 4 (checked on the host).
@@ -378,17 +407,7 @@ extern "C" __global__ void epi_requant4(const int* acc, const int* wsum, int cor
     if (p >= plane) return;
     int4 a = *(const int4*)(acc + (long long)ch * ldc + p);
     unsigned add = (unsigned)corr * (unsigned)wsum[ch] + (unsigned)bias_q[ch];
-    float m = mult[ch], flo = (float)(lo - zp), fhi = (float)(hi - zp);
-    int v[4] = {a.x, a.y, a.z, a.w};
-    unsigned out = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        int s = (int)((unsigned)v[q] + add);
-        float f = rintf(__fmul_rn((float)s, m));
-        f = fminf(fmaxf(f, flo), fhi);
-        out |= ((unsigned)((int)f + zp) & 0xffu) << (8 * q);
-    }
-    *(unsigned*)(y + (long long)ch * plane + p) = out;
+    *(unsigned*)(y + (long long)ch * plane + p) = requant4(a, add, mult[ch], zp, lo, hi);
 }
 
 extern "C" __global__ void epi_dequant4(const int* acc, const int* wsum, int corr,
@@ -399,16 +418,7 @@ extern "C" __global__ void epi_dequant4(const int* acc, const int* wsum, int cor
     if (p >= plane) return;
     int4 a = *(const int4*)(acc + (long long)ch * ldc + p);
     unsigned add = (unsigned)corr * (unsigned)wsum[ch] + (unsigned)bias_q[ch];
-    float sc = scale[ch];
-    int v[4] = {a.x, a.y, a.z, a.w};
-    float r[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        float f = __fmul_rn((float)(int)((unsigned)v[q] + add), sc);
-        if (relu) f = fmaxf(f, 0.0f);
-        r[q] = f;
-    }
-    *(float4*)(y + (long long)ch * plane + p) = make_float4(r[0], r[1], r[2], r[3]);
+    *(float4*)(y + (long long)ch * plane + p) = dequant4(a, add, scale[ch], relu);
 }
 
 extern "C" __global__ void epi_f32_4(const float* acc, const float* bias, int relu, int plane,
@@ -445,28 +455,10 @@ extern "C" __global__ void epi_rows4(const int* acc, const RowEpi* rows, int pla
     unsigned add = (unsigned)e.corr * (unsigned)((const int*)e.wsum)[e.ch] +
                    (unsigned)((const int*)e.bias)[e.ch];
     float m = ((const float*)e.mult)[e.ch];
-    int v[4] = {a.x, a.y, a.z, a.w};
-    if (e.flags & 1) {
-        float r[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            float f = __fmul_rn((float)(int)((unsigned)v[q] + add), m);
-            if (e.flags & 2) f = fmaxf(f, 0.0f);
-            r[q] = f;
-        }
-        *(float4*)((float*)e.y + p) = make_float4(r[0], r[1], r[2], r[3]);
-    } else {
-        float flo = (float)(e.lo - e.zp), fhi = (float)(e.hi - e.zp);
-        unsigned out = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            int sv = (int)((unsigned)v[q] + add);
-            float f = rintf(__fmul_rn((float)sv, m));
-            f = fminf(fmaxf(f, flo), fhi);
-            out |= ((unsigned)((int)f + e.zp) & 0xffu) << (8 * q);
-        }
-        *(unsigned*)((u8*)e.y + p) = out;
-    }
+    if (e.flags & 1)
+        *(float4*)((float*)e.y + p) = dequant4(a, add, m, e.flags & 2);
+    else
+        *(unsigned*)((u8*)e.y + p) = requant4(a, add, m, e.zp, e.lo, e.hi);
 }
 
 // ---- glue ops -------------------------------------------------------------------------

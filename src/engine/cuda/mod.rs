@@ -582,7 +582,13 @@ impl CudaEngine {
                 // The floats go up as in FP32 and are quantized on the GPU (the same
                 // division, rounding and clamp as QParams::quantize).
                 let len = p * n * f;
-                let host = staging(g, &mut self.pinned, &mut self.host_in, 4 * len)?;
+                let host = staging(
+                    g,
+                    (&mut self.pinned, &mut self.host_in),
+                    &mut self.unpinned,
+                    4 * len,
+                    WRITE_COMBINED,
+                )?;
                 copy_floats(host, input.decorated);
                 g.ensure(&mut self.scratch.fin, 4 * len)?;
                 g.upload(&self.scratch.fin, host)?;
@@ -621,7 +627,13 @@ impl CudaEngine {
             }
             None => {
                 let len = 4 * p * n * f;
-                let host = staging(g, &mut self.pinned, &mut self.host_in, len)?;
+                let host = staging(
+                    g,
+                    (&mut self.pinned, &mut self.host_in),
+                    &mut self.unpinned,
+                    len,
+                    WRITE_COMBINED,
+                )?;
                 copy_floats(host, input.decorated);
                 g.ensure(&mut self.vals[0], len)?;
                 g.upload(&self.vals[0], host)?;
@@ -773,29 +785,13 @@ impl CudaEngine {
             let words = n * ct.stride;
             // Page-locked staging as for the head maps (thousands of candidates come back
             // from a model with random weights).
-            if self.pinned_cand.as_ref().is_none_or(|b| b.len() < words) && !self.unpinned {
-                // SAFETY: u32 is valid for any bits; downloads fill what is read.
-                match unsafe {
-                    self.gpu
-                        .ctx
-                        .alloc_pinned_with_flags::<u32>(words + words / 4 + 1, 0)
-                } {
-                    Ok(b) => self.pinned_cand = Some(b),
-                    Err(e) => {
-                        log::warn!("pinned host memory refused ({e}): pageable downloads");
-                        self.unpinned = true;
-                    }
-                }
-            }
-            let host: &mut [u32] = match &mut self.pinned_cand {
-                Some(b) if b.len() >= words => &mut b
-                    .as_mut_slice()
-                    .map_err(|e| EngineError::Device(format!("pinned staging: {e}")))?[..words],
-                _ => {
-                    self.host_cand.resize(words, 0);
-                    &mut self.host_cand[..words]
-                }
-            };
+            let host = staging(
+                &self.gpu,
+                (&mut self.pinned_cand, &mut self.host_cand),
+                &mut self.unpinned,
+                words,
+                0,
+            )?;
             if n > 0 {
                 self.gpu.download(host, ct.records.ptr, ct.records.bytes)?;
             }
@@ -1586,25 +1582,13 @@ impl CudaEngine {
         let total = self.head_layout.last().map_or(0, |&(_, at, b)| at + b);
         // Page-locked (cached, not write-combined: the host reads it) where the driver
         // allows, so the copy runs at the bus's speed.
-        if self.pinned_out.as_ref().is_none_or(|b| b.len() < total) && !self.unpinned {
-            // SAFETY: u8 is valid for any bytes; downloads fill what is read.
-            match unsafe { self.gpu.ctx.alloc_pinned_with_flags::<u8>(total.max(1), 0) } {
-                Ok(b) => self.pinned_out = Some(b),
-                Err(e) => {
-                    log::warn!("pinned host memory refused ({e}): pageable downloads");
-                    self.unpinned = true;
-                }
-            }
-        }
-        let host: &mut [u8] = match &mut self.pinned_out {
-            Some(b) if b.len() >= total => &mut b
-                .as_mut_slice()
-                .map_err(|e| EngineError::Device(format!("pinned staging: {e}")))?[..total],
-            _ => {
-                self.host_stage.resize(total, 0);
-                &mut self.host_stage[..total]
-            }
-        };
+        let host = staging(
+            &self.gpu,
+            (&mut self.pinned_out, &mut self.host_stage),
+            &mut self.unpinned,
+            total,
+            0,
+        )?;
         self.gpu
             .download(host, self.head_stage.ptr, self.head_stage.bytes)?;
         let host: &[u8] = host;
@@ -1718,24 +1702,35 @@ fn copy_floats(dst: &mut [u8], src: &[f32]) {
         });
 }
 
-/// `len` bytes of upload staging: pinned host memory, grown with headroom to the largest
-/// frame, or the pageable `fallback` where pinning fails. The caller writes every byte it
-/// uploads; the previous frame's upload has finished (each run ends synchronized).
-fn staging<'a>(
+/// Page-locked host memory the host only writes (uploads): faster to fill and copy.
+const WRITE_COMBINED: u32 = cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+
+/// `len` elements of host staging for a transfer: page-locked memory (allocated with
+/// `flags`, grown with headroom to the largest frame), or the pageable `fallback` once the
+/// driver has refused to pin (`unpinned`). The caller uses only what it writes or
+/// downloads; the previous frame's transfers have finished (each run ends synchronized).
+fn staging<'a, T>(
     g: &Gpu,
-    pinned: &'a mut Option<PinnedHostSlice<u8>>,
-    fallback: &'a mut Vec<u8>,
+    (pinned, fallback): (&'a mut Option<PinnedHostSlice<T>>, &'a mut Vec<T>),
+    unpinned: &mut bool,
     len: usize,
-) -> Result<&'a mut [u8], EngineError> {
-    if pinned.as_ref().is_none_or(|b| b.len() < len) && fallback.is_empty() {
-        let want = len + len / 4;
-        // SAFETY: u8 is valid for any bytes; the buffer is only written, then uploaded.
-        match unsafe { g.ctx.alloc_pinned::<u8>(want.max(1)) } {
+    flags: u32,
+) -> Result<&'a mut [T], EngineError>
+where
+    T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone,
+{
+    if pinned.as_ref().is_none_or(|b| b.len() < len) && !*unpinned {
+        // SAFETY: T is valid for any bits (ValidAsZeroBits plain data); callers read only
+        // what they wrote or downloaded.
+        match unsafe {
+            g.ctx
+                .alloc_pinned_with_flags::<T>((len + len / 4).max(1), flags)
+        } {
             Ok(b) => *pinned = Some(b),
             Err(e) => {
-                log::warn!("pinned host memory refused ({e}): uploads from pageable memory");
+                log::warn!("pinned host memory refused ({e}): pageable transfers");
                 *pinned = None;
-                fallback.push(0);
+                *unpinned = true;
             }
         }
     }
@@ -1747,7 +1742,7 @@ fn staging<'a>(
             Ok(&mut s[..len])
         }
         _ => {
-            fallback.resize(len, 0);
+            fallback.resize(len, T::default());
             Ok(&mut fallback[..len])
         }
     }
