@@ -192,6 +192,40 @@ fn eval_on_a_bag_prints_one_json_object() {
     ]));
     let r2: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r2["frames"], 2);
+
+    // --classes scores a subset: the same per-class figures, the mean over the subset.
+    let out = ok(&lidar_ptq(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--bag",
+        s(&bag),
+        "--classes",
+        "cyclist,car",
+        "--json",
+    ]));
+    let sub: Value = serde_json::from_str(&out).unwrap();
+    let kept: Vec<&String> = sub["per_class"].as_object().unwrap().keys().collect();
+    assert_eq!(kept, ["car", "cyclist"], "{sub}");
+    // A class without ground truth has a null AP and stays out of the mean.
+    let mut aps = Vec::new();
+    for c in ["car", "cyclist"] {
+        assert_eq!(sub["per_class"][c], r["per_class"][c], "{c}");
+        aps.extend(r["per_class"][c]["AP"].as_f64());
+    }
+    assert!(!aps.is_empty(), "{r}");
+    let mean = aps.iter().sum::<f64>() / aps.len() as f64;
+    assert!((sub["mAP"].as_f64().unwrap() - mean).abs() < 1e-12, "{sub}");
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--bag",
+        s(&bag),
+        "--classes",
+        "car,truck",
+    ]);
+    assert!(e.contains("\"truck\"") && e.contains("pedestrian"), "{e}");
     let table = ok(&lidar_ptq(&[
         "eval",
         "--model",

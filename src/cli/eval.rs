@@ -59,6 +59,11 @@ pub struct EvalArgs {
     /// number of scans).
     #[arg(long)]
     frames: Option<usize>,
+    /// Score only these of the model's classes (comma-separated), e.g. to compare models
+    /// with different class sets on the classes they share; the others' detections and
+    /// ground truth are left out of every figure.
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -92,8 +97,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} frames {elapsed} eta {eta}")
             .expect("valid template"),
     );
-    let run = lidar_ptq::eval::sets::run(&mut detector, &set, a.frames, &bar)?;
+    let mut run = lidar_ptq::eval::sets::run(&mut detector, &set, a.frames, &bar)?;
     bar.finish_and_clear();
+    if let Some(only) = &a.classes {
+        run.restrict_classes(only)?;
+    }
     let on = match a.device {
         super::Device::Cpu => String::new(),
         super::Device::Cuda(_) => format!(", on {}", detector.device()),

@@ -46,6 +46,8 @@ pub enum EvalSetError {
     },
     #[error("KITTI directory {dir}: {message}")]
     KittiLayout { dir: PathBuf, message: String },
+    #[error("class {class:?} is not one of the classes scored here ({scored})")]
+    UnknownClass { class: String, scored: String },
     #[error("model {model} detects none of the classes {dataset} labels ({labels})")]
     NoClasses {
         model: String,
@@ -93,6 +95,25 @@ pub struct EvalRun {
 }
 
 impl EvalRun {
+    /// Keeps only the classes in `only` (model order), each of which must be scored by
+    /// this run: comparing models with different class sets on the classes they share.
+    pub fn restrict_classes(&mut self, only: &[String]) -> Result<(), EvalSetError> {
+        if let Some(c) = only.iter().find(|c| !self.classes.contains(c)) {
+            return Err(EvalSetError::UnknownClass {
+                class: c.clone(),
+                scored: self.classes.join(", "),
+            });
+        }
+        if only.is_empty() {
+            return Err(EvalSetError::UnknownClass {
+                class: String::new(),
+                scored: self.classes.join(", "),
+            });
+        }
+        self.classes.retain(|c| only.contains(c));
+        Ok(())
+    }
+
     pub fn score(&self, model: &str) -> Report {
         let views: Vec<Frame<'_>> = self
             .frames
