@@ -2,11 +2,16 @@
 //! the nuScenes 0.075 m voxel grid (41 x 1440 x 1440), capped at 30k voxels. Benchmarks the
 //! voxeliser, rulebook construction, and forward/backward of a submanifold 3x3x3 16 -> 16
 //! conv and a stride-2 3x3x3 16 -> 32 conv (VoxelResBackBone8x's first two layer kinds).
+//! Also every rulebook of the nuScenes voxel preset's frame (`FrameSites::build`: what
+//! each scan costs before the first sparse conv, on the CPU and GPU engines alike).
 //! Criterion's "elements" are FLOPs (2 per multiply-add over the rulebook's pairs).
 //! Run: cargo bench --bench sparse_conv (add `-- --quick` for a fast pass).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lidar_ptq::engine::sparse::FrameSites;
+use lidar_ptq::model::ModelConfig;
 use lidar_ptq::model::config::PointFeature;
+use lidar_ptq::model::graph::Graph;
 use lidar_ptq::model::voxel_mean::{VoxelMean, VoxelMeanParams};
 use lidar_ptq::ops::Tensor;
 use lidar_ptq::ops::sparse_conv;
@@ -64,6 +69,20 @@ fn sparse_conv(c: &mut Criterion) {
     });
     g.bench_function("rulebook_stride2_3", |b| {
         b.iter(|| Rulebook::regular(black_box(coords), shape, [3; 3], [2; 3], [1; 3]).unwrap())
+    });
+    let cfg = ModelConfig::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models/nuscenes_voxel.yaml"),
+    )
+    .unwrap();
+    let graph = Graph::build(&cfg).unwrap();
+    let spec = graph.sparse.as_ref().unwrap();
+    let sites = FrameSites::build(spec, coords).unwrap();
+    println!(
+        "nuscenes_voxel frame: active sites per set {:?}",
+        sites.counts()
+    );
+    g.bench_function("frame_sites_nuscenes_voxel", |b| {
+        b.iter(|| FrameSites::build(spec, black_box(coords)).unwrap())
     });
 
     let mut r = ChaCha8Rng::seed_from_u64(7);

@@ -5,6 +5,7 @@ use super::EngineError;
 use crate::model::graph::{Graph, SparseSpec};
 use crate::ops::{self, Tensor};
 use crate::sparse::{Rulebook, SparseTensor};
+use rayon::prelude::*;
 
 /// One frame's rulebooks and site sets.
 pub struct FrameSites {
@@ -17,6 +18,8 @@ pub struct FrameSites {
 
 impl FrameSites {
     /// Builds every rulebook of `spec` for the input voxels `coords` (z, y, x) on site set 0.
+    /// Rulebooks whose input sites exist are built together (a resolution's submanifold
+    /// rulebook beside the strided one that produces the next resolution), wave by wave.
     pub fn build(spec: &SparseSpec, coords: &[[u32; 3]]) -> Result<Self, EngineError> {
         let mut s = FrameSites {
             input: coords.to_vec(),
@@ -25,20 +28,63 @@ impl FrameSites {
             rulebooks: Vec::with_capacity(spec.rulebooks.len()),
         };
         for (i, r) in spec.rulebooks.iter().enumerate() {
-            let sites = s.sites(r.input);
-            let grid = s.grids[r.input];
-            let rb = if r.submanifold {
-                Rulebook::submanifold(sites, grid, r.kernel[0])
-            } else {
-                Rulebook::regular(sites, grid, r.kernel, r.stride, r.padding)
-            }
-            .map_err(|e| EngineError::op(&format!("rulebook {i}"), e))?;
             if !r.submanifold {
                 s.producer[r.output] = i;
             }
+        }
+        let mut built: Vec<Option<Rulebook>> = vec![None; spec.rulebooks.len()];
+        loop {
+            let wave: Vec<(usize, &[[u32; 3]])> = (0..spec.rulebooks.len())
+                .filter(|&i| built[i].is_none())
+                .filter_map(|i| Some((i, s.built_sites(&built, spec.rulebooks[i].input)?)))
+                .collect();
+            if wave.is_empty() {
+                break;
+            }
+            let done: Vec<(usize, Result<Rulebook, EngineError>)> = wave
+                .into_par_iter()
+                .map(|(i, sites)| {
+                    let r = &spec.rulebooks[i];
+                    let grid = s.grids[r.input];
+                    let rb = if r.submanifold {
+                        Rulebook::submanifold(sites, grid, r.kernel[0])
+                    } else {
+                        Rulebook::regular(sites, grid, r.kernel, r.stride, r.padding)
+                    };
+                    (
+                        i,
+                        rb.map_err(|e| EngineError::op(&format!("rulebook {i}"), e)),
+                    )
+                })
+                .collect();
+            for (i, rb) in done {
+                built[i] = Some(rb?);
+            }
+        }
+        for (i, rb) in built.into_iter().enumerate() {
+            let rb = rb.ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "rulebook {i} reads a site set no rulebook produces"
+                ))
+            })?;
             s.rulebooks.push(rb);
         }
         Ok(s)
+    }
+
+    /// Coordinates of site set `set` if it exists among the rulebooks built so far.
+    fn built_sites<'a>(
+        &'a self,
+        built: &'a [Option<Rulebook>],
+        set: usize,
+    ) -> Option<&'a [[u32; 3]]> {
+        if set == 0 {
+            return Some(&self.input);
+        }
+        built
+            .get(self.producer[set])?
+            .as_ref()
+            .map(Rulebook::out_coords)
     }
 
     /// Coordinates of site set `set`.

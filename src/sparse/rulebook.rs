@@ -48,20 +48,12 @@ pub struct Rulebook {
     submanifold: bool,
 }
 
-/// Kernel index (z, y, x) of each offset number, in offset order.
-fn kernel_indices(kernel: [usize; 3]) -> Vec<[usize; 3]> {
-    let mut v = Vec::with_capacity(kernel.iter().product());
-    for a in 0..kernel[0] {
-        for b in 0..kernel[1] {
-            for c in 0..kernel[2] {
-                v.push([a, b, c]);
-            }
-        }
-    }
-    v
+fn check_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<CoordHash> {
+    check_grid(coords, shape)?;
+    check_coords(OP, coords, shape)
 }
 
-fn check_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<CoordHash> {
+fn check_grid(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<()> {
     if shape.contains(&0) || shape.iter().any(|&s| s > u32::MAX as usize) {
         return Err(OpsError::Invalid {
             op: OP,
@@ -76,7 +68,107 @@ fn check_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<CoordHash> {
             detail: format!("{} sites exceed the u32 row index", coords.len()),
         });
     }
-    check_coords(OP, coords, shape)
+    Ok(())
+}
+
+/// A site in linear-index order: its key, row and coordinates.
+#[derive(Clone, Copy)]
+struct Sorted {
+    key: u64,
+    row: u32,
+    c: [u32; 3],
+}
+
+/// The sites sorted by linear index; sites outside the grid or repeated are the errors
+/// `check_coords` names.
+fn sorted_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<Vec<Sorted>> {
+    let inside = coords
+        .iter()
+        .all(|c| (0..3).all(|a| (c[a] as usize) < shape[a]));
+    let mut v: Vec<Sorted> = coords
+        .par_iter()
+        .enumerate()
+        .map(|(row, &c)| Sorted {
+            key: if inside { linear_index(c, shape) } else { 0 },
+            row: row as u32,
+            c,
+        })
+        .collect();
+    // Keys are unique in a valid site set (checked next), so the key alone orders it.
+    v.par_sort_unstable_by_key(|s| s.key);
+    if !inside || v.windows(2).any(|w| w[0].key == w[1].key) {
+        // The hash check finds the same fault and words it with the rows involved.
+        check_coords(OP, coords, shape)?;
+        return Err(OpsError::Invalid {
+            op: OP,
+            arg: "coords",
+            detail: "sites outside the grid or repeated".into(),
+        });
+    }
+    Ok(v)
+}
+
+/// One forward sweep of a submanifold rulebook for the kernel row `zy` = (kz, ky): for
+/// each input (ascending keys), the active outputs `co = ci - d` with `d = kk - k / 2`
+/// for every kx, written to `rows[kx * n + input row]`.
+/// Marks "no output" in a sweep's table.
+const NONE: u32 = u32::MAX;
+
+fn sweep_rows(sorted: &[Sorted], shape: [usize; 3], k: usize, zy: usize, rows: &mut [u32]) {
+    let n = sorted.len();
+    let r = (k / 2) as i64;
+    let (dz, dy) = ((zy / k) as i64 - r, (zy % k) as i64 - r);
+    let step = (dz * shape[1] as i64 + dy) * shape[2] as i64;
+    let mut q = 0;
+    for s in sorted {
+        // Outputs with the same z and y differ from `base` by their x only.
+        let base = s.key as i64 - step;
+        while q < n && (sorted[q].key as i64) < base - r {
+            q += 1;
+        }
+        let (oz, oy) = (s.c[0] as i64 - dz, s.c[1] as i64 - dy);
+        let mut m = q;
+        while m < n && (sorted[m].key as i64) <= base + r {
+            let o = &sorted[m];
+            // Equal keys of another z or y would be a wrap across the grid's edge.
+            if o.c[0] as i64 == oz && o.c[1] as i64 == oy {
+                let kx = (s.c[2] as i64 - o.c[2] as i64 + r) as usize;
+                rows[kx * n + s.row as usize] = o.row;
+            }
+            m += 1;
+        }
+    }
+}
+
+/// For each input coordinate along one axis, the (kernel index, output coordinate) pairs
+/// of a strided conv, kernel index rising (CSR layout).
+struct AxisTargets {
+    start: Vec<u32>,
+    items: Vec<(u32, u32)>,
+}
+
+impl AxisTargets {
+    fn new(size: usize, k: usize, s: usize, p: usize, out: usize) -> Self {
+        let mut start = Vec::with_capacity(size + 1);
+        let mut items = Vec::new();
+        start.push(0);
+        for c in 0..size {
+            for kk in 0..k {
+                // Input c is read by output o when o * s - p + kk = c.
+                let t = c as i64 + p as i64 - kk as i64;
+                if t >= 0 && t % s as i64 == 0 && ((t / s as i64) as usize) < out {
+                    items.push((kk as u32, (t / s as i64) as u32));
+                }
+            }
+            start.push(items.len() as u32);
+        }
+        Self { start, items }
+    }
+
+    fn of(&self, c: u32) -> &[(u32, u32)] {
+        let c = c as usize;
+        &self.items[self.start[c] as usize..self.start[c + 1] as usize]
+    }
 }
 
 impl Rulebook {
@@ -90,28 +182,40 @@ impl Rulebook {
                 detail: format!("submanifold kernel {k} must be odd (centred)"),
             });
         }
-        let index = check_sites(coords, shape)?;
-        let r = (k / 2) as i64;
+        check_grid(coords, shape)?;
+        let sorted = sorted_sites(coords, shape)?;
+        let n = coords.len();
         let kernel = [k; 3];
-        let pairs = kernel_indices(kernel)
+        // Per kernel row (kz, ky), one forward sweep over the sites sorted by linear index
+        // finds the outputs of its k offsets: outputs that differ only in x are neighbours
+        // in that order, and they rise with the inputs' keys. The sweep fills a table
+        // indexed by input row, which then lists the pairs in input-row order.
+        let pairs: Vec<OffsetPairs> = (0..k * k)
             .into_par_iter()
-            .map(|kk| {
-                // Input site ci feeds output co = ci - (kk - r).
-                let d = kk.map(|v| v as i64 - r);
-                let mut p = OffsetPairs::default();
-                for (i, &ci) in coords.iter().enumerate() {
-                    let co = [0, 1, 2].map(|a| ci[a] as i64 - d[a]);
-                    if (0..3).any(|a| co[a] < 0 || co[a] >= shape[a] as i64) {
-                        continue;
-                    }
-                    let co = co.map(|v| v as u32);
-                    if let Some(o) = index.get(linear_index(co, shape)) {
-                        p.input.push(i as u32);
-                        p.output.push(o);
-                    }
-                }
-                p
+            .map_init(Vec::new, |table, zy| {
+                table.clear();
+                table.resize(k * n, NONE);
+                sweep_rows(&sorted, shape, k, zy, table);
+                table
+                    .chunks(n.max(1))
+                    .take(k)
+                    .map(|col| {
+                        let len = col.iter().filter(|&&o| o != NONE).count();
+                        let mut p = OffsetPairs {
+                            input: Vec::with_capacity(len),
+                            output: Vec::with_capacity(len),
+                        };
+                        for (i, &o) in col.iter().enumerate() {
+                            if o != NONE {
+                                p.input.push(i as u32);
+                                p.output.push(o);
+                            }
+                        }
+                        p
+                    })
+                    .collect::<Vec<_>>()
             })
+            .flatten()
             .collect();
         Ok(Self {
             kernel,
@@ -119,7 +223,7 @@ impl Rulebook {
             padding: [k / 2; 3],
             in_shape: shape,
             out_shape: shape,
-            n_in: coords.len(),
+            n_in: n,
             out_coords: coords.to_vec(),
             pairs,
             submanifold: true,
@@ -157,36 +261,33 @@ impl Rulebook {
             }
             out_shape[a] = (padded - kernel[a]) / stride[a] + 1;
         }
-        let kidx = kernel_indices(kernel);
-        // Output site of input `ci` under kernel index `kk`, if it exists.
-        let target = |ci: [u32; 3], kk: [usize; 3]| -> Option<[u32; 3]> {
-            let mut o = [0u32; 3];
-            for a in 0..3 {
-                let t = ci[a] as i64 + padding[a] as i64 - kk[a] as i64;
-                let s = stride[a] as i64;
-                if t < 0 || t % s != 0 || t / s >= out_shape[a] as i64 {
-                    return None;
-                }
-                o[a] = (t / s) as u32;
-            }
-            Some(o)
-        };
+        // Per axis and input coordinate, the (kernel index, output coordinate) pairs that
+        // exist, kernel index rising: the 3D targets of an input are their product, in
+        // offset order, with no division per site and offset.
+        let axes: [AxisTargets; 3] = std::array::from_fn(|a| {
+            AxisTargets::new(shape[a], kernel[a], stride[a], padding[a], out_shape[a])
+        });
         // Outputs are numbered by first reach, scanning inputs in row order and offsets in
         // offset order: deterministic, and output order follows input order, which keeps
         // the gathers and scatters of the conv local (lidar sites arrive in scan order).
         let mut out_index = CoordHash::with_capacity(coords.len());
         let mut out_coords: Vec<[u32; 3]> = Vec::with_capacity(coords.len());
-        let mut pairs = vec![OffsetPairs::default(); kidx.len()];
+        let mut pairs = vec![OffsetPairs::default(); kernel.iter().product()];
         for (i, &ci) in coords.iter().enumerate() {
-            for (p, &kk) in pairs.iter_mut().zip(&kidx) {
-                if let Some(o) = target(ci, kk) {
-                    let (row, new) = out_index
-                        .get_or_insert(linear_index(o, out_shape), out_coords.len() as u32);
-                    if new {
-                        out_coords.push(o);
+            for &(kz, oz) in axes[0].of(ci[0]) {
+                for &(ky, oy) in axes[1].of(ci[1]) {
+                    let zy = (kz as usize * kernel[1] + ky as usize) * kernel[2];
+                    for &(kx, ox) in axes[2].of(ci[2]) {
+                        let o = [oz, oy, ox];
+                        let (row, new) = out_index
+                            .get_or_insert(linear_index(o, out_shape), out_coords.len() as u32);
+                        if new {
+                            out_coords.push(o);
+                        }
+                        let p = &mut pairs[zy + kx as usize];
+                        p.input.push(i as u32);
+                        p.output.push(row);
                     }
-                    p.input.push(i as u32);
-                    p.output.push(row);
                 }
             }
         }
@@ -269,6 +370,19 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
     use std::collections::BTreeSet;
 
+    /// Kernel index (z, y, x) of each offset number, in offset order.
+    fn kernel_indices(kernel: [usize; 3]) -> Vec<[usize; 3]> {
+        let mut v = Vec::with_capacity(kernel.iter().product());
+        for a in 0..kernel[0] {
+            for b in 0..kernel[1] {
+                for c in 0..kernel[2] {
+                    v.push([a, b, c]);
+                }
+            }
+        }
+        v
+    }
+
     pub(crate) fn random_sites(r: &mut ChaCha8Rng, shape: [usize; 3], n: usize) -> Vec<[u32; 3]> {
         let mut seen = BTreeSet::new();
         let mut v = Vec::new();
@@ -295,35 +409,44 @@ mod tests {
     #[test]
     fn sparse_rulebook_submanifold_properties() {
         let mut r = rng(3);
-        let shape = [5, 6, 7];
-        let coords = random_sites(&mut r, shape, 60);
-        let rb = Rulebook::submanifold(&coords, shape, 3).unwrap();
-        assert_eq!(rb.out_coords(), coords.as_slice());
-        assert_eq!(rb.out_shape(), shape);
-        assert_eq!(rb.kernel_volume(), 27);
-        check_pair_invariants(&rb);
-        // The centre offset maps every site to itself.
-        let centre = &rb.pairs()[13];
-        assert_eq!(centre.input, centre.output);
-        assert_eq!(centre.len(), coords.len());
-        for (k, kk) in kernel_indices([3; 3]).into_iter().enumerate() {
-            let mut want = Vec::new();
-            for (o, co) in coords.iter().enumerate() {
-                for (i, ci) in coords.iter().enumerate() {
-                    if (0..3).all(|a| ci[a] as i64 == co[a] as i64 + kk[a] as i64 - 1) {
-                        want.push((i as u32, o as u32));
+        // Dense site sets on narrow grids put neighbours of equal linear-index distance
+        // across the grid's edges (wraps the sweep must reject).
+        for (shape, k, n) in [
+            ([5, 6, 7], 3, 60),
+            ([4, 3, 9], 5, 80),
+            ([2, 1, 8], 3, 12),
+            ([3, 4, 2], 1, 10),
+        ] {
+            let coords = random_sites(&mut r, shape, n);
+            let rb = Rulebook::submanifold(&coords, shape, k).unwrap();
+            assert_eq!(rb.out_coords(), coords.as_slice());
+            assert_eq!(rb.out_shape(), shape);
+            assert_eq!(rb.kernel_volume(), k * k * k);
+            check_pair_invariants(&rb);
+            // The centre offset maps every site to itself.
+            let centre = &rb.pairs()[k * k * k / 2];
+            assert_eq!(centre.input, centre.output);
+            assert_eq!(centre.len(), coords.len());
+            let h = (k / 2) as i64;
+            for (o_k, kk) in kernel_indices([k; 3]).into_iter().enumerate() {
+                let mut want = Vec::new();
+                for (o, co) in coords.iter().enumerate() {
+                    for (i, ci) in coords.iter().enumerate() {
+                        if (0..3).all(|a| ci[a] as i64 == co[a] as i64 + kk[a] as i64 - h) {
+                            want.push((i as u32, o as u32));
+                        }
                     }
                 }
+                want.sort();
+                let p = &rb.pairs()[o_k];
+                let got: Vec<_> = p
+                    .input
+                    .iter()
+                    .copied()
+                    .zip(p.output.iter().copied())
+                    .collect();
+                assert_eq!(got, want, "shape {shape:?} k {k} offset {kk:?}");
             }
-            want.sort();
-            let p = &rb.pairs()[k];
-            let got: Vec<_> = p
-                .input
-                .iter()
-                .copied()
-                .zip(p.output.iter().copied())
-                .collect();
-            assert_eq!(got, want, "offset {kk:?}");
         }
     }
 
