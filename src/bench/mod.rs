@@ -478,11 +478,7 @@ pub fn run(
         opts,
         progress,
         &mut |input, mark, heads| {
-            *heads = fp32.run_observed(input, &mut |v, _| {
-                if v > 0 {
-                    mark(v - 1)
-                }
-            })?;
+            *heads = fp32.run_marked(input, mark)?;
             Ok(())
         },
     )?;

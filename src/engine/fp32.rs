@@ -164,6 +164,41 @@ pub struct Fp32Engine {
     groups: Vec<Option<SiblingConvs>>,
     /// Per node: computed by an earlier node's sibling group.
     in_group: Vec<bool>,
+    /// Per node: a linear layer whose only reader, the next node, is a pillar max; the two
+    /// run as one pass (`ops::pillar_linear_max`) unless every value
+    /// is being observed.
+    pfn_fused: Vec<bool>,
+}
+
+/// What a run shows its caller: every value (calibration statistics need the tensors), or
+/// only which nodes are done (timing), which lets fused layers skip their intermediates.
+enum Observer<'a> {
+    Values(&'a mut dyn FnMut(usize, &Tensor)),
+    Marks(&'a mut dyn FnMut(usize)),
+}
+
+impl Observer<'_> {
+    fn show(&mut self, value: usize, t: &Tensor) {
+        match self {
+            Observer::Values(f) => f(value, t),
+            Observer::Marks(f) if value > 0 => f(value - 1),
+            Observer::Marks(_) => {}
+        }
+    }
+}
+
+/// The linear layers fused with the pillar max that reads them (see `pfn_fused`).
+fn pfn_pairs(graph: &Graph, last_use: &[usize]) -> Vec<bool> {
+    let nodes = &graph.nodes;
+    (0..nodes.len())
+        .map(|i| {
+            matches!(&nodes[i].op, Op::Layer(l) if l.kind == LayerKind::Linear)
+                && nodes
+                    .get(i + 1)
+                    .is_some_and(|m| matches!(m.op, Op::PillarMax { .. }) && m.inputs == [i + 1])
+                && last_use[i + 1] == i + 1
+        })
+        .collect()
 }
 
 /// 3x3 convolutions that read the same value (the first layers of a head's sub-heads): run
@@ -255,12 +290,14 @@ impl Fp32Engine {
             }
         }
         let (groups, in_group) = sibling_groups(graph, &layers)?;
+        let pfn_fused = pfn_pairs(graph, &last_use);
         Ok(Self {
             graph: graph.clone(),
             layers,
             last_use,
             groups,
             in_group,
+            pfn_fused,
         })
     }
 
@@ -270,17 +307,36 @@ impl Fp32Engine {
 
     /// Runs the network on one frame's decorated pillars.
     pub fn run(&self, input: &NetInput<'_>) -> Result<HeadOutputs, EngineError> {
-        self.run_observed(input, &mut |_, _| {})
+        self.run_marked(input, &mut |_| {})
     }
 
     /// [`run`](Self::run), showing every value to `on_value(id, tensor)` as soon as it is
     /// computed (the input first, then node `i`'s output as value `i + 1`): calibration
-    /// statistics and per-stage timing hook in here.
+    /// statistics hook in here. Every layer runs on its own (no fusion hides a value).
     pub fn run_observed(
         &self,
         input: &NetInput<'_>,
         on_value: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<HeadOutputs, EngineError> {
+        self.run_with(input, Observer::Values(on_value))
+    }
+
+    /// [`run`](Self::run), calling `done(i)` as node `i` finishes (per-stage timing); fused
+    /// nodes finish together.
+    pub fn run_marked(
+        &self,
+        input: &NetInput<'_>,
+        done: &mut dyn FnMut(usize),
+    ) -> Result<HeadOutputs, EngineError> {
+        self.run_with(input, Observer::Marks(done))
+    }
+
+    fn run_with(
+        &self,
+        input: &NetInput<'_>,
+        mut obs: Observer<'_>,
+    ) -> Result<HeadOutputs, EngineError> {
+        let fuse = matches!(obs, Observer::Marks(_));
         let (p, n, f) = (input.counts.len(), input.max_points, input.width);
         let sites = frame_sites(&self.graph, input.coords)?;
         // A voxel model's input is one feature row per voxel.
@@ -291,11 +347,25 @@ impl Fp32Engine {
         };
         let x0 = Tensor::new(shape, input.decorated.to_vec())
             .map_err(|e| EngineError::op("input", e))?;
-        on_value(0, &x0);
+        obs.show(0, &x0);
         let mut values: Vec<Option<Tensor>> = vec![None; self.graph.nodes.len() + 1];
         values[0] = Some(x0);
         let (ny, nx) = self.graph.bev;
+        let mut skip = false;
         for (i, node) in self.graph.nodes.iter().enumerate() {
+            if std::mem::take(&mut skip) {
+                // The pillar max of a fused pair: computed with its linear layer.
+                continue;
+            }
+            if fuse && self.pfn_fused[i] {
+                let out = self.fused_pfn(i, &values, input.counts)?;
+                obs.show(i + 1, &out);
+                obs.show(i + 2, &out);
+                values[i + 2] = Some(out);
+                self.free_inputs(i, &mut values);
+                skip = true;
+                continue;
+            }
             if let Some(g) = &self.groups[i] {
                 let outs = ops::winograd::forward_multi(
                     values[node.inputs[0]].as_ref().ok_or_else(|| {
@@ -310,7 +380,7 @@ impl Fp32Engine {
                     if matches!(&self.graph.nodes[j].op, Op::Layer(l) if l.relu) {
                         ops::relu::forward_inplace(&mut y);
                     }
-                    on_value(j + 1, &y);
+                    obs.show(j + 1, &y);
                     values[j + 1] = Some(y);
                 }
             }
@@ -374,11 +444,54 @@ impl Fp32Engine {
                 }
             }
             .map_err(|e| EngineError::op(&node.name, e))?;
-            on_value(i + 1, &out);
+            obs.show(i + 1, &out);
             values[i + 1] = Some(out);
             self.free_inputs(i, &mut values);
         }
         collect_heads(&self.graph, &mut values)
+    }
+
+    /// Linear node `i` and the pillar max after it as one pass.
+    fn fused_pfn(
+        &self,
+        i: usize,
+        values: &[Option<Tensor>],
+        counts: &[u32],
+    ) -> Result<Tensor, EngineError> {
+        let (lin, max) = (&self.graph.nodes[i], &self.graph.nodes[i + 1]);
+        let x = values[lin.inputs[0]]
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal(format!("{} reads a freed value", lin.name)))?;
+        let (
+            Op::Layer(l),
+            Op::PillarMax {
+                include_padding,
+                concat_back,
+            },
+        ) = (&lin.op, &max.op)
+        else {
+            return Err(EngineError::Internal(format!(
+                "{} is not a linear layer and pillar max",
+                lin.name
+            )));
+        };
+        let f = self.layers[i]
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal(format!("{} not folded", lin.name)))?;
+        let padded;
+        let counts = if *include_padding {
+            padded = vec![x.shape.get(1).copied().unwrap_or(0) as u32; counts.len()];
+            &padded
+        } else {
+            counts
+        };
+        let output = if *concat_back {
+            ops::pillar_linear_max::Output::PointsAndMax
+        } else {
+            ops::pillar_linear_max::Output::Max
+        };
+        ops::pillar_linear_max::forward(x, &f.weight, &f.bias, l.relu, counts, output)
+            .map_err(|e| EngineError::op(&max.name, e))
     }
 
     /// Drops the values whose last reader is node `i`.

@@ -42,6 +42,7 @@ pub mod height_compress;
 mod im2col;
 pub mod linear;
 mod matmul;
+pub mod pillar_linear_max;
 pub mod pillar_max;
 pub mod reg_l1_loss;
 pub mod relu;
