@@ -35,7 +35,7 @@ pub enum DetectorError {
 
 /// The network backend a detector runs: FP32, or the INT8 engine of a calibrated model.
 enum Backend {
-    Fp32(Fp32Engine),
+    Fp32(Box<Fp32Engine>),
     Int8(Box<Int8Engine>),
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::engine::cuda::CudaEngine>),
@@ -54,7 +54,7 @@ impl Detector {
             model: cfg.name.clone(),
             message,
         })?;
-        let engine = Backend::Fp32(Fp32Engine::new(&graph, weights)?);
+        let engine = Backend::Fp32(Box::new(Fp32Engine::new(&graph, weights)?));
         let input = ScanInput::new(&cfg, Mode::Test).map_err(|e| DetectorError::Graph {
             model: cfg.name.clone(),
             message: e.to_string(),
