@@ -78,8 +78,9 @@ pub fn run_layer(kind: LayerKind, x: &Tensor, f: &FoldedLayer, relu: bool) -> op
         } if f.weight.shape[0] <= ops::conv_narrow::MAX_OUT_CHANNELS => {
             ops::conv_narrow::forward(x, &f.weight, Some(&f.bias))?
         }
-        // The commonest layer: Winograd does it with 2.25x fewer multiplies. The weight
-        // transform costs ~0.1% of the layer, so it is not cached (weights may be edited).
+        // The commonest layer: Winograd does it with 2.25x fewer multiplies. The FP32
+        // engine transforms its kernels once; other callers (a few float layers of an INT8
+        // plan) transform here, a small cost beside the layer.
         LayerKind::Conv2d {
             kernel: 3,
             stride: 1,
@@ -168,6 +169,9 @@ pub struct Fp32Engine {
     /// run as one pass (`ops::pillar_linear_max`) unless every value
     /// is being observed.
     pfn_fused: Vec<bool>,
+    /// Per node: the Winograd-transformed kernel of a 3x3 conv `run_layer` would transform
+    /// on every call (the engine's weights are fixed, so once is enough).
+    winograd: Vec<Option<Vec<f32>>>,
 }
 
 /// What a run shows its caller: every value (calibration statistics need the tensors), or
@@ -291,6 +295,22 @@ impl Fp32Engine {
         }
         let (groups, in_group) = sibling_groups(graph, &layers)?;
         let pfn_fused = pfn_pairs(graph, &last_use);
+        let winograd = graph
+            .nodes
+            .iter()
+            .zip(&layers)
+            .map(|(node, f)| match (&node.op, f) {
+                (Op::Layer(l), Some(f))
+                    if is_winograd(l.kind)
+                        && f.weight.shape[0] > ops::conv_narrow::MAX_OUT_CHANNELS =>
+                {
+                    ops::winograd::transform_weights(&f.weight)
+                        .map(Some)
+                        .map_err(|e| EngineError::op(&node.name, e))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             graph: graph.clone(),
             layers,
@@ -298,6 +318,7 @@ impl Fp32Engine {
             groups,
             in_group,
             pfn_fused,
+            winograd,
         })
     }
 
@@ -403,7 +424,21 @@ impl Fp32Engine {
                         (LayerKind::SparseConv3d { .. }, None) => {
                             return Err(sparse::no_sites(&node.name));
                         }
-                        _ => run_layer(l.kind, arg(0)?, folded, l.relu),
+                        _ => match &self.winograd[i] {
+                            Some(u) => ops::winograd::forward(
+                                arg(0)?,
+                                u,
+                                l.out_channels,
+                                Some(&folded.bias),
+                            )
+                            .map(|mut y| {
+                                if l.relu {
+                                    ops::relu::forward_inplace(&mut y);
+                                }
+                                y
+                            }),
+                            None => run_layer(l.kind, arg(0)?, folded, l.relu),
+                        },
                     }
                 }
                 Op::Add { relu } => sparse::add(arg(0)?, arg(1)?, *relu),
