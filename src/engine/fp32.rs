@@ -1035,6 +1035,8 @@ pub(crate) mod tests {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
             }
         }
+        // Observing every value runs the pillar net unfused: the same maps, bit for bit.
+        assert_eq!(engine.run_observed(&input, &mut |_, _| {}).unwrap(), got);
         // The outputs depend on the input: an empty scan gives different maps.
         let empty = NetInput {
             decorated: &[],
