@@ -271,14 +271,14 @@ pub(super) enum SparseOperands<'a> {
 /// Sparse conv, output-stationary: every output site sums, in registers, its neighbours'
 /// input rows times that offset's weights (`vpmaddwd` on centred i16 pairs, or
 /// `vpdpbusd` on u8 quads plus the offset's zero-point term; exact i32 either way), up to
-/// 64 output channels at a time; missing neighbours are skipped. The epilogue is the
-/// reference one, per element.
+/// 64 output channels at a time; missing neighbours are skipped. The epilogue runs on 8
+/// channels at a time (`Lanes`), lane for lane the reference's operations.
 ///
 /// # Safety
 /// The CPU must support AVX2, and AVX512-VNNI with AVX512VL for `Quads`; the operands
 /// were built for this layer and `n_in` input rows, every neighbour index is below `n_in`
 /// or `NONE`, and `out` is `[n_out, p.cout]`.
-pub(super) unsafe fn sparse_conv<T: OutElem>(
+pub(super) unsafe fn sparse_conv<T: LaneOut>(
     p: &PackedSparseConv,
     ops: SparseOperands<'_>,
     nbr: &[u32],
@@ -314,11 +314,32 @@ pub(super) unsafe fn sparse_conv<T: OutElem>(
                     }
                     cb += na * 8;
                 }
-                for (c, o) in row.iter_mut().enumerate() {
-                    *o = T::reference(&p.epilogue, c, acc[c], p.bias[c]);
-                }
+                // SAFETY: AVX2 (caller); `acc` holds cout_pad lanes, `row` cout.
+                unsafe { store_lanes(&acc, &p.lanes, row) };
             }
         });
+}
+
+/// The epilogue of one row's i32 accumulators (`acc`, at least `row.len()` rounded up to 8
+/// lanes) into `row`, 8 channels at a time.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_lanes<T: LaneOut>(acc: &[i32], lanes: &Lanes, row: &mut [T]) {
+    let cout = row.len();
+    assert!(acc.len() >= cout.next_multiple_of(8));
+    for c0 in (0..cout).step_by(8) {
+        // SAFETY: AVX2; 8 lanes of `acc` at c0 (asserted); full stores stay in the row.
+        unsafe {
+            let a = _mm256_loadu_si256(acc.as_ptr().add(c0) as *const __m256i);
+            if c0 + 8 <= cout {
+                T::lanes(a, lanes, c0, row.as_mut_ptr().add(c0));
+            } else {
+                let mut tail = [T::default(); 8];
+                T::lanes(a, lanes, c0, tail.as_mut_ptr());
+                row[c0..].copy_from_slice(&tail[..cout - c0]);
+            }
+        }
+    }
 }
 
 /// One site's output channels `[cb, cb + 8 * NA)` with the kernel of the operands.
@@ -1250,8 +1271,54 @@ pub(super) struct DirectLinear {
     wq: Vec<i32>,
     /// `sum_k w[c, k]` by output lane (the VNNI kernel folds the zero point with it).
     wsum: Vec<i32>,
+    lanes: Lanes,
+}
+
+/// An [`Epilogue`] and its bias laid out by output lane (`m8` lanes, zero padded), for
+/// kernels whose accumulator vectors hold 8 output channels of one row.
+#[derive(Debug, Clone)]
+pub(super) struct Lanes {
     bias: Vec<i32>,
     epi: LaneEpilogue,
+}
+
+impl Lanes {
+    pub(super) fn new(epilogue: &Epilogue, bias: &[i32], cout: usize, m8: usize) -> Lanes {
+        let lane = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
+            (0..m8).map(|c| if c < cout { f(c) } else { 0.0 }).collect()
+        };
+        let epi = match epilogue {
+            Epilogue::Requant(r) => LaneEpilogue::Requant {
+                mult: lane(&|c| r[c].multiplier),
+                lo: lane(&|c| (r[c].lo - r[c].zero_point) as f32),
+                hi: lane(&|c| (r[c].hi - r[c].zero_point) as f32),
+                zp: (0..m8)
+                    .map(|c| if c < cout { r[c].zero_point } else { 0 })
+                    .collect(),
+            },
+            // The product `dequantize_acc` scales by.
+            Epilogue::Dequant {
+                input_scale,
+                weight_scale,
+                relu,
+            } => LaneEpilogue::Dequant {
+                scale: lane(&|c| input_scale * weight_scale[c]),
+                relu: *relu,
+            },
+        };
+        let mut bias = bias[..cout.min(bias.len())].to_vec();
+        bias.resize(m8, 0);
+        Lanes { bias, epi }
+    }
+
+    fn bytes(&self) -> usize {
+        let m8 = self.bias.len();
+        4 * m8
+            + match &self.epi {
+                LaneEpilogue::Requant { .. } => 16 * m8,
+                LaneEpilogue::Dequant { .. } => 4 * m8,
+            }
+    }
 }
 
 /// [`Epilogue`] parameters laid out by output lane.
@@ -1303,42 +1370,19 @@ impl DirectLinear {
         let wsum = (0..m8)
             .map(|c| (0..cin).fold(0i32, |s, k| s.wrapping_add(byte(c, k) as i8 as i32)))
             .collect();
-        let lane = |f: &dyn Fn(usize) -> f32| -> Vec<f32> {
-            (0..m8).map(|c| if c < cout { f(c) } else { 0.0 }).collect()
-        };
-        let epi = match &w.epilogue {
-            Epilogue::Requant(r) => LaneEpilogue::Requant {
-                mult: lane(&|c| r[c].multiplier),
-                lo: lane(&|c| (r[c].lo - r[c].zero_point) as f32),
-                hi: lane(&|c| (r[c].hi - r[c].zero_point) as f32),
-                zp: (0..m8)
-                    .map(|c| if c < cout { r[c].zero_point } else { 0 })
-                    .collect(),
-            },
-            Epilogue::Dequant { relu, .. } => LaneEpilogue::Dequant {
-                scale: lane(&|c| w.deq_scale[c]),
-                relu: *relu,
-            },
-        };
-        let mut bias = w.bias.clone();
-        bias.resize(m8, 0);
+        let lanes = Lanes::new(&w.epilogue, &w.bias, cout, m8);
         DirectLinear {
             kp,
             m8,
             wl,
             wq,
             wsum,
-            bias,
-            epi,
+            lanes,
         }
     }
 
     pub(super) fn bytes(&self) -> usize {
-        let epi = match &self.epi {
-            LaneEpilogue::Requant { .. } => 16 * self.m8,
-            LaneEpilogue::Dequant { .. } => 4 * self.m8,
-        };
-        4 * (self.wl.len() + self.wq.len() + self.wsum.len() + self.bias.len()) + epi
+        4 * (self.wl.len() + self.wq.len() + self.wsum.len()) + self.lanes.bytes()
     }
 }
 
@@ -1348,13 +1392,13 @@ pub(super) trait LaneOut: OutElem {
     /// into `dst[..8]`: lane by lane the operations of the GEMM epilogue.
     ///
     /// # Safety
-    /// AVX2 available; `dst` valid for 8 writes; `c0 + 8 <= d.m8`.
-    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut Self);
+    /// AVX2 available; `dst` valid for 8 writes; `c0 + 8 <= ` the lane count.
+    unsafe fn lanes(acc: __m256i, d: &Lanes, c0: usize, dst: *mut Self);
 }
 
 impl LaneOut for u8 {
     #[inline(always)]
-    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut u8) {
+    unsafe fn lanes(acc: __m256i, d: &Lanes, c0: usize, dst: *mut u8) {
         if let LaneEpilogue::Requant { mult, lo, hi, zp } = &d.epi {
             // SAFETY: lanes `[c0, c0 + 8)` of vectors of length m8 (caller); 8 bytes out.
             unsafe {
@@ -1376,7 +1420,7 @@ impl LaneOut for u8 {
 
 impl LaneOut for f32 {
     #[inline(always)]
-    unsafe fn lanes(acc: __m256i, d: &DirectLinear, c0: usize, dst: *mut f32) {
+    unsafe fn lanes(acc: __m256i, d: &Lanes, c0: usize, dst: *mut f32) {
         if let LaneEpilogue::Dequant { scale, relu } = &d.epi {
             // SAFETY: as for u8; 8 floats out.
             unsafe {
@@ -1481,10 +1525,10 @@ unsafe fn store_row<T: LaneOut, const NA: usize>(
         // SAFETY: AVX2; `c0 + 8 <= m8`; full stores stay inside the row.
         unsafe {
             if c0 + 8 <= cout {
-                T::lanes(a, d, c0, orow.as_mut_ptr().add(c0));
+                T::lanes(a, &d.lanes, c0, orow.as_mut_ptr().add(c0));
             } else {
                 let mut lanes = [T::default(); 8];
-                T::lanes(a, d, c0, lanes.as_mut_ptr());
+                T::lanes(a, &d.lanes, c0, lanes.as_mut_ptr());
                 orow[c0..].copy_from_slice(&lanes[..cout - c0]);
             }
         }

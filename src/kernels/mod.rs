@@ -892,6 +892,9 @@ pub struct PackedSparseConv {
     wp: Vec<i8>,
     bias: Vec<i32>,
     epilogue: Epilogue,
+    /// The epilogue by output lane, for the SIMD kernels' 8-channel stores.
+    #[cfg(target_arch = "x86_64")]
+    lanes: avx2::Lanes,
 }
 
 impl PackedSparseConv {
@@ -931,6 +934,8 @@ impl PackedSparseConv {
             cout_pad,
             wp,
             bias: bias.to_vec(),
+            #[cfg(target_arch = "x86_64")]
+            lanes: avx2::Lanes::new(&epilogue, bias, cout, cout_pad),
             epilogue,
         })
     }
