@@ -900,7 +900,7 @@ pub struct PackedSparseConv {
 impl PackedSparseConv {
     const OP: &'static str = "int8 sparse conv";
     /// No input site under this offset (neighbour tables).
-    const NONE: u32 = u32::MAX;
+    const NONE: u32 = crate::sparse::Rulebook::NO_NEIGHBOUR;
 
     /// Packs `weight` of shape `[cout, kz, ky, kx, cin]` with any [`Epilogue`].
     pub fn with_epilogue(
@@ -1009,7 +1009,7 @@ impl PackedSparseConv {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 let xc = self.centre(x, zx);
-                let nbr = self.neighbours(rb);
+                let nbr = rb.neighbours();
                 // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
                 // neighbour table indexes `n_in` rows, `out` was checked above.
                 unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Pairs(&xc), &nbr, out) }
@@ -1017,7 +1017,7 @@ impl PackedSparseConv {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
                 let vq = self.vnni_operands(x, zx);
-                let nbr = self.neighbours(rb);
+                let nbr = rb.neighbours();
                 // SAFETY: `check_isa` verified AVX512-VNNI (and AVX2); the operands are
                 // sized for `n_in` rows and this layer, the neighbour table indexes
                 // `n_in` rows, `out` was checked above.
@@ -1088,17 +1088,5 @@ impl PackedSparseConv {
             }
         }
         avx2::SparseQuads { kq, xq, wq, corr }
-    }
-
-    /// `[n_out, taps]`: the input row under each offset of every output site, or NONE.
-    fn neighbours(&self, rb: &crate::sparse::Rulebook) -> Vec<u32> {
-        let taps = self.taps;
-        let mut nbr = vec![Self::NONE; rb.n_out() * taps];
-        for (t, pairs) in rb.pairs().iter().enumerate() {
-            for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
-                nbr[o as usize * taps + t] = i;
-            }
-        }
-        nbr
     }
 }

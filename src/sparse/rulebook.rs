@@ -46,6 +46,19 @@ pub struct Rulebook {
     out_coords: Vec<[u32; 3]>,
     pairs: Vec<OffsetPairs>,
     submanifold: bool,
+    /// The output-major neighbour table, built on first use (every layer that shares the
+    /// rulebook reads the same one).
+    neighbours: NeighbourCache,
+}
+
+/// A lazily built `[n_out, taps]` table; not part of a rulebook's identity.
+#[derive(Debug, Clone, Default)]
+struct NeighbourCache(std::sync::OnceLock<Vec<u32>>);
+
+impl PartialEq for NeighbourCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 fn check_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<CoordHash> {
@@ -227,6 +240,7 @@ impl Rulebook {
             out_coords: coords.to_vec(),
             pairs,
             submanifold: true,
+            neighbours: NeighbourCache::default(),
         })
     }
 
@@ -301,6 +315,7 @@ impl Rulebook {
             out_coords,
             pairs,
             submanifold: false,
+            neighbours: NeighbourCache::default(),
         })
     }
 
@@ -354,6 +369,24 @@ impl Rulebook {
     /// Pairs of every offset, in offset order.
     pub fn pairs(&self) -> &[OffsetPairs] {
         &self.pairs
+    }
+
+    /// Marks a missing neighbour in [`neighbours`](Self::neighbours).
+    pub const NO_NEIGHBOUR: u32 = u32::MAX;
+
+    /// `[n_out, taps]`: the input row each output reads under each offset, or
+    /// [`NO_NEIGHBOUR`](Self::NO_NEIGHBOUR). Built once, on first use.
+    pub fn neighbours(&self) -> &[u32] {
+        self.neighbours.0.get_or_init(|| {
+            let taps = self.pairs.len();
+            let mut nbr = vec![Self::NO_NEIGHBOUR; self.n_out() * taps];
+            for (t, p) in self.pairs.iter().enumerate() {
+                for (&i, &o) in p.input.iter().zip(&p.output) {
+                    nbr[o as usize * taps + t] = i;
+                }
+            }
+            nbr
+        })
     }
 
     /// Total pairs over all offsets (multiply-adds per channel pair).
