@@ -1012,7 +1012,7 @@ impl PackedSparseConv {
                 let nbr = rb.neighbours();
                 // SAFETY: `check_isa` verified AVX2; `xc` has `n_in * kp` pairs, the
                 // neighbour table indexes `n_in` rows, `out` was checked above.
-                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Pairs(&xc), &nbr, out) }
+                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Pairs(&xc), nbr, out) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
@@ -1021,7 +1021,7 @@ impl PackedSparseConv {
                 // SAFETY: `check_isa` verified AVX512-VNNI (and AVX2); the operands are
                 // sized for `n_in` rows and this layer, the neighbour table indexes
                 // `n_in` rows, `out` was checked above.
-                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Quads(&vq), &nbr, out) }
+                unsafe { avx2::sparse_conv(self, avx2::SparseOperands::Quads(&vq), nbr, out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512Vnni => {
