@@ -48,14 +48,7 @@ pub fn forward(
         });
     }
     expect_len(OP, "bias", bias.len(), cout)?;
-    expect_len(OP, "counts", counts.len(), p)?;
-    if let Some((i, &k)) = counts.iter().enumerate().find(|&(_, &k)| k as usize > n) {
-        return Err(OpsError::Invalid {
-            op: OP,
-            arg: "counts",
-            detail: format!("pillar {i} has count {k} > {n} point slots"),
-        });
-    }
+    super::pillar_max::check_counts(OP, counts, p, n)?;
     let mut y = match output {
         Output::Max => Tensor::zeros(&[p, cout]),
         Output::PointsAndMax => Tensor::zeros(&[p, n, 2 * cout]),

@@ -17,14 +17,7 @@ pub struct ArgMax {
 /// point index, so the result and the gradient routing are deterministic.
 pub fn forward(x: &Tensor, counts: &[u32]) -> Result<(Tensor, ArgMax)> {
     let [p, n, c] = dims::<3>(OP, "input", x)?;
-    expect_len(OP, "counts", counts.len(), p)?;
-    if let Some((i, &k)) = counts.iter().enumerate().find(|&(_, &k)| k as usize > n) {
-        return Err(OpsError::Invalid {
-            op: OP,
-            arg: "counts",
-            detail: format!("pillar {i} has count {k} > {n} point slots"),
-        });
-    }
+    check_counts(OP, counts, p, n)?;
     let mut y = Tensor::zeros(&[p, c]);
     let mut arg = vec![u32::MAX; p * c];
     for (pi, &k) in counts.iter().enumerate() {
@@ -47,6 +40,19 @@ pub fn forward(x: &Tensor, counts: &[u32]) -> Result<(Tensor, ArgMax)> {
             index: arg,
         },
     ))
+}
+
+/// One count per pillar, none above the `n` point slots.
+pub(crate) fn check_counts(op: &'static str, counts: &[u32], p: usize, n: usize) -> Result<()> {
+    expect_len(op, "counts", counts.len(), p)?;
+    if let Some((i, &k)) = counts.iter().enumerate().find(|&(_, &k)| k as usize > n) {
+        return Err(OpsError::Invalid {
+            op,
+            arg: "counts",
+            detail: format!("pillar {i} has count {k} > {n} point slots"),
+        });
+    }
+    Ok(())
 }
 
 /// Routes each output gradient to the point that won the max: `[P, C] -> [P, N, C]`.
