@@ -68,6 +68,17 @@ pub fn fold_layers(
 
 /// Runs one layer on its input with folded parameters.
 pub fn run_layer(kind: LayerKind, x: &Tensor, f: &FoldedLayer, relu: bool) -> ops::Result<Tensor> {
+    run_layer_with(kind, x, f, None, relu)
+}
+
+/// [`run_layer`] with the layer's Winograd kernel transformed beforehand, if it has one.
+fn run_layer_with(
+    kind: LayerKind,
+    x: &Tensor,
+    f: &FoldedLayer,
+    winograd: Option<&[f32]>,
+    relu: bool,
+) -> ops::Result<Tensor> {
     let mut y = match kind {
         LayerKind::Linear => ops::linear::forward(x, &f.weight, Some(&f.bias))?,
         // Head outputs (a few channels): a direct sum beats any packing.
@@ -85,12 +96,17 @@ pub fn run_layer(kind: LayerKind, x: &Tensor, f: &FoldedLayer, relu: bool) -> op
             kernel: 3,
             stride: 1,
             padding: 1,
-        } => ops::winograd::forward(
-            x,
-            &ops::winograd::transform_weights(&f.weight)?,
-            f.weight.shape[0],
-            Some(&f.bias),
-        )?,
+        } => {
+            let owned;
+            let u = match winograd {
+                Some(u) => u,
+                None => {
+                    owned = ops::winograd::transform_weights(&f.weight)?;
+                    &owned
+                }
+            };
+            ops::winograd::forward(x, u, f.weight.shape[0], Some(&f.bias))?
+        }
         LayerKind::Conv2d {
             stride, padding, ..
         } => ops::conv2d::forward(
@@ -166,11 +182,10 @@ pub struct Fp32Engine {
     /// Per node: computed by an earlier node's sibling group.
     in_group: Vec<bool>,
     /// Per node: a linear layer whose only reader, the next node, is a pillar max; the two
-    /// run as one pass (`ops::pillar_linear_max`) unless every value
-    /// is being observed.
+    /// run as one pass (`ops::pillar_linear_max`) unless every value is being observed.
     pfn_fused: Vec<bool>,
-    /// Per node: the Winograd-transformed kernel of a 3x3 conv `run_layer` would transform
-    /// on every call (the engine's weights are fixed, so once is enough).
+    /// Per node: the Winograd kernel of a layer `run_layer` runs with Winograd, transformed
+    /// once (the engine's weights are fixed).
     winograd: Vec<Option<Vec<f32>>>,
 }
 
@@ -216,7 +231,9 @@ struct SiblingConvs {
     bias: Vec<f32>,
 }
 
-fn is_winograd(kind: LayerKind) -> bool {
+/// Whether `run_layer` runs this layer with Winograd (3x3, stride 1, more outputs than the
+/// narrow direct kernel takes).
+fn is_winograd(kind: LayerKind, cout: usize) -> bool {
     matches!(
         kind,
         LayerKind::Conv2d {
@@ -224,7 +241,7 @@ fn is_winograd(kind: LayerKind) -> bool {
             stride: 1,
             padding: 1
         }
-    )
+    ) && cout > ops::conv_narrow::MAX_OUT_CHANNELS
 }
 
 /// Groups the Winograd convolutions by the value they read; groups of two or more.
@@ -236,10 +253,7 @@ fn sibling_groups(
     let mut in_group = vec![false; graph.nodes.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         // The layers run_layer runs with Winograd, so grouping changes no result.
-        let conv = |m: &crate::model::graph::Node| {
-            matches!(&m.op, Op::Layer(l) if is_winograd(l.kind)
-                && l.out_channels > ops::conv_narrow::MAX_OUT_CHANNELS)
-        };
+        let conv = |m: &crate::model::graph::Node| matches!(&m.op, Op::Layer(l) if is_winograd(l.kind, l.out_channels));
         if in_group[i] || !conv(n) {
             continue;
         }
@@ -300,10 +314,7 @@ impl Fp32Engine {
             .iter()
             .zip(&layers)
             .map(|(node, f)| match (&node.op, f) {
-                (Op::Layer(l), Some(f))
-                    if is_winograd(l.kind)
-                        && f.weight.shape[0] > ops::conv_narrow::MAX_OUT_CHANNELS =>
-                {
+                (Op::Layer(l), Some(f)) if is_winograd(l.kind, f.weight.shape[0]) => {
                     ops::winograd::transform_weights(&f.weight)
                         .map(Some)
                         .map_err(|e| EngineError::op(&node.name, e))
@@ -424,21 +435,13 @@ impl Fp32Engine {
                         (LayerKind::SparseConv3d { .. }, None) => {
                             return Err(sparse::no_sites(&node.name));
                         }
-                        _ => match &self.winograd[i] {
-                            Some(u) => ops::winograd::forward(
-                                arg(0)?,
-                                u,
-                                l.out_channels,
-                                Some(&folded.bias),
-                            )
-                            .map(|mut y| {
-                                if l.relu {
-                                    ops::relu::forward_inplace(&mut y);
-                                }
-                                y
-                            }),
-                            None => run_layer(l.kind, arg(0)?, folded, l.relu),
-                        },
+                        _ => run_layer_with(
+                            l.kind,
+                            arg(0)?,
+                            folded,
+                            self.winograd[i].as_deref(),
+                            l.relu,
+                        ),
                     }
                 }
                 Op::Add { relu } => sparse::add(arg(0)?, arg(1)?, *relu),

@@ -124,9 +124,6 @@ fn sorted_sites(coords: &[[u32; 3]], shape: [usize; 3]) -> Result<Vec<Sorted>> {
 /// One forward sweep of a submanifold rulebook for the kernel row `zy` = (kz, ky): for
 /// each input (ascending keys), the active outputs `co = ci - d` with `d = kk - k / 2`
 /// for every kx, written to `rows[kx * n + input row]`.
-/// Marks "no output" in a sweep's table.
-const NONE: u32 = u32::MAX;
-
 fn sweep_rows(sorted: &[Sorted], shape: [usize; 3], k: usize, zy: usize, rows: &mut [u32]) {
     let n = sorted.len();
     let r = (k / 2) as i64;
@@ -207,19 +204,19 @@ impl Rulebook {
             .into_par_iter()
             .map_init(Vec::new, |table, zy| {
                 table.clear();
-                table.resize(k * n, NONE);
+                table.resize(k * n, Rulebook::NO_NEIGHBOUR);
                 sweep_rows(&sorted, shape, k, zy, table);
                 table
                     .chunks(n.max(1))
                     .take(k)
                     .map(|col| {
-                        let len = col.iter().filter(|&&o| o != NONE).count();
+                        let len = col.iter().filter(|&&o| o != Rulebook::NO_NEIGHBOUR).count();
                         let mut p = OffsetPairs {
                             input: Vec::with_capacity(len),
                             output: Vec::with_capacity(len),
                         };
                         for (i, &o) in col.iter().enumerate() {
-                            if o != NONE {
+                            if o != Rulebook::NO_NEIGHBOUR {
                                 p.input.push(i as u32);
                                 p.output.push(o);
                             }

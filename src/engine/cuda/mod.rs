@@ -196,10 +196,9 @@ pub struct CudaEngine {
     /// Whether branch batches with few outputs use the direct kernels.
     direct_on: bool,
     /// The frame's rulebooks (voxel models) and each rulebook's neighbour table on the
-    /// device (`[n_out, taps]` input rows, -1 where a site is inactive).
+    /// device (`[n_out, taps]` input rows, -1 as i32 where a site is inactive).
     sites: Option<FrameSites>,
     nbr: Vec<DBuf>,
-    host_nbr: Vec<i32>,
     /// First node of the dense part (after the scatter or height compression), if any.
     dense_start: Option<usize>,
     /// Scratch of the dense part, apart from the per-frame part's so that a larger frame
@@ -408,7 +407,6 @@ impl CudaEngine {
             direct_on: std::env::var("LIDAR_PTQ_CUDA_DIRECT").map_or(true, |v| v != "0"),
             sites: None,
             nbr: Vec::new(),
-            host_nbr: Vec::new(),
             dense_start,
             dense_sc: Scratch::default(),
             dense_graph: None,
@@ -890,24 +888,20 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Uploads each rulebook's neighbour table: `[n_out, taps]` input rows, -1 where the
-    /// site under an offset is inactive.
+    /// Uploads each rulebook's neighbour table (`Rulebook::neighbours`): `[n_out, taps]`
+    /// input rows, `u32::MAX` (-1 to the kernels, which read i32) where the site under an
+    /// offset is inactive.
     fn upload_neighbours(&mut self) -> Result<(), EngineError> {
         let Some(fs) = &self.sites else {
             return Ok(());
         };
         self.nbr.resize_with(fs.rulebooks.len(), DBuf::default);
         for (rb, buf) in fs.rulebooks.iter().zip(&mut self.nbr) {
-            let taps = rb.kernel_volume();
-            self.host_nbr.clear();
-            self.host_nbr.resize(rb.n_out() * taps, -1);
-            for (t, pairs) in rb.pairs().iter().enumerate() {
-                for (&i, &o) in pairs.input.iter().zip(&pairs.output) {
-                    self.host_nbr[o as usize * taps + t] = i32_of(i as usize)?;
-                }
-            }
-            self.gpu.ensure(buf, 4 * self.host_nbr.len())?;
-            self.gpu.upload(buf, &self.host_nbr)?;
+            // Rows must stay positive as i32.
+            i32_of(rb.n_in())?;
+            let table = rb.neighbours();
+            self.gpu.ensure(buf, 4 * table.len())?;
+            self.gpu.upload(buf, table)?;
         }
         Ok(())
     }
